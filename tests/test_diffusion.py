@@ -1,0 +1,119 @@
+"""Schedule, forward process, posterior and the losses of detdiff.py against brute-force / closed-form references."""
+import math
+
+import pytest
+import torch
+
+import detdiff
+import sample
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_alpha_bar_monotone_and_brute_force_product(kind):
+    d = detdiff.Diffusion(1000, kind)
+    betas = detdiff.make_betas(kind, 1000).tolist()
+    prod, ref = 1.0, []
+    for b in betas:                      # alpha_bar_t = prod_{s <= t} (1 - beta_s), a plain python loop
+        prod *= 1.0 - b
+        ref.append(prod)
+    assert torch.allclose(d.alpha_bar.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+    assert (d.alpha_bar[1:] < d.alpha_bar[:-1]).all() and 0 < d.alpha_bar[-1] < d.alpha_bar[0] < 1
+    assert d.alpha_bar.dtype == torch.float32
+
+
+def test_linear_betas_are_ddpm_values():
+    b = detdiff.make_betas("linear", 1000)
+    assert b.dtype == torch.float64 and b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("t", [0, 10, 250, 999])
+def test_q_sample_matches_step_by_step_forward_process(t):
+    torch.manual_seed(0)
+    d = detdiff.Diffusion(1000, "linear")
+    n = 16000
+    x0 = torch.linspace(-1, 1, 4).repeat(n, 1)                             # (n, 4): 4 different pixel values
+    x = x0.double().clone()
+    for s in range(t + 1):               # q(x_s | x_{s-1}) = N(sqrt(1 - beta_s) x_{s-1}, beta_s), DDPM Eq. (2)
+        b = d.betas[s].double()
+        x = (1 - b).sqrt() * x + b.sqrt() * torch.randn_like(x)
+    closed = d.q_sample(x0, torch.full((n,), t), torch.randn_like(x0))
+    for samples in (x, closed):
+        ab = math.prod(1 - float(b) for b in detdiff.make_betas("linear", 1000)[: t + 1])
+        assert torch.allclose(samples.mean(0).float(), math.sqrt(ab) * x0[0], atol=0.03)
+        assert torch.allclose(samples.var(0).float(), torch.full((4,), 1 - ab), rtol=0.05, atol=2e-5)
+
+
+@pytest.mark.parametrize("t", [1, 5, 100, 999])
+def test_posterior_mean_and_variance_match_gaussian_bayes(t):
+    d = detdiff.Diffusion(1000, "cosine")
+    betas = detdiff.make_betas("cosine", 1000)
+    ab_prev, beta = torch.prod(1 - betas[:t]), betas[t]                     # float64 brute force
+    x0, x_t = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    # q(x_{t-1} | x_0) q(x_t | x_{t-1}) as a product of Gaussians in x_{t-1}
+    prec = 1 / (1 - ab_prev) + (1 - beta) / beta
+    mean_ref = (ab_prev.sqrt() * x0 / (1 - ab_prev) + (1 - beta).sqrt() * x_t / beta) / prec
+    mean, var = d.posterior(x0.float(), x_t.float(), torch.full((3,), t))
+    assert torch.allclose(mean.double(), mean_ref, atol=1e-4)
+    assert torch.allclose(var.double().flatten(), (1 / prec).expand(3), rtol=1e-4)
+
+
+def test_posterior_at_t0_is_x0():
+    d = detdiff.Diffusion(100)
+    x0, x_t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    mean, var = d.posterior(x0, x_t, torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(mean, x0, atol=1e-6) and (var == 0).all()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("t", [1, 37, 500, 999])
+def test_ddim_eta1_single_step_equals_ddpm_step(t, clip):
+    d = detdiff.Diffusion(1000, "linear")
+    g = torch.Generator().manual_seed(t)
+    x_t, eps, z = (torch.randn(2, 3, 8, 8, generator=g) * 1.5 for _ in range(3))
+    tt = torch.full((2,), t)
+    a = sample.ddpm_step(d, x_t, tt, eps, z, clip)
+    b = sample.ddim_step(d, x_t, tt, tt - 1, eps, z, eta=1.0, clip=clip)
+    assert torch.allclose(a, b, atol=1e-3)   # float32; 1 - alpha_bar_1 ~ 3e-4 amplifies rounding at t = 1
+
+
+def test_last_step_adds_no_noise():
+    d = detdiff.Diffusion(100)
+    x_t, eps, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.zeros(2, dtype=torch.long)
+    x0 = d.predict_x0(x_t, t, eps).clamp(-1, 1)
+    assert torch.allclose(sample.ddpm_step(d, x_t, t, eps, z), sample.ddpm_step(d, x_t, t, eps, 0 * z))
+    assert torch.allclose(sample.ddim_step(d, x_t, t, t - 1, eps, z, eta=1.0), x0, atol=1e-5)
+
+
+def test_loss_simple_hand_value_and_weight():
+    eps, pred = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 2.0], [0.0, -1.0]]]])
+    assert detdiff.loss_simple(pred, eps).item() == pytest.approx((1 + 4 + 0 + 1) / 4)
+    w = torch.tensor([[[[2.0, 0.0], [1.0, 1.0]]]])
+    assert detdiff.loss_simple(pred, eps, w).item() == pytest.approx((2 + 0 + 0 + 1) / 4)
+
+
+def test_foreground_weight_hand_values():
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0, 0, 0, 0]]])            # one quarter-image box + padding
+    valid = torch.tensor([[True, False]])
+    w = detdiff.foreground_weight(boxes, valid, 4)                          # (1, 1, 4, 4)
+    fg = 2 / 0.25 ** 0.2                                                    # w / area^p
+    ref = torch.ones(4, 4)
+    ref[:2, :2] = fg
+    ref = ref / ref.mean()
+    assert torch.allclose(w[0, 0], ref, atol=1e-5) and w.mean().item() == pytest.approx(1.0)
+
+
+def test_drop_condition_rate_and_content():
+    torch.manual_seed(0)
+    tokens, null = torch.arange(12).repeat(20000, 1) + 100, torch.arange(12)
+    out = detdiff.drop_condition(tokens, null, 0.1)
+    dropped = (out == null).all(1)
+    assert ((out == tokens).all(1) | dropped).all()
+    assert 0.09 < dropped.float().mean().item() < 0.11
+    assert (detdiff.drop_condition(tokens[:50], null, 0.0) == tokens[:50]).all()
+
+
+def test_extract_broadcasts_float32():
+    a = torch.arange(10, dtype=torch.float32)
+    out = detdiff.extract(a, torch.tensor([3, 7]), torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16))
+    assert out.shape == (2, 1, 1, 1) and out.dtype == torch.float32 and out.flatten().tolist() == [3.0, 7.0]

@@ -1,0 +1,290 @@
+"""The layout-conditioned UNet eps_theta(x_t, t, layout tokens) and its layout encoder.
+
+PAPER.md section 1 (GeoDiffusion-style layout-as-text conditioning). The diffusion code in detdiff.py and
+sample.py only ever calls `model(x_t, t, tokens)`; everything about how the layout tokens reach the image lives
+here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
+
+- LayoutEncoder: a small pre-LN transformer over the token ids (our stand-in for GeoDiffusion's fine-tuned CLIP
+  text encoder). Location-token embeddings start from 2-D sin-cos embeddings of their bin position (GeoDiffusion).
+  `cond="tokens"` is the paper's setting: every token of the prompt is a cross-attention key.
+  `cond="object"` (default; beyond the paper) pools each object's fixed slot of tokens into ONE embedding per
+  object; issue 3's prototype found this (together with the per-object mask loss of issue 4) is what teaches
+  placement at CPU scale. The prompt itself is the paper's in both settings.
+- UNet: sinusoidal time embedding + MLP, ResBlocks (GroupNorm, SiLU), down/up paths with skips, self-attention at
+  low resolution, cross-attention to the layout embeddings at chosen resolutions.
+- `model(x_t, t, tokens, return_features=True)` also returns the decoder features at every resolution, the
+  per-object embeddings and, when `mask_dim > 0`, the perception head's per-object mask logits (perception.py;
+  the head lives in the same module so that DDP, EMA and checkpoints carry it without special cases).
+
+Quick check: python -c "import unet; m = unet.UNet(unet.UNetConfig()); print(sum(p.numel() for p in m.parameters()))"
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from perception import MaskHead
+
+
+@dataclass
+class UNetConfig:
+    # image side
+    in_channels: int = 3
+    base_channels: int = 32
+    channel_mults: tuple = (1, 2, 2)     # one entry per resolution level; S must be divisible by 2**(len-1)
+    num_res_blocks: int = 1
+    self_attn_levels: tuple = (2,)       # levels (indices into channel_mults) with self-attention; mid always has it
+    cross_attn_levels: tuple = (1, 2)    # levels with cross-attention to the layout; mid always has it
+    heads: int = 4
+    dropout: float = 0.0
+    # layout encoder (the token-vocabulary fields are filled from data.LayoutTokenizer by model_config_from_tok)
+    cond: str = "object"                 # "object": one pooled embedding per object (beyond the paper); "tokens": paper
+    d_model: int = 64
+    enc_layers: int = 2
+    enc_heads: int = 4
+    vocab_size: int = 64
+    seq_len: int = 34
+    tokens_per_object: int = 4
+    max_objects: int = 8
+    pad_id: int = 0
+    class_offset: int = 7                # ids class_offset .. loc_offset-1 are categories (start a real object)
+    loc_offset: int = 14                 # ids from loc_offset on are location tokens
+    bins: int = 32                       # location bins per axis (the sin-cos init measures positions in bins)
+    # perception head (perception.MaskHead, issue 4): per-pixel embedding width; 0 = no head (--pal-weight 0)
+    mask_dim: int = 32
+
+    @classmethod
+    def for_tokenizer(cls, tok, **overrides):
+        """The config whose vocabulary fields match a data.LayoutTokenizer."""
+        return cls(vocab_size=tok.vocab_size, seq_len=tok.seq_len, tokens_per_object=tok.tokens_per_object,
+                   max_objects=tok.max_objects, pad_id=tok.pad_id, class_offset=tok.class_offset,
+                   loc_offset=tok.loc_offset, bins=tok.bins, **overrides)
+
+    @property
+    def down_factor(self):
+        return 2 ** (len(self.channel_mults) - 1)
+
+
+def sincos_1d(pos, dim):
+    """Transformer sin-cos embedding of float positions (N,) -> (N, dim); positions are in 'bin-ish' units."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))   # (dim/2,)
+    ang = pos.double()[:, None] * omega[None]                                           # (N, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], dim=1).float()
+
+
+def sincos_2d(xy, dim, scale):
+    """2-D sin-cos embedding (MAE; GeoDiffusion's location-token init) of points xy (N, 2) in [0, 1], measured in
+    units of 1/scale (bins for location tokens, pixels for feature maps): half the channels encode x, half y."""
+    assert dim % 4 == 0, "sin-cos 2-D embedding needs dim divisible by 4"
+    return torch.cat([sincos_1d(xy[:, 0] * scale, dim // 2), sincos_1d(xy[:, 1] * scale, dim // 2)], dim=1)
+
+
+def timestep_embedding(t, dim):
+    """DDPM's sinusoidal embedding of the integer timestep t (B,) -> (B, dim)."""
+    return sincos_1d(t.float(), dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout encoder
+
+class LayoutEncoder(nn.Module):
+    def __init__(self, cfg, loc_xy=None):
+        """loc_xy: optional (num_location_tokens, 2) bin positions (x, y) in [0, 1] of the location tokens
+        (ids loc_offset, loc_offset+1, ...; tok.location_xy()), used for the sin-cos initialisation; a
+        coordinate of -1 (an axis-style x or y token) leaves that half of the embedding random.
+        It only matters at construction; a checkpoint restores the trained values."""
+        super().__init__()
+        self.cfg = cfg
+        D, T = cfg.d_model, cfg.tokens_per_object
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        if loc_xy is not None:
+            with torch.no_grad():
+                xy = torch.as_tensor(loc_xy, dtype=torch.float64)                     # (N, 2)
+                ids = torch.arange(len(xy)) + cfg.loc_offset
+                emb = sincos_2d(xy.clamp(min=0), D, cfg.bins - 1) * math.sqrt(2)                    # RMS 1, like N(0, 1) rows
+                keep = torch.cat([(xy[:, :1] >= 0).expand(-1, D // 2), (xy[:, 1:] >= 0).expand(-1, D // 2)], 1)
+                self.tok_emb.weight[ids] = torch.where(keep, emb, self.tok_emb.weight[ids])
+        # role of each position: 0 = bos, 1..T = slot inside an object, T+1 = after the last object slot
+        L, M = cfg.seq_len, cfg.max_objects
+        role = torch.tensor([0] + [1 + (p - 1) % T for p in range(1, 1 + M * T)] + [T + 1] * (L - 1 - M * T))
+        self.register_buffer("role", role, persistent=False)
+        self.role_emb = nn.Embedding(T + 2, D)
+        layer = nn.TransformerEncoderLayer(D, cfg.enc_heads, 4 * D, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(D)
+        if cfg.cond == "object":
+            self.pool = nn.Sequential(nn.Linear(T * D, D), nn.GELU(), nn.Linear(D, D), nn.LayerNorm(D))
+        elif cfg.cond != "tokens":
+            raise ValueError(f"UNetConfig.cond must be 'object' or 'tokens', got {cfg.cond!r}")
+
+    def forward(self, tokens):
+        """tokens (B, L) long -> dict(context (B, Lc, D), context_mask (B, Lc) bool True=attend,
+        objects (B, M, D), object_valid (B, M) bool)."""
+        cfg, T, M = self.cfg, self.cfg.tokens_per_object, self.cfg.max_objects
+        if tokens.shape[1] != cfg.seq_len:
+            raise ValueError(f"layout tokens have length {tokens.shape[1]}, the model was built for {cfg.seq_len}")
+        pad = tokens == cfg.pad_id                                               # (B, L)
+        h = self.tok_emb(tokens) + self.role_emb(self.role)[None]                # (B, L, D)
+        h = self.ln(self.transformer(h, src_key_padding_mask=pad))
+        first = tokens[:, 1:1 + M * T:T]                                         # (B, M) first token of each slot
+        valid = (first >= cfg.class_offset) & (first < cfg.loc_offset)           # a category starts a real object
+        if cfg.cond == "object":
+            slots = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m (t d)", t=T)  # (B, M, T*D)
+            objects = self.pool(slots)                                           # (B, M, D)
+            # the bos output is a global key that is always present, so the null prompt still has a key
+            context = torch.cat([h[:, :1], objects], 1)                          # (B, 1+M, D)
+            mask = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
+        else:
+            objects = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m t d", t=T).mean(2)  # (B, M, D) for issue 4
+            context, mask = h, ~pad                                              # paper: every token is a key
+        return dict(context=context, context_mask=mask, objects=objects, object_valid=valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UNet blocks
+
+def norm(ch):
+    return nn.GroupNorm(min(32, ch // 4) if ch >= 8 else 1, ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, tdim, dropout):
+        super().__init__()
+        self.block1 = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.temb = nn.Linear(tdim, cout)
+        self.block2 = nn.Sequential(norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
+        nn.init.zeros_(self.block2[-1].weight)   # each residual branch starts as identity
+        nn.init.zeros_(self.block2[-1].bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.block1(x) + self.temb(temb)[:, :, None, None]
+        return self.skip(x) + self.block2(h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys/values from `ctx` (cross) or from x itself (self)."""
+    def __init__(self, dim, ctx_dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, mask=None):          # x (B, N, C), ctx (B, Lc, Cc), mask (B, Lc) True = attend
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(ctx), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        attn_mask = None if mask is None else mask[:, None, None, :]           # (B, 1, 1, Lc)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)       # softmax(q k^T / sqrt(d)) v
+        return self.out(rearrange(o, "b h n d -> b n (h d)"))
+
+
+class AttnBlock(nn.Module):
+    """Self-attention and/or cross-attention to the layout on a (B, C, H, W) map, pre-LN residual style.
+    Cross-attention queries get a fixed 2-D sin-cos embedding of the pixel position so that they can match
+    location information carried by the layout embeddings."""
+    def __init__(self, ch, ctx_dim, heads, self_attn, cross_attn):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(ch) if self_attn else None
+        self.attn1 = Attention(ch, ch, heads) if self_attn else None
+        self.ln2 = nn.LayerNorm(ch) if cross_attn else None
+        self.attn2 = Attention(ch, ctx_dim, heads) if cross_attn else None
+        self.ln3, self.ff = nn.LayerNorm(ch), nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), nn.Linear(4 * ch, ch))
+
+    def forward(self, x, cond):
+        B, C, H, W = x.shape
+        h = rearrange(x, "b c h w -> b (h w) c")                                  # (B, HW, C)
+        if self.attn1 is not None:
+            hn = self.ln1(h)
+            h = h + self.attn1(hn, hn)
+        if self.attn2 is not None:
+            ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
+            pos = sincos_2d(torch.stack([xs.flatten(), ys.flatten()], 1), C, H).to(x.device, h.dtype)  # (HW, C)
+            h = h + self.attn2(self.ln2(h) + pos, cond["context"], cond["context_mask"])
+        h = h + self.ff(self.ln3(h))
+        return rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg, loc_xy=None):
+        super().__init__()
+        self.cfg = cfg
+        C, tdim, D, nl = cfg.base_channels, 4 * cfg.base_channels, cfg.d_model, len(cfg.channel_mults)
+        self.encoder = LayoutEncoder(cfg, loc_xy)
+        self.time_mlp = nn.Sequential(nn.Linear(C, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
+
+        def attn(ch, level):
+            sa, ca = level in cfg.self_attn_levels, level in cfg.cross_attn_levels
+            return AttnBlock(ch, D, cfg.heads, sa, ca) if (sa or ca) else None
+
+        # down path: every ResBlock output is kept as a skip
+        self.down, chans, ch = nn.ModuleList(), [C], C
+        for lvl, mult in enumerate(cfg.channel_mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(ch, C * mult, tdim, cfg.dropout), attn(C * mult, lvl)]))
+                ch = C * mult
+                chans.append(ch)
+            if lvl < nl - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))      # downsample by 2
+                chans.append(ch)
+        # middle: ResBlock, self + cross attention, ResBlock
+        self.mid1 = ResBlock(ch, ch, tdim, cfg.dropout)
+        self.mid_attn = AttnBlock(ch, D, cfg.heads, True, True)
+        self.mid2 = ResBlock(ch, ch, tdim, cfg.dropout)
+        # up path: num_res_blocks + 1 ResBlocks per level, each eating one skip
+        self.up, self.up_levels = nn.ModuleList(), []
+        for lvl, mult in reversed(list(enumerate(cfg.channel_mults))):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(nn.ModuleList([ResBlock(ch + chans.pop(), C * mult, tdim, cfg.dropout),
+                                             attn(C * mult, lvl)]))
+                ch = C * mult
+            upsample = nn.Conv2d(ch, ch, 3, padding=1) if lvl > 0 else nn.Identity()
+            self.up.append(nn.ModuleList([blocks, upsample]))
+        self.feature_channels = [C * m for m in reversed(cfg.channel_mults)]     # decoder features, coarse to fine
+        # the perception head reads every decoder level and has one query per layout object (PAPER.md s.3)
+        self.mask_head = MaskHead(self.feature_channels, D, cfg.mask_dim) if cfg.mask_dim else None
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x_t, t, tokens, return_features=False):
+        """x_t (B, Cin, S, S), t (B,) long in 0..T-1, tokens (B, L) long -> eps_pred (B, Cin, S, S).
+        With return_features: (eps_pred, dict(features=[(B, C_l, S_l, S_l) coarse to fine], objects (B, M, D),
+        object_valid (B, M), and mask_logits (B, M, S, S) from the perception head when the model has one))."""
+        f = self.cfg.down_factor
+        if x_t.shape[-1] % f or x_t.shape[-2] % f:
+            raise ValueError(f"image size {tuple(x_t.shape[-2:])} is not divisible by the UNet's downsampling "
+                             f"factor {f} (channel_mults={self.cfg.channel_mults})")
+        if x_t.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"input has {x_t.shape[1]} channels, the model was built for {self.cfg.in_channels}")
+        cond = self.encoder(tokens)
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x_t.dtype))  # (B, 4C)
+        h = self.conv_in(x_t)
+        skips = [h]
+        for m in self.down:
+            if isinstance(m, nn.Conv2d):
+                h = m(h)
+            else:
+                h = m[0](h, temb)
+                h = m[1](h, cond) if m[1] is not None else h
+            skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb), cond), temb)
+        feats = []
+        for blocks, upsample in self.up:
+            for res, att in blocks:
+                h = res(torch.cat([h, skips.pop()], 1), temb)
+                h = att(h, cond) if att is not None else h
+            feats.append(h)                                                      # decoder feature at this level
+            if not isinstance(upsample, nn.Identity):
+                h = upsample(F.interpolate(h, scale_factor=2, mode="nearest"))   # upsample by 2
+        eps_pred = self.out(h)
+        if return_features:
+            aux = dict(features=feats, objects=cond["objects"], object_valid=cond["object_valid"])
+            if self.mask_head is not None:
+                aux["mask_logits"] = self.mask_head(feats, cond["objects"])    # (B, M, S, S)
+            return eps_pred, aux
+        return eps_pred
