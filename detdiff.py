@@ -1,0 +1,749 @@
+"""DetDiffusion's generator: the DDPM schedule, its losses and the training loop (PAPER.md section 1).
+
+    python detdiff.py                                   # trains on `shapes` into runs/shapes (CPU: ~8 minutes)
+    python detdiff.py --steps 200 --out runs/quick      # a short run; --help lists every setting
+    python detdiff.py --out runs/shapes --resume        # continue a killed run from its last checkpoint
+    torchrun --nproc_per_node=2 detdiff.py ...          # DistributedDataParallel (gloo on CPU, nccl on CUDA)
+
+Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this project, t = 0 is the least noisy):
+    beta_t       variance of the noise added by forward step t                     `betas[t]`
+    alpha_t      1 - beta_t                                                          `alphas[t]`
+    alpha_bar_t  prod_{s <= t} alpha_s, the signal kept in x_t                       `alpha_bar[t]`
+    x_0, x_t     a clean image in [-1, 1] (data.py owns that range) and its noised version
+    eps          the standard normal noise that made x_t from x_0                    `eps`
+    eps_theta    the UNet's prediction of eps from (x_t, t, layout tokens)           `eps_pred`
+    layout tokens  "An image with {(c_i, l_i, d_i)}" as ids (data.LayoutTokenizer)   `tokens`
+The diffusion code only calls `model(x_t, t, tokens)`; sample.py reuses `Diffusion` (no second schedule).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import perception
+from unet import UNet, UNetConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+
+def make_betas(kind, T):
+    """beta_1..beta_T in float64. linear: DDPM's 1e-4..0.02; cosine: Nichol & Dhariwal Eq. (17), clipped at 0.999."""
+    if kind == "linear":
+        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    if kind == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)   # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
+    raise ValueError(f"unknown schedule {kind!r} (linear or cosine)")
+
+
+def extract(a, t, x):
+    """a[t] for a batch t (B,), shaped (B, 1, 1, 1) to broadcast against x; always float32 (outside autocast)."""
+    return a.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+
+
+class Diffusion(nn.Module):
+    """The fixed forward process. Buffers are computed in float64 and stored as float32."""
+
+    def __init__(self, T=1000, schedule="linear"):
+        super().__init__()
+        self.T = T
+        betas = make_betas(schedule, T)
+        alphas = 1 - betas
+        alpha_bar = torch.cumprod(alphas, 0)                                       # alpha_bar_t = prod alpha_s
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        post_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)                  # beta~_t, DDPM Eq. (7)
+        bufs = dict(betas=betas, alphas=alphas, alpha_bar=alpha_bar, alpha_bar_prev=alpha_bar_prev,
+                    post_var=post_var,
+                    post_coef_x0=betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),   # mu~_t coefficient of x_0
+                    post_coef_xt=(1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar))  # ... and of x_t
+        for k, v in bufs.items():
+            self.register_buffer(k, v.float(), persistent=False)
+
+    def q_sample(self, x0, t, eps):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps: DDPM Eq. (4) / Algorithm 1 line 5."""
+        ab = extract(self.alpha_bar, t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def predict_x0(self, x_t, t, eps):
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), Eq. (4) solved for x_0."""
+        ab = extract(self.alpha_bar, t, x_t)
+        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def posterior(self, x0, x_t, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0): DDPM Eq. (6)-(7)."""
+        mean = extract(self.post_coef_x0, t, x_t) * x0 + extract(self.post_coef_xt, t, x_t) * x_t
+        return mean, extract(self.post_var, t, x_t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses and condition dropout
+
+def foreground_weight(boxes, valid, S, w=2.0, p=0.2):
+    """GeoDiffusion's foreground re-weighting: pixels inside a box weigh w / area^p (the smaller box wins
+    where boxes overlap), background 1; normalised to mean 1 per image. boxes (B, M, 4) in [0, 1] -> (B, 1, S, S)."""
+    c = (torch.arange(S, device=boxes.device) + 0.5) / S
+    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))                        # (B, M, 1, 1)
+    inside = (c[None, None, None, :] >= x0) & (c[None, None, None, :] < x1) & \
+             (c[None, None, :, None] >= y0) & (c[None, None, :, None] < y1) & valid[..., None, None]  # (B, M, S, S)
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=1e-6)
+    wt = torch.where(inside, (w / area ** p)[..., None, None], torch.ones(()))            # (B, M, S, S)
+    wt = wt.amax(1, keepdim=True) if boxes.shape[1] else torch.ones(boxes.shape[0], 1, S, S)
+    return wt / wt.mean((2, 3), keepdim=True)
+
+
+def loss_simple(eps_pred, eps, weight=None):
+    """L_simple = E || eps - eps_theta(x_t, t) ||^2: DDPM Eq. (14); optional per-pixel weight (mean 1)."""
+    err = (eps - eps_pred.float()) ** 2                                                    # (B, C, S, S)
+    return (err if weight is None else err * weight).mean()
+
+
+def drop_condition(tokens, null_tokens, p):
+    """Replace each prompt by the null prompt with probability p (classifier-free guidance training)."""
+    drop = torch.rand(tokens.shape[0], device=tokens.device) < p                           # (B,)
+    return torch.where(drop[:, None], null_tokens.to(tokens.device)[None], tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run settings (every field is a command-line flag; --help lists them)
+
+@dataclass
+class TrainConfig:
+    data: str = "shapes"             # data.resolve_data name or a COCO-format folder
+    out: str = ""                    # run folder; default runs/<data name>
+    resume: bool = False
+    steps: int = 1000                # optimizer steps (the lr schedule's horizon)
+    minutes: float = 9.0             # wall-clock budget (0 = none): stop at whichever of steps/minutes comes
+                                     # first, lr follows the further along; 0 makes a run exactly reproducible
+    batch_size: int = 32             # per process
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_frac: float = 0.1         # cosine decay to lr * min_lr_frac
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    dtype: str = "fp32"              # fp32 | bf16 | fp16 (GradScaler only for fp16); bf16 is ~15x slower on AVX2-only CPUs
+    compile: bool = False
+    seed: int = 0
+    timesteps: int = 1000
+    schedule: str = "linear"         # linear | cosine
+    p_uncond: float = 0.1            # GeoDiffusion: 10% of prompts become the null prompt
+    fg_reweight: bool = False        # GeoDiffusion's foreground re-weighting of L_simple (optional, off)
+    pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (PAPER.md s.3); paper 0.01; 0 = no head
+    attributes: str = "auto"         # auto: the run's attributes.json (pipeline stage) | none: [none] tokens | a path
+    image_size: int = 32
+    bins: int = 32
+    location: str = "grid"           # grid | axis (data.LayoutTokenizer)
+    max_objects: int = 8
+    min_area: float = 0.02
+    log_every: int = 25
+    sample_every: int = 250          # periodic sample grid (0 = only at the end)
+    ckpt_every: int = 250            # periodic checkpoint (always one at the end)
+    sample_steps: int = 25           # DDIM steps of the periodic grid
+    guidance: float = 3.0            # classifier-free guidance scale of the periodic grid
+    n_grid: int = 8                  # validation layouts in the grid
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    # the main job's other stages (python detdiff.py runs them all; perception.py has them as commands too)
+    stage: str = "all"               # all | data | detector | attributes | generator | grid
+    det_steps: int = 1000            # detector (perception metric) optimizer steps, trained from scratch
+    det_size: int = 64               # detector input side
+    attr_steps: int = 400            # steps of each held-out fold's detector (perception-aware attribute)
+    attr_folds: int = 2
+    gamma: float = 0.4               # attribute: confidence threshold (our choice; the paper's is unknown)
+    beta: float = 0.5                # attribute: IoU threshold
+    class_aware: bool = False        # attribute: a prediction must also have the object's class
+    n_eval: int = 100                # val layouts generated for the grid stage's quick layout-fidelity check
+
+
+RESUME_OVERRIDES = {"steps", "minutes", "log_every", "sample_every", "ckpt_every", "out", "resume", "device", "stage",
+                    "n_eval"}
+TOKENIZER_FIELDS = {"vocab_size", "seq_len", "tokens_per_object", "max_objects", "pad_id", "class_offset",
+                    "loc_offset", "bins"}
+
+
+def model_fields():
+    return [f for f in fields(UNetConfig) if f.name not in TOKENIZER_FIELDS]
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    for group, flds in (("run", fields(TrainConfig)), ("model (UNetConfig)", model_fields())):
+        g = ap.add_argument_group(group)
+        for f in flds:
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in (bool, "bool"):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"default {f.default}")
+            elif f.type in (tuple, "tuple"):
+                g.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",") if v), metavar="A,B,..",
+                               default=argparse.SUPPRESS, help=f"default {','.join(map(str, f.default))}")
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                g.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f"default {f.default}")
+    return ap
+
+
+def split_args(given):
+    """Flat dict of flags -> (TrainConfig kwargs, UNetConfig kwargs); an unknown key is an error."""
+    tnames, mnames = {f.name for f in fields(TrainConfig)}, {f.name for f in model_fields()}
+    unknown = set(given) - tnames - mnames
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return {k: v for k, v in given.items() if k in tnames}, {k: v for k, v in given.items() if k in mnames}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers of the loop
+
+def lr_at(cfg, step, progress):
+    """Linear warm-up for `warmup` steps, then cosine decay from lr to lr * min_lr_frac as progress goes 0 -> 1."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    c = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * c)
+
+
+def batch_indices(n, batch, step, seed, rank=0, world=1):
+    """The dataset indices of `step`'s batch on `rank`: a pure function of (seed, step), so a resumed run sees
+    exactly the batches the killed run would have seen. Epochs are seeded permutations of 0..n-1."""
+    G = batch * world
+    first = step * G
+    out = []
+    for i in range(first + rank * batch, first + (rank + 1) * batch):
+        epoch, k = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[k]))
+    return out
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path):
+    tmp = str(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)   # readers see the old or the new file, never half of one
+
+
+def tokenizer_from(meta):
+    return data.LayoutTokenizer(meta["class_names"], bins=meta["bins"], max_objects=meta["max_objects"],
+                                location=meta["location"])
+
+
+def attributes_path(cfg, out):
+    """The attribute sidecar a generator run reads: None for "none"; for "auto" the run folder's attributes.json
+    when the attributes stage wrote one; otherwise the given path, which must exist."""
+    if cfg.attributes == "none":
+        return None
+    if cfg.attributes == "auto":
+        p = Path(out) / "attributes.json"
+        return p.resolve() if p.is_file() else None
+    if not Path(cfg.attributes).is_file():
+        raise SystemExit(f"error: {cfg.attributes}: attribute sidecar not found (--attributes auto|none|PATH)")
+    return Path(cfg.attributes).resolve()
+
+
+def loss_curve(curves, path, title="training loss", smooth=0.95):
+    """A PNG of one or more loss curves {name: (steps, values)} against step, log-y: the raw values light, an
+    exponential moving average dark, one colour per curve (PIL only; matplotlib is not a runtime dependency)."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 720, 400, 60, 150, 30, 40
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    d.text((L, 8), title, fill="black")
+    curves = {k: (np.asarray(s, np.float64), np.log10(np.clip(np.asarray(v, np.float64), 1e-6, None)))
+              for k, (s, v) in curves.items() if len(s) >= 2}
+    if curves:
+        lo = min(v.min() for _, v in curves.values())
+        hi = max(v.max() for _, v in curves.values()) + 1e-9
+        s0 = min(s[0] for s, _ in curves.values())
+        s1 = max(s[-1] for s, _ in curves.values()) + 1e-9
+
+        def px(s, v):
+            return L + (s - s0) / (s1 - s0) * (W - L - R), T + (hi - v) / (hi - lo) * (H - T - B)
+        colours = [(20, 60, 160), (200, 60, 20), (20, 140, 60), (140, 40, 160), (120, 120, 120)]
+        for k, ((st, v), c) in enumerate(zip(curves.items(), colours)):
+            steps, y = v
+            ema, e = [], y[0]
+            for val in y:
+                e = smooth * e + (1 - smooth) * val
+                ema.append(e)
+            d.line([px(a, b) for a, b in zip(steps, y)], fill=tuple(255 - (255 - ch) // 3 for ch in c))
+            d.line([px(a, b) for a, b in zip(steps, ema)], fill=c, width=2)
+            d.text((W - R + 10, T + 16 * k), f"{st} ({10 ** ema[-1]:.3g})", fill=c)
+        for v in np.linspace(lo, hi, 5):   # y ticks (loss values, log scale)
+            d.text((4, px(s0, v)[1] - 6), f"{10 ** v:.3g}", fill="black")
+        for st in np.linspace(s0, s1, 5):  # x ticks (steps)
+            d.text((px(st, lo)[0] - 10, H - B + 8), f"{int(st)}", fill="black")
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    im.save(path)
+
+
+def ema_update(ema, model, decay):
+    """EMA of the weights: theta_ema <- decay * theta_ema + (1 - decay) * theta; buffers are copied."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def save_grid(ema, diff, tok, val_batch, cfg, path, device):
+    """Real validation images (left) beside generated ones for the same layouts (right), boxes drawn."""
+    import sample   # sample.py imports this module; import here to keep the dependency one-way at load time
+    g = torch.Generator(device="cpu").manual_seed(1234)    # own generator: the training RNG stream is untouched
+    x = sample.generate(ema, diff, val_batch["tokens"].to(device), tok.null_prompt().to(device),
+                        size=cfg.image_size, steps=cfg.sample_steps, guidance=cfg.guidance, generator=g,
+                        dtype=cfg.dtype if cfg.dtype != "fp16" or device.type == "cuda" else "fp32", progress=False)
+    tiles = []
+    for real, fake, boxes, labels, valid in zip(val_batch["image"], x.cpu(), val_batch["boxes"],
+                                                val_batch["labels"], val_batch["valid"]):
+        for im in (real, fake):
+            tiles.append(data.draw_layout(data.from_model_range(im), boxes[valid], labels[valid], tok.class_names))
+    data.image_grid(tiles, ncol=4).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop
+
+def train(cfg, mcfg_overrides=None, interrupt_at=None):
+    """Train a generator with settings `cfg` (TrainConfig). `interrupt_at` (tests only) behaves as if the
+    process were killed right after that step. Returns the unwrapped model (rank 0 writes the run folder)."""
+    # -- processes and device: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) \
+        if ddp else (0, 1, 0)
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if ddp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if cfg.dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
+
+    # -- run folder: never silently overwrite a run
+    out = Path(cfg.out or Path("runs") / Path(cfg.data).name)
+    ckpt_path, log_path = out / "ckpt.pt", out / "log.txt"
+    ck = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise SystemExit(f"error: {ckpt_path}: no checkpoint to resume from")
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    elif ckpt_path.exists():
+        raise SystemExit(f"error: {out} already holds a run (ckpt.pt); pass --resume to continue it or --out for a "
+                         f"new folder")
+    if ddp:
+        dist.barrier()                            # every rank has checked the folder before rank 0 writes to it
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    logf = open(log_path, "a") if master else None
+
+    def log(msg):
+        if master:
+            tqdm.write(msg)
+            logf.write(msg + "\n")
+            logf.flush()
+
+    # -- data and tokenizer
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    root = data.resolve_data(cfg.data)
+    probe = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
+                                   max_objects=cfg.max_objects)
+    tok = data.LayoutTokenizer(probe.class_names, bins=cfg.bins, max_objects=cfg.max_objects, location=cfg.location)
+    attr_path = attributes_path(cfg, out)           # the perception-aware attribute of every object (PAPER.md s.2)
+    attrs = {sp: perception.load_attributes(attr_path, sp) if attr_path else None for sp in ("train", "val")}
+    log(f"attributes: {attr_path}" if attr_path else "attributes: none (every object gets the [none] token)")
+    train_ds = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
+                                      max_objects=cfg.max_objects, shuffle_objects=True, tokenizer=tok,
+                                      attributes=attrs["train"])
+    val_ds = data.CocoLayoutDataset(root, "val", size=cfg.image_size, min_area=cfg.min_area,
+                                    max_objects=cfg.max_objects, tokenizer=tok, attributes=attrs["val"])
+    val_batch = data.collate([val_ds[i] for i in range(min(cfg.n_grid, len(val_ds)))], cfg.max_objects)
+    null = tok.null_prompt().to(device)
+
+    # -- model, EMA, optimizer (the checkpoint's shapes win on resume)
+    overrides = dict(dict(mask_dim=0) if cfg.pal_weight == 0 else {}, **(mcfg_overrides or {}))
+    mcfg = UNetConfig(**ck["model_cfg"]) if ck else UNetConfig.for_tokenizer(tok, **overrides)
+    if cfg.pal_weight > 0 and not mcfg.mask_dim:
+        raise SystemExit("error: --pal-weight > 0 needs the perception head (--mask-dim > 0)")
+    raw = UNet(mcfg, loc_xy=tok.location_xy()).to(device)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    diff = Diffusion(cfg.timesteps, cfg.schedule).to(device)
+    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [p for p in raw.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0)],
+                            lr=cfg.lr, betas=(0.9, 0.99))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    step, history = 0, dict(step=[], loss=[], l_simple=[], l_p=[])
+    if ck:
+        raw.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        step, history = ck["step"], ck["history"]
+        set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
+        log(f"resumed {ckpt_path} at step {step}")
+    model = raw
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    amp = torch.autocast(device.type, dtype=dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[cfg.dtype],
+                         enabled=cfg.dtype != "fp32")
+    if master and not ck:
+        (out / "config.json").write_text(json.dumps(dict(train=asdict(cfg), model=asdict(mcfg)), indent=1))
+        log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(train_ds)} train images, "
+            f"{world} process(es) on {device}, dtype {cfg.dtype}, run folder {out}")
+
+    def checkpoint():
+        states = [None] * world
+        if ddp:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            atomic_save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                             scaler=scaler.state_dict(), step=step, rng=states, history=history,
+                             elapsed=time.time() - t0, finished=finished,
+                             train_cfg=asdict(cfg), model_cfg=asdict(mcfg), img_s=seen / max(time.time() - t_start, 1e-9),
+                             attributes_used=str(attr_path) if attr_path else "",
+                             tokenizer=dict(class_names=tok.class_names, category_ids=probe.category_ids, bins=tok.bins,
+                                            max_objects=tok.max_objects, location=tok.location)), ckpt_path)
+
+    def periodic_outputs():
+        if master:
+            save_grid(ema, diff, tok, val_batch, cfg, out / f"samples_{step:06d}.png", device)
+            curves = {k: (history["step"], history[k]) for k in ("loss", "l_simple", "l_p") if history.get(k)}
+            loss_curve(curves, out / "loss.png", f"{out.name}: training loss (log scale)")
+
+    # -- the loop
+    finished = False
+    t0, seen, bar = time.time() - (ck["elapsed"] if ck else 0.0), 0, tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    raw.train()
+    t_start = time.time()                         # for images/s (t0 also counts the time before a resume)
+    while step < cfg.steps:
+        elapsed = torch.tensor([time.time() - t0], dtype=torch.float64)
+        if ddp and cfg.minutes > 0:
+            dist.broadcast(elapsed, 0)            # every rank uses rank 0's clock: same lr, same stop step
+        if cfg.minutes > 0 and elapsed.item() > 60 * cfg.minutes:
+            log(f"time budget of {cfg.minutes} minutes reached at step {step}")
+            break
+        progress = max(step / cfg.steps, elapsed.item() / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
+        # lr for this step
+        lr = lr_at(cfg, step, progress)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # batch: the layouts' tokens with 10% condition dropout, noise eps, timestep t in 0..T-1
+        batch = data.collate([train_ds[i] for i in batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed,
+                                                                 rank, world)], cfg.max_objects)
+        x0 = batch["image"].to(device)                                                  # (B, 3, S, S)
+        tokens = drop_condition(batch["tokens"].to(device), null, cfg.p_uncond)        # (B, L)
+        t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
+        eps = torch.randn_like(x0)
+        x_t = diff.q_sample(x0, t, eps)                                                 # DDPM Eq. (4), fp32
+        weight = foreground_weight(batch["boxes"].to(device), batch["valid"].to(device), x0.shape[-1]) \
+            if cfg.fg_reweight else None
+        # forward and backward under one autocast context
+        with amp:
+            if cfg.pal_weight > 0:
+                eps_pred, aux = model(x_t, t, tokens, return_features=True)
+            else:
+                eps_pred = model(x_t, t, tokens)
+        l_simple = loss_simple(eps_pred, eps, weight)                                   # DDPM Eq. (14), fp32
+        if cfg.pal_weight > 0:                                                          # dropped prompts have no objects
+            valid = batch["valid"].to(device) & aux["object_valid"]                     # (B, M)
+            l_p = perception.perception_loss(aux["mask_logits"], batch["masks"].to(device), valid,
+                                             extract(diff.alpha_bar, t, t).view(-1))    # sqrt(alpha_bar_t)(L_m + L_d)
+            loss = l_simple + cfg.pal_weight * l_p.mean()                               # L = L_simple + lambda L_p
+        else:
+            l_p, loss = torch.zeros((), device=device), l_simple
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        # clip, optimizer step, EMA update
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        seen += x0.shape[0] * world
+        # log line (the loss is averaged over processes so every rank takes the same decision)
+        lv = torch.stack([loss.detach().float(), l_simple.detach().float(), l_p.detach().float().mean()])
+        if ddp:
+            dist.all_reduce(lv)
+            lv /= world
+        lv, ls, lp = lv.tolist()
+        if not math.isfinite(lv):
+            log(f"error: non-finite loss ({lv}) at step {step}; stopping (last good checkpoint: {ckpt_path})")
+            raise SystemExit(f"error: non-finite loss ({lv}) at step {step}")
+        history["step"].append(step)
+        history["loss"].append(lv)
+        history["l_simple"].append(ls)
+        if cfg.pal_weight > 0:
+            history["l_p"].append(lp)
+        ips = seen / max(time.time() - t_start, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
+        if step % cfg.log_every == 0:
+            log(f"step {step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
+                f"{time.time() - t0:.0f}s")
+        # periodic sample grid and checkpoint
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            periodic_outputs()
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            checkpoint()
+        if interrupt_at is not None and step >= interrupt_at:
+            bar.close()
+            return raw
+    bar.close()
+    # -- end: final checkpoint, grid and loss curve
+    finished = True
+    checkpoint()
+    if not (cfg.sample_every and step % cfg.sample_every == 0):
+        periodic_outputs()
+    log(f"done: step {step}, {time.time() - t0:.0f}s, {seen / max(time.time() - t_start, 1e-9):.1f} img/s; "
+        f"checkpoint {ckpt_path}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The main job: data -> detector -> attributes -> generator -> grid, then a summary (PAPER.md sections 1-3)
+
+STAGES = ("data", "detector", "attributes", "generator", "grid")
+SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
+            "det_steps", "det_size", "attr_steps", "attr_folds", "gamma", "beta", "class_aware", "seed")
+
+
+def pipeline(cfg, mcfg_overrides=None):
+    """Run the stages of the main job into one run folder; a stage whose output exists is reused (and says so)."""
+    import sample
+    out = Path(cfg.out or Path("runs") / Path(cfg.data).name)
+    cfg.out = str(out)
+    if cfg.stage not in ("all",) + STAGES:
+        raise SystemExit(f"error: --stage must be all or one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(cfg, k) for k in SAME_RUN}
+    saved = out / "pipeline.json"
+    if saved.is_file():   # reusing a stage is only right if it was made with the same settings
+        old = data.read_json(saved)
+        diff = sorted(k for k in SAME_RUN if k in old and old[k] != settings[k])
+        if diff:
+            raise SystemExit(f"error: {out} holds a run made with other settings ({', '.join(diff)}); "
+                             f"choose a new --out")
+    else:
+        saved.write_text(json.dumps(settings, indent=1))
+    logf = open(out / "log.txt", "a")
+
+    def log(msg):
+        tqdm.write(msg)
+        logf.write(msg + "\n")
+        logf.flush()
+    run = set(STAGES) if cfg.stage == "all" else {cfg.stage}
+    t_all, summary = time.time(), dict(run=str(out))
+    timing = {}
+
+    # -- data: the embedded `shapes` set is built on first use; a COCO folder is checked
+    t = time.time()
+    root = data.resolve_data(cfg.data)
+    det_cfg = dict(size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
+    train_ds, val_ds = (data.CocoLayoutDataset(root, sp, **det_cfg) for sp in ("train", "val"))
+    summary["data"] = dict(root=str(root), classes=list(train_ds.class_names), train_images=len(train_ds),
+                           val_images=len(val_ds))
+    timing["data"] = time.time() - t
+    log(f"[data] {root}: {len(train_ds)} train / {len(val_ds)} val images, classes {', '.join(train_ds.class_names)}")
+
+    # -- detector: trained from scratch on the real training split; the perception metric of every later stage
+    det_path, det_json = out / "detector.pt", out / "detector.json"
+    if "detector" in run:
+        t = time.time()
+        if det_path.is_file() and det_json.is_file():
+            log(f"[detector] reusing {det_path}")
+        else:
+            det = perception.train(train_ds, perception.DetectorConfig(
+                len(train_ds.class_names), tuple(train_ds.class_names), cfg.det_size),
+                perception.DetTrainConfig(steps=cfg.det_steps, seed=cfg.seed, log_every=max(cfg.det_steps // 5, 1)), log=log)
+            secs = time.time() - t
+            perception.save_detector(det, det_path)
+            r = perception.evaluate(det, val_ds, crowd_json=data.split_paths(root, "val")[0])
+            det_json.write_text(json.dumps(dict(mAP=r["mAP"], AP50=r["AP50"], AP75=r["AP75"], seconds=round(secs, 1),
+                                                per_category=r["per_category"]), indent=1))
+            log(f"[detector] trained in {secs:.0f}s: val mAP {r['mAP']:.3f} AP50 {r['AP50']:.3f} AP75 {r['AP75']:.3f}")
+        timing["detector"] = time.time() - t
+    if det_json.is_file():
+        summary["detector"] = data.read_json(det_json)
+
+    # -- attributes: [easy] / [hard] for every object from held-out-fold detectors (PAPER.md section 2)
+    attr_path = out / "attributes.json"
+    if "attributes" in run and cfg.attributes == "auto":
+        t = time.time()
+        if attr_path.is_file():
+            log(f"[attributes] reusing {attr_path}")
+        else:
+            perception.make_attributes(root, out, perception.AttributeConfig(
+                gamma=cfg.gamma, beta=cfg.beta, class_aware=cfg.class_aware, folds=cfg.attr_folds,
+                image_size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects, steps=cfg.attr_steps,
+                seed=cfg.seed), log=log)
+        timing["attributes"] = time.time() - t
+    if attr_path.is_file() and cfg.attributes == "auto":
+        s = data.read_json(attr_path)["summary"]["train"]
+        summary["attributes"] = dict(hard_fraction=s["hard_fraction"],
+                                     per_category={k: v["hard_fraction"] for k, v in s["per_category"].items()},
+                                     per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()})
+
+    # -- generator: the layout-conditioned UNet with the perception loss
+    ckpt_path = out / "ckpt.pt"
+    if "generator" in run:
+        t = time.time()
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+        if ck is not None and ck.get("finished") and not cfg.resume:
+            log(f"[generator] reusing {ckpt_path} (step {ck['step']})")
+        else:
+            logf.flush()
+            train(cfg, mcfg_overrides)
+        timing["generator"] = time.time() - t
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        h = ck["history"]
+        summary["generator"] = dict(steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2),
+                                    img_s=round(ck.get("img_s", 0.0), 1), finished=bool(ck.get("finished")),
+                                    loss_last100=round(float(np.mean(h["loss"][-100:])), 4),
+                                    l_p_last100=round(float(np.mean(h["l_p"][-100:])), 4) if h.get("l_p") else None)
+
+    # -- grid: the same val layouts as origin / all-easy / all-hard, and a quick layout-fidelity check
+    if "grid" in run:
+        t = time.time()
+        grid_path, fid_json = out / "easy_hard.png", out / "fidelity.json"
+        if grid_path.is_file() and fid_json.is_file():
+            log(f"[grid] reusing {grid_path}")
+        else:
+            for need in (ckpt_path, det_path):
+                if not need.is_file():
+                    raise SystemExit(f"error: {need}: missing; run the stage that makes it first (--stage all)")
+            model, tok, diff, ck = sample.load_checkpoint(ckpt_path)
+            S, names = ck["train_cfg"]["image_size"], tok.class_names
+            kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False)
+            lays = sample.val_layouts(ck, max(cfg.n_grid, cfg.n_eval))
+            real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
+            real = [real_ds.load(i)["image"] for i in range(len(lays))]
+            t_s = time.time()
+            origin = sample.generate_layouts(model, diff, tok, lays, S, **kw)
+            sec_per_img = (time.time() - t_s) / len(lays)
+            rows = [real[:cfg.n_grid], origin[:cfg.n_grid]]
+            for d in ("easy", "hard"):
+                rows.append(sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays[:cfg.n_grid], d),
+                                                    S, **kw))
+            tiles = []
+            for r, d in zip(rows, ("origin", "origin", "easy", "hard")):
+                for im, lay in zip(r, sample.with_difficulty(lays[:cfg.n_grid], d)):
+                    tiles.append(data.draw_layout(im, lay["boxes"], lay["labels"], names, lay["difficulty"]))
+            data.image_grid(tiles, ncol=len(rows[0])).save(grid_path)
+            # layout fidelity (the paper's YOLO score, quick version): the real-trained detector on generated
+            # images vs on the real val images at the same resolution S (the ceiling)
+            ids = ck["tokenizer"]["category_ids"]
+            det = perception.load_detector(det_path)
+            fid = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
+                       sec_per_img=round(sec_per_img, 4))
+            for name, ims in (("real", real), ("generated", origin)):
+                folder = out / f"fidelity_{name}"
+                if folder.exists():
+                    import shutil
+                    shutil.rmtree(folder)   # our own scratch folder inside the run
+                sample.write_coco(folder, "val", ims, lays, names, ids)
+                r = perception.evaluate(det, data.CocoLayoutDataset(folder, "val", size=cfg.det_size, min_area=0,
+                                                                    max_objects=cfg.max_objects))
+                fid[name] = dict(mAP=round(r["mAP"], 4), AP50=round(r["AP50"], 4), AP75=round(r["AP75"], 4))
+            fid_json.write_text(json.dumps(fid, indent=1))
+            log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val "
+                f"layouts at {S}px: real {fid['real']['AP50']:.3f}, generated {fid['generated']['AP50']:.3f}; "
+                f"{sec_per_img:.3f} s per generated image")
+        timing["grid"] = time.time() - t
+        if fid_json.is_file():
+            summary["fidelity"] = data.read_json(fid_json)
+
+    # -- summary
+    summary["seconds"] = {k: round(v, 1) for k, v in timing.items()}
+    summary["seconds"]["total"] = round(time.time() - t_all, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(summary_text(summary))
+    logf.close()
+    return summary
+
+
+def summary_text(s):
+    lines = [f"== summary of {s['run']} =="]
+    if "detector" in s:
+        d = s["detector"]
+        lines.append(f"detector   val mAP {d['mAP']:.3f}  AP50 {d['AP50']:.3f}  AP75 {d['AP75']:.3f}  "
+                     f"(trained in {d['seconds']:.0f}s)")
+    if "attributes" in s:
+        a = s["attributes"]
+        lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per nuisance: "
+                     + ", ".join(f"{k} {100 * v:.0f}%" for k, v in a["per_nuisance"].items()))
+    if "generator" in s:
+        g = s["generator"]
+        lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s), "
+                     f"loss {g['loss_last100']} (L_p {g['l_p_last100']}) over the last 100 steps")
+    if "fidelity" in s:
+        f = s["fidelity"]
+        lines.append(f"fidelity   detector AP50 on {f['n_layouts']} val layouts: generated "
+                     f"{f['generated']['AP50']:.3f} vs real {f['real']['AP50']:.3f} (mAP {f['generated']['mAP']:.3f}"
+                     f" vs {f['real']['mAP']:.3f}); {f['sec_per_img']:.3f} s per image")
+    lines.append("time       " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    given = vars(build_parser().parse_args(argv))
+    targs, margs = split_args(given)
+    if targs.get("resume"):
+        out = Path(targs.get("out") or Path("runs") / Path(targs.get("data", "shapes")).name)
+        ck_path = out / "ckpt.pt"
+        if not ck_path.is_file():
+            raise SystemExit(f"error: {ck_path}: no checkpoint to resume from")
+        saved = torch.load(ck_path, map_location="cpu", weights_only=False)
+        changed = {k: v for k, v in targs.items() if k not in RESUME_OVERRIDES and saved["train_cfg"][k] != v}
+        if changed or margs:
+            raise SystemExit(f"error: --resume keeps the run's saved settings; these differ: "
+                             f"{sorted(changed) + sorted(margs)} (only {sorted(RESUME_OVERRIDES)} may change)")
+        targs = {**saved["train_cfg"], **targs, "out": str(out)}
+    try:
+        pipeline(TrainConfig(**targs), margs)
+    except data.DataError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

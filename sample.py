@@ -1,0 +1,257 @@
+"""Samplers for the layout-conditioned generator: DDPM ancestral sampling and DDIM, with classifier-free guidance.
+
+Both reuse `detdiff.Diffusion` (the one schedule; t is an index 0..T-1). The model is rebuilt from a checkpoint
+alone (its config, tokenizer and schedule settings travel inside it).
+
+    python sample.py --ckpt runs/shapes/ckpt.pt                        # 16 val layouts, DDIM 50 steps, cfg 3
+    python sample.py --ckpt runs/shapes/ckpt.pt --difficulty hard --n 64 --out runs/shapes/hard
+    python sample.py --ckpt runs/shapes/ckpt.pt --layouts my_layouts.json --sampler ddpm
+
+Outputs in a new --out folder (default: <checkpoint folder>/samples_<difficulty>), a COCO-format folder that
+`--data OUT` and any detector read: OUT/train/NNNNN.png, OUT/annotations/instances_train.json (bbox [x, y, w, h]
+in pixels of the generated S x S image, the filled box as segmentation, each object's "difficulty"; --split
+renames the split), and grid.png (the first 64 images with their boxes drawn, easy green and hard red).
+
+Layout json (`--layouts`), COCO-style boxes in pixels of an image of the given size, category names as in the
+training data; "difficulty" is optional ("none" | "easy" | "hard") and --difficulty easy|hard overrides it:
+    {"layouts": [
+       {"width": 640, "height": 480,
+        "objects": [{"category": "circle", "bbox": [50, 40, 200, 150], "difficulty": "easy"},
+                    {"category": "square", "bbox": [300, 200, 120, 120]}]},
+       ...]}
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+from detdiff import Diffusion, extract, tokenizer_from
+from unet import UNet, UNetConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One reverse step each
+
+def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None):
+    """Classifier-free guidance: eps = eps(x, null) + s (eps(x, layout) - eps(x, null)) (Ho & Salimans Eq. 6),
+    both halves in one batched forward."""
+    amp = amp or torch.autocast(x_t.device.type, enabled=False)
+    with amp:
+        if guidance == 1.0:
+            return model(x_t, t, tokens).float()
+        B = x_t.shape[0]
+        e = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens, null_tokens.expand(B, -1)])).float()
+    e_cond, e_null = e[:B], e[B:]
+    return e_null + guidance * (e_cond - e_null)
+
+
+def x0_and_eps(diff, x_t, t, eps, clip):
+    """x_0 predicted from eps (Eq. 4 solved for x_0), clipped to the data range [-1, 1]; eps made consistent."""
+    x0 = diff.predict_x0(x_t, t, eps)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        ab = extract(diff.alpha_bar, t, x_t)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return x0, eps
+
+
+def ddpm_step(diff, x_t, t, eps, noise, clip=True):
+    """x_{t-1} = mu~_t(x_0_pred, x_t) + sigma_t z with sigma_t^2 = beta~_t (DDPM Algorithm 2 with the posterior
+    variance); no noise at the last step (t = 0)."""
+    x0, _ = x0_and_eps(diff, x_t, t, eps, clip)
+    mean, var = diff.posterior(x0, x_t, t)                                  # DDPM Eq. (6)-(7)
+    nonzero = (t > 0).float().view(-1, *([1] * (x_t.dim() - 1)))
+    return mean + nonzero * var.sqrt() * noise
+
+
+def ddim_step(diff, x_t, t, t_prev, eps, noise, eta=0.0, clip=True):
+    """DDIM (Song et al. Eq. 12): x_{t'} = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab') (Eq. 16). t_prev = -1 means ab' = 1 (the end)."""
+    x0, eps = x0_and_eps(diff, x_t, t, eps, clip)
+    ab = extract(diff.alpha_bar, t, x_t)
+    ab_prev = torch.where(t_prev >= 0, diff.alpha_bar.to(x_t.device)[t_prev.clamp(min=0)], torch.ones(()).to(x_t.device))
+    ab_prev = ab_prev.float().view_as(ab)
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
+    return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+
+
+@torch.no_grad()
+def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
+             generator=None, dtype="fp32", clip=True, progress=True):
+    """Sample images (B, C, S, S) in [-1, 1] for layout tokens (B, L). DDIM uses `steps` evenly spaced
+    timesteps from T-1 down to 0; DDPM always walks all T steps. Noise comes from `generator` (CPU)."""
+    cfg, dev = model.cfg, tokens.device
+    size = size or 32
+    B, was_training = tokens.shape[0], model.training
+    model.eval()
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16, enabled=dtype != "fp32")
+    randn = lambda: torch.randn(B, cfg.in_channels, size, size, generator=generator).to(dev)  # noqa: E731
+    x = randn()                                                                            # x_{T-1} ~ N(0, I)
+    ts = list(range(diff.T - 1, -1, -1)) if sampler == "ddpm" else \
+        torch.linspace(diff.T - 1, 0, steps).round().long().unique_consecutive().tolist()
+    for i, t_int in enumerate(tqdm(ts, disable=not progress, desc=f"{sampler} x{B}", leave=False)):
+        t = torch.full((B,), t_int, dtype=torch.long, device=dev)
+        eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp)
+        if sampler == "ddpm":
+            x = ddpm_step(diff, x, t, eps, randn(), clip)
+        else:
+            t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
+            x = ddim_step(diff, x, t, t_prev, eps, randn() if eta > 0 else torch.zeros_like(x), eta, clip)
+    model.train(was_training)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, layouts, outputs
+
+def load_checkpoint(path, weights="ema", device="cpu"):
+    """A checkpoint alone -> (model in eval mode, tokenizer, diffusion, checkpoint dict)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        model = UNet(UNetConfig(**ck["model_cfg"]))
+        model.load_state_dict(ck[weights])
+    except (KeyError, RuntimeError, EOFError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not a detdiff checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
+    return model.to(device).eval(), tokenizer_from(ck["tokenizer"]), diff, ck
+
+
+def read_layouts(path, class_names, max_objects):
+    """The user layout json (format in the module docstring) -> list of dict(boxes (N,4) in [0,1], labels, difficulty)."""
+    js = data.read_json(path)
+    items = js.get("layouts") if isinstance(js, dict) else None
+    if not isinstance(items, list):
+        raise SystemExit(f"error: {path}: expected {{\"layouts\": [...]}}")
+    out = []
+    for i, lay in enumerate(items):
+        try:
+            W, H, objs = float(lay["width"]), float(lay["height"]), lay["objects"]
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"error: {path}: layout {i} needs width, height and objects") from None
+        if len(objs) > max_objects:
+            raise SystemExit(f"error: {path}: layout {i} has {len(objs)} objects, the model takes at most {max_objects}")
+        boxes, labels, diffs = [], [], []
+        for j, o in enumerate(objs):
+            if o.get("category") not in class_names:
+                raise SystemExit(f"error: {path}: layout {i} object {j}: unknown category {o.get('category')!r} "
+                                 f"(known: {', '.join(class_names)})")
+            if o.get("difficulty", "none") not in data.DIFFICULTY:
+                raise SystemExit(f"error: {path}: layout {i} object {j}: difficulty must be one of {data.DIFFICULTY}")
+            x, y, w, h = (float(v) for v in o["bbox"])
+            b = [max(x, 0) / W, max(y, 0) / H, min(x + w, W) / W, min(y + h, H) / H]
+            if b[2] <= b[0] or b[3] <= b[1]:
+                raise SystemExit(f"error: {path}: layout {i} object {j}: bbox {o['bbox']} is empty inside {W:g}x{H:g}")
+            boxes.append(b)
+            labels.append(class_names.index(o["category"]))
+            diffs.append(data.DIFFICULTY.index(o.get("difficulty", "none")))
+        out.append(dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.long),
+                        difficulty=torch.tensor(diffs, dtype=torch.long)))
+    return out
+
+
+def val_layouts(ck, n, split="val"):
+    """The first n layouts of the run's data split, with the attributes the run trained with ("origin")."""
+    c = ck["train_cfg"]
+    attrs = None
+    if ck.get("attributes_used"):
+        from perception import load_attributes
+        side = data.read_json(ck["attributes_used"])["attributes"]
+        attrs = load_attributes(ck["attributes_used"], split) if split in side else None
+    ds = data.CocoLayoutDataset(data.resolve_data(c["data"]), split, size=c["image_size"], min_area=c["min_area"],
+                                max_objects=c["max_objects"], attributes=attrs)
+    return [{k: ds[i][k] for k in ("boxes", "labels", "difficulty")} for i in range(min(n, len(ds)))]
+
+
+def write_coco(out, split, images, layouts, class_names, category_ids):
+    """A COCO-format folder any detector (and data.py's `--data OUT`) reads: OUT/SPLIT/NNNNN.png and
+    OUT/annotations/instances_SPLIT.json. images: uint8 (S, S, 3) arrays, one per layout."""
+    out = Path(out)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(exist_ok=True)
+    for i, arr in enumerate(images):
+        Image.fromarray(arr).save(out / split / f"{i:05d}.png")
+    js = coco_json(layouts, images[0].shape[0], class_names, category_ids)
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(js))
+
+
+def coco_json(layouts, S, class_names, category_ids):
+    images, anns = [], []
+    for i, lay in enumerate(layouts):
+        images.append(dict(id=i + 1, file_name=f"{i:05d}.png", width=S, height=S))
+        for (x0, y0, x1, y1), c, d in zip((lay["boxes"] * S).tolist(), lay["labels"].tolist(), lay["difficulty"].tolist()):
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=category_ids[c], iscrowd=0,
+                             bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
+                             segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]], difficulty=data.DIFFICULTY[d]))
+    cats = [dict(id=i, name=n) for i, n in zip(category_ids, class_names)]
+    return dict(images=images, annotations=anns, categories=cats)
+
+
+def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
+                     batch=32, seed=0, dtype="fp32", progress=True):
+    """Images (uint8 (S, S, 3) arrays) for a list of layouts dict(boxes, labels, difficulty), in batches.
+    The noise stream depends only on `seed`, so the same layouts with other difficulty tokens start from the
+    same x_T (the easy / hard comparison changes nothing but the prompt)."""
+    dev = next(model.parameters()).device
+    g, null, out = torch.Generator().manual_seed(seed), tok.null_prompt().to(dev), []
+    for s in tqdm(range(0, len(layouts), batch), desc="batches", disable=not progress):
+        chunk = layouts[s:s + batch]
+        tokens = torch.stack([tok.encode(l["boxes"], l["labels"], l["difficulty"]) for l in chunk]).to(dev)
+        x = generate(model, diff, tokens, null, size, steps, sampler, eta, guidance, g, dtype, progress=False)
+        out += [data.from_model_range(img) for img in x.cpu()]
+    return out
+
+
+def with_difficulty(layouts, difficulty):
+    """'origin' keeps each object's attribute; 'easy' / 'hard' give every object that token (PAPER.md s.2)."""
+    if difficulty == "origin":
+        return layouts
+    code = data.DIFFICULTY.index(difficulty)
+    return [dict(lay, difficulty=torch.full_like(lay["labels"], code)) for lay in layouts]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample layout-conditioned images from a detdiff checkpoint.")
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", default="", help="a new folder (default: <checkpoint folder>/samples_<difficulty>)")
+    ap.add_argument("--layouts", default="val", help="'val' (the run's validation split) or a layout json")
+    ap.add_argument("--n", type=int, default=16, help="number of val layouts")
+    ap.add_argument("--difficulty", choices=("origin", "easy", "hard"), default="origin")
+    ap.add_argument("--split", default="train", help="split name of the written COCO folder")
+    ap.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes T)")
+    ap.add_argument("--eta", type=float, default=0.0)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--weights", choices=("ema", "model"), default="ema")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    out = Path(a.out or Path(a.ckpt).parent / f"samples_{a.difficulty}")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
+    model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, a.device)
+    S, names = ck["train_cfg"]["image_size"], tok.class_names
+    layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
+    layouts = with_difficulty(layouts, a.difficulty)
+    t0 = time.time()
+    images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
+                              a.dtype)
+    secs = time.time() - t0
+    ids = ck["tokenizer"].get("category_ids") or list(range(1, len(names) + 1))
+    write_coco(out, a.split, images, layouts, names, ids)
+    tiles = [data.draw_layout(im, l["boxes"], l["labels"], names, l["difficulty"]) for im, l in zip(images[:64], layouts)]
+    data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
+    print(f"wrote {len(images)} images ({secs / len(images):.3f} s each) as a COCO folder ({a.split} split) and "
+          f"grid.png to {out}")
+
+
+if __name__ == "__main__":
+    main()
