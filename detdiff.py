@@ -1,19 +1,25 @@
-"""DetDiffusion's generator: the DDPM schedule, its losses and the training loop (PAPER.md section 1).
+"""DetDiffusion's generator and the main job: the DDPM schedule, its losses, the training loop (PAPER.md sections
+1 and 3) and the pipeline data -> detector -> attributes -> generator -> grid.
 
-    python detdiff.py                                   # trains on `shapes` into runs/shapes (CPU: ~8 minutes)
-    python detdiff.py --steps 200 --out runs/quick      # a short run; --help lists every setting
+    python detdiff.py                                   # the main job on `shapes` into runs/shapes (~11.5 min, CPU)
+    python detdiff.py --stage generator --steps 200 --out runs/quick   # one stage; --help lists every setting
     python detdiff.py --out runs/shapes --resume        # continue a killed run from its last checkpoint
-    torchrun --nproc_per_node=2 detdiff.py ...          # DistributedDataParallel (gloo on CPU, nccl on CUDA)
+    python detdiff.py --pal-weight 0.01 --cond tokens   # the paper's lambda and the paper's token conditioning
+    torchrun --nproc_per_node=2 detdiff.py --stage generator ...   # DDP (gloo on CPU, nccl on CUDA)
 
 Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this project, t = 0 is the least noisy):
     beta_t       variance of the noise added by forward step t                     `betas[t]`
     alpha_t      1 - beta_t                                                          `alphas[t]`
     alpha_bar_t  prod_{s <= t} alpha_s, the signal kept in x_t                       `alpha_bar[t]`
+    L_simple     || eps - eps_theta ||^2 (DDPM Eq. 14)                               `loss_simple`
+    L_p          sqrt(alpha_bar_t) (L_m + L_d), the perception loss (PAPER.md s.3)    `perception.perception_loss`
+    lambda       L = L_simple + lambda L_p                                           `--pal-weight`
     x_0, x_t     a clean image in [-1, 1] (data.py owns that range) and its noised version
     eps          the standard normal noise that made x_t from x_0                    `eps`
     eps_theta    the UNet's prediction of eps from (x_t, t, layout tokens)           `eps_pred`
     layout tokens  "An image with {(c_i, l_i, d_i)}" as ids (data.LayoutTokenizer)   `tokens`
-The diffusion code only calls `model(x_t, t, tokens)`; sample.py reuses `Diffusion` (no second schedule).
+The schedule and the samplers only call `model(x_t, t, tokens)` (the training loop also asks for the perception
+head's mask logits with `return_features=True`); sample.py reuses `Diffusion` (no second schedule).
 """
 import argparse
 import copy
@@ -739,8 +745,15 @@ def main(argv=None):
             raise SystemExit(f"error: --resume keeps the run's saved settings; these differ: "
                              f"{sorted(changed) + sorted(margs)} (only {sorted(RESUME_OVERRIDES)} may change)")
         targs = {**saved["train_cfg"], **targs, "out": str(out)}
+    cfg = TrainConfig(**targs)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the generator stage only, every rank trains
+        if cfg.stage != "generator":
+            raise SystemExit("error: under torchrun pass --stage generator (the other stages run in one process: "
+                             "python detdiff.py --stage detector / attributes / grid)")
+        train(cfg, margs)
+        return
     try:
-        pipeline(TrainConfig(**targs), margs)
+        pipeline(cfg, margs)
     except data.DataError as err:
         raise SystemExit(f"error: {err}") from None
 
