@@ -489,7 +489,7 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
         if cfg.pal_weight > 0:                                                          # dropped prompts have no objects
             valid = batch["valid"].to(device) & aux["object_valid"]                     # (B, M)
             l_p = perception.perception_loss(aux["mask_logits"], batch["masks"].to(device), valid,
-                                             extract(diff.alpha_bar, t, t).view(-1))    # sqrt(alpha_bar_t)(L_m + L_d)
+                                             diff.alpha_bar[t])                         # sqrt(alpha_bar_t)(L_m + L_d)
             loss = l_simple + cfg.pal_weight * l_p.mean()                               # L = L_simple + lambda L_p
         else:
             l_p, loss = torch.zeros((), device=device), l_simple
@@ -716,12 +716,14 @@ def summary_text(s):
                      f"(trained in {d['seconds']:.0f}s)")
     if "attributes" in s:
         a = s["attributes"]
-        lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per nuisance: "
-                     + ", ".join(f"{k} {100 * v:.0f}%" for k, v in a["per_nuisance"].items()))
+        per = a["per_nuisance"] or a["per_category"]
+        lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per {'nuisance' if a['per_nuisance'] else 'category'}"
+                     ": " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items()))
     if "generator" in s:
         g = s["generator"]
         lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s), "
-                     f"loss {g['loss_last100']} (L_p {g['l_p_last100']}) over the last 100 steps")
+                     f"loss {g['loss_last100']}" + (f" (L_p {g['l_p_last100']})" if g["l_p_last100"] is not None
+                                                     else " (no perception loss)") + " over the last 100 steps")
     if "fidelity" in s:
         f = s["fidelity"]
         lines.append(f"fidelity   detector AP50 on {f['n_layouts']} val layouts: generated "

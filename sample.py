@@ -162,6 +162,9 @@ def val_layouts(ck, n, split="val"):
     attrs = None
     if ck.get("attributes_used"):
         from perception import load_attributes
+        if not Path(ck["attributes_used"]).is_file():
+            raise SystemExit(f"error: {ck['attributes_used']}: the attribute sidecar this run trained with is "
+                             f"missing (restore it, or sample from a --layouts json)")
         side = data.read_json(ck["attributes_used"])["attributes"]
         attrs = load_attributes(ck["attributes_used"], split) if split in side else None
     ds = data.CocoLayoutDataset(data.resolve_data(c["data"]), split, size=c["image_size"], min_area=c["min_area"],
@@ -234,6 +237,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
+    try:
+        run(a)
+    except data.DataError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(a):
     out = Path(a.out or Path(a.ckpt).parent / f"samples_{a.difficulty}")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
