@@ -560,6 +560,7 @@ def pipeline(cfg, mcfg_overrides=None):
     cfg.out = str(out)
     if cfg.stage not in ("all",) + STAGES:
         raise SystemExit(f"error: --stage must be all or one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    root = data.resolve_data(cfg.data)               # a missing or bad data set stops before anything is written
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in SAME_RUN}
     saved = out / "pipeline.json"
@@ -583,7 +584,6 @@ def pipeline(cfg, mcfg_overrides=None):
 
     # -- data: the embedded `shapes` set is built on first use; a COCO folder is checked
     t = time.time()
-    root = data.resolve_data(cfg.data)
     det_cfg = dict(size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
     train_ds, val_ds = (data.CocoLayoutDataset(root, sp, **det_cfg) for sp in ("train", "val"))
     summary["data"] = dict(root=str(root), classes=list(train_ds.class_names), train_images=len(train_ds),

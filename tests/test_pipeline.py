@@ -75,3 +75,10 @@ def test_one_stage_needs_its_inputs(tiny_data, tmp_path):
         detdiff.pipeline(tiny_train_cfg(tiny_data, tmp_path / "r", **TINY_STAGES, stage="grid"), TINY_MODEL)
     with pytest.raises(SystemExit, match="--stage must be all or one of"):
         detdiff.pipeline(tiny_train_cfg(tiny_data, tmp_path / "r", stage="sampling"), TINY_MODEL)
+
+
+def test_missing_data_is_one_error_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere: no such data folder"):
+        detdiff.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert not out.exists()
