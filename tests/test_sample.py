@@ -1,5 +1,6 @@
 """sample.py: guidance, the sampling loops, rebuilding from a checkpoint, layouts in and COCO json out."""
 import json
+import math
 
 import pytest
 import torch
@@ -92,3 +93,84 @@ def test_bad_inputs_give_one_line_errors(ckpt, tmp_path):
     torch.save({"a": 1}, notck)
     with pytest.raises(SystemExit, match="not a detdiff checkpoint"):
         sample.load_checkpoint(notck)
+
+
+# ---- DPM-Solver++ (2M) ----------------------------------------------------------------------------------------
+
+class GaussianEps(torch.nn.Module):
+    """The exact eps for data x_0 ~ N(0, s^2 I): E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab). Its
+    probability-flow ODE has a closed-form solution: x_t / sqrt(ab_t s^2 + 1 - ab_t) stays constant."""
+    def __init__(self, diff, s=0.5):
+        super().__init__()
+        self.diff, self.s, self.cfg = diff, s, type("Cfg", (), {"in_channels": 1})()
+
+    def forward(self, x, t, tokens):
+        ab = detdiff.extract(self.diff.alpha_bar, t, x)
+        return (1 - ab).sqrt() * x / (ab * self.s ** 2 + 1 - ab)
+
+
+def ode_solution(diff, x_T, s):
+    ab = diff.alpha_bar[-1].double()
+    return s * x_T.double() / (ab * s ** 2 + 1 - ab).sqrt()
+
+
+def test_dpm2m_first_step_is_ddim():
+    diff, g = detdiff.Diffusion(1000), torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g).clamp(-1, 1)
+    t, t_prev = torch.tensor([900, 900]), torch.tensor([700, 700])
+    eps = (x - diff.alpha_bar[900].sqrt() * x0) / (1 - diff.alpha_bar[900]).sqrt()
+    dpm, _ = sample.dpm2m_step(diff, x, t, t_prev, x0)
+    ddim = sample.ddim_step(diff, x, t, t_prev, eps, torch.zeros_like(x), eta=0.0, clip=False)
+    assert torch.allclose(dpm, ddim, atol=1e-5)
+
+
+def test_dpm2m_second_order_step_against_hand_computed_values():
+    diff = detdiff.Diffusion(1000)
+    ab = {t: float(diff.alpha_bar[t]) for t in (900, 800, 700)}
+    lam = {t: 0.5 * math.log(ab[t] / (1 - ab[t])) for t in ab}       # lambda = log(alpha / sigma)
+    x, x0, x0_last = 0.7, 0.3, -0.2                                  # scalars, by hand
+    h_last, h = lam[800] - lam[900], lam[700] - lam[800]
+    r = h_last / h
+    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+    want = math.sqrt(1 - ab[700]) / math.sqrt(1 - ab[800]) * x - math.sqrt(ab[700]) * (math.exp(-h) - 1) * D
+    got, h_got = sample.dpm2m_step(diff, torch.full((1, 1, 1, 1), x), torch.tensor([800]), torch.tensor([700]),
+                                   torch.full((1, 1, 1, 1), x0), torch.full((1, 1, 1, 1), x0_last),
+                                   torch.full((1, 1, 1, 1), h_last, dtype=torch.float64))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(h_got) == pytest.approx(h, rel=1e-5)
+
+
+def test_dpm2m_converges_to_the_ode_solution_and_to_ddim():
+    diff = detdiff.Diffusion(1000)
+    model, tokens, null = GaussianEps(diff), torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+
+    def run(sampler, steps):
+        x = sample.generate(model, diff, tokens, null, 4, steps, sampler, guidance=1.0,
+                            generator=torch.Generator().manual_seed(0), clip=False, progress=False)
+        return x.double()
+
+    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact = ode_solution(diff, x_T, model.s)
+    err = {n: (run("dpm++2m", n) - exact).abs().max().item() for n in (10, 20, 40, 100)}
+    assert err[10] > err[20] > err[40] > err[100] and err[100] < 2e-3
+    assert err[40] / err[100] > 4                               # about second order: 2.5x the steps, > 4x smaller
+    assert err[20] < 0.25 * (run("ddim", 20) - exact).abs().max().item()    # and well ahead of DDIM (first order)
+    ddim_fine = run("ddim", 1000)
+    gap = [(run("dpm++2m", n) - ddim_fine).abs().max().item() for n in (10, 40, 100)]
+    assert gap[0] > gap[1] > gap[2]
+
+
+def test_logsnr_grid_is_uniform_in_lambda():
+    diff = detdiff.Diffusion(1000)
+    ts = sample.logsnr_grid(diff, 10)
+    assert ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+    lam = [0.5 * math.log(float(diff.alpha_bar[t]) / (1 - float(diff.alpha_bar[t]))) for t in ts]
+    steps = [b - a for a, b in zip(lam, lam[1:])]
+    assert max(steps) - min(steps) < 0.15 * (sum(steps) / len(steps))   # equal in lambda up to rounding t
+
+
+def test_unknown_sampler_is_refused():
+    diff = detdiff.Diffusion(10)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        sample.generate(GaussianEps(diff), diff, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                        4, 2, "euler", progress=False)
