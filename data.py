@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -593,14 +594,33 @@ def _overlap(a, b):
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
+def private_tmp(out):
+    """A new temporary folder beside `out`, private to this process: two processes building the same data set at
+    once (two notebooks, a test run beside the main job) never write into each other's files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def publish(tmp, out):
+    """Rename a finished `tmp` to `out`: all or nothing, an interrupted build leaves no half data set behind. If
+    another process published `out` first, ours is discarded and a DataError says so."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out.exists():
+            raise DataError(f"{out}: was written by another process while this one was building it") from None
+        raise
+    return out
+
+
 def make_shapes(out=DATA_DIR / "shapes", seed=0, n_train=2000, n_val=300, image_size=64, progress=True):
     """Write the `shapes` data set in COCO format (PNG images, instances json with polygons) to `out`."""
     from tqdm import tqdm
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; remove it or choose another --out")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = private_tmp(out)
     categories = [dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(SHAPES)]
     ann_id = 1
     for code, (split, n) in enumerate((("train", n_train), ("val", n_val))):
@@ -627,8 +647,7 @@ def make_shapes(out=DATA_DIR / "shapes", seed=0, n_train=2000, n_val=300, image_
         with open(tmp / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(dict(images=images, annotations=anns, categories=categories,
                            info=dict(description="detdiff shapes", seed=seed, image_size=image_size)), f)
-    tmp.rename(out)  # all or nothing: an interrupted run leaves no half data set behind
-    return out
+    return publish(tmp, out)
 
 
 def resolve_data(name_or_path):
@@ -637,7 +656,11 @@ def resolve_data(name_or_path):
         root = DATA_DIR / "shapes"
         if not root.exists():
             log.info("building the default data set in %s (once)", root)
-            make_shapes(root)
+            try:
+                make_shapes(root)
+            except DataError:
+                if not (root / "annotations" / "instances_val.json").exists():   # not a concurrent build: real
+                    raise
         return root
     if name_or_path == "coco_subset":
         root = DATA_DIR / "coco_subset"
@@ -677,8 +700,7 @@ def build_coco_subset(out=DATA_DIR / "coco_subset", coco=None, json_path=None, i
         sources = {s: (Path(json_path), Path(images), s) for s in ("train", "val")}
     else:
         raise DataError("coco-subset needs --coco DIR, or --json FILE and --images DIR")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = private_tmp(out)
     loaded = {}
     for split, (js, image_dir, pick) in sources.items():
         if js not in loaded:
@@ -727,8 +749,7 @@ def build_coco_subset(out=DATA_DIR / "coco_subset", coco=None, json_path=None, i
         (tmp / "annotations").mkdir(exist_ok=True)
         with open(tmp / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(dict(images=out_images, annotations=out_anns, categories=cats), f)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -398,3 +398,15 @@ def test_cli_show_writes_a_grid(tiny_shapes, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (4 * (16 * 4 + 2) + 2, 16 * 4 + 4)
     assert "objects per category" in r.stdout
+
+
+def test_concurrent_builds_do_not_share_a_temp_folder_and_the_second_is_refused(tmp_path):
+    out = tmp_path / "shapes"
+    a, b = data.private_tmp(out), data.private_tmp(out)
+    assert a != b and a.parent == b.parent == tmp_path                   # each build writes only its own folder
+    (a / "x.txt").write_text("first")
+    (b / "x.txt").write_text("second")
+    assert data.publish(a, out) == out
+    with pytest.raises(data.DataError, match="shapes: was written by another process"):
+        data.publish(b, out)
+    assert (out / "x.txt").read_text() == "first" and not b.exists()
