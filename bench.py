@@ -1,0 +1,442 @@
+"""Benchmark of the generator: training img/s, MFU, a diffusers peer, sampling, scaling, peak memory (issue 8).
+
+Training throughput with its FLOPs and model FLOPs utilisation, diffusers' UNet at equal FLOPs timed beside ours,
+the cost of each sampler, how training cost grows with image size and object count, and the peak memory of a
+default training run.
+
+    python bench.py                  # the table, and bench.json; < 10 min on 2 quiet cores, compile included
+    python bench.py --quick          # 2 rounds, no compile, 20-step sampling only: checks that everything runs
+    python bench.py --profile        # torch.profiler's top ops of the default step (docs/performance.md)
+
+What each number includes:
+- train img/s: one full step of detdiff.train's loop body on a fixed synthetic batch (B=32; every layout slot holds
+  an object, its mask the filled box): condition dropout, q_sample, forward under autocast (with the perception
+  head when the model has one), L_simple + lambda L_p, backward, grad clipping, AdamW, EMA, the loss read back.
+  Not included: reading and collating the batch from disk, logging, checkpoints. One warm-up step, then rounds of
+  steps (about 1.5 s each); the median round counts. Rows timed against each other alternate rounds.
+- GFLOPs: the UNet's forward per image as torch.utils.flop_counter.FlopCounterMode counts it (matmuls,
+  convolutions, attention; its table lacks the CPU flash-attention kernel, which `count_flops` adds).
+  MFU = 3 x forward FLOPs x img/s / the matmul peak of the same dtype (a large torch.matmul, timed at the start
+  and at the end of the run; the larger counts).
+- peer: diffusers' UNet2DConditionModel sized to our forward FLOPs (within 10%), fed by our LayoutEncoder, both
+  without the perception head (L_simple only), same step and optimizer. `pip install -r requirements-bench.txt`.
+- sampling s/img: sample.generate for 32 layouts with classifier-free guidance 3 (a batch of 64 per forward),
+  noise and sampler arithmetic included. DDPM walks T = 1000 steps: a few are timed and scaled to 1000.
+- peak RSS: `python detdiff.py --stage generator` with default settings for a few steps on the shapes data in a
+  temporary folder (final checkpoint and sample grid included), as the child process itself reports it.
+On a CUDA device the same table runs there (fp16 with a GradScaler too, channels_last, compile).
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import data
+import detdiff
+import perception
+import sample
+from unet import UNet, UNetConfig
+
+DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+WIDE = dict(base_channels=128)       # the "GPU-sized" config: 16x the default's FLOPs at the same depth
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench.json", help="json written at the end (overwritten)")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, no compile, fewer sampling rows")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="time torch.compile on the default 32 px config (default: on, off with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 5, --quick 2)")
+    ap.add_argument("--batch", type=int, default=32, help="images per training step and layouts per sampling run")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--profile", action="store_true", help="only print torch.profiler's top ops of the default step")
+    a = ap.parse_args(argv)
+    a.compile = (not a.quick) if a.compile is None else a.compile
+    a.rounds = a.rounds or (2 if a.quick else 5)
+    a.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure helpers (tests/test_bench.py)
+
+def mfu(fwd_flops, img_s, peak_flops):
+    """Model FLOPs utilisation; a training step costs ~3 forwards (backward computes two products per one)."""
+    return 3 * fwd_flops * img_s / peak_flops
+
+
+def count_flops(fn):
+    """FLOPs of fn() as FlopCounterMode counts them, plus the CPU flash-attention kernel its table lacks."""
+    cpu_sdpa = lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)  # noqa: E731 (shapes in)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def growth(values):
+    """Ratios to the first entry, e.g. the cost per image as S doubles: [1.0, 3.9, 16.2]."""
+    return [round(v / values[0], 2) for v in values]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches, the training step, timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batch(tok, B, S, n_objects, device, seed=0):
+    """A fixed batch: B layouts of n_objects random boxes each, their tokens and filled-box masks."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(B, n_objects, 2, generator=g) * 0.6
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(B, n_objects, 2, generator=g) * 0.3], -1)    # (B, n, 4) xyxy
+    labels = torch.randint(0, len(tok.class_names), (B, n_objects), generator=g)
+    c = (torch.arange(S) + 0.5) / S
+    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))                              # (B, n, 1, 1)
+    masks = (c[None, None, None] >= x0) & (c[None, None, None] < x1) & (c[..., None] >= y0) & (c[..., None] < y1)
+    return dict(image=(torch.rand(B, 3, S, S, generator=g) * 2 - 1).to(device),
+                tokens=torch.stack([tok.encode(b, l) for b, l in zip(boxes, labels)]).to(device),
+                masks=nn.functional.pad(masks.float(), (0, 0, 0, 0, 0, tok.max_objects - n_objects)).to(device),
+                valid=(torch.arange(tok.max_objects) < n_objects).expand(B, -1).to(device))       # (B, M)
+
+
+class PeerUNet(nn.Module):
+    """diffusers' UNet2DConditionModel behind our LayoutEncoder, called like ours: model(x_t, t, tokens)."""
+    def __init__(self, encoder, unet):
+        super().__init__()
+        self.encoder, self.unet = encoder, unet
+
+    def forward(self, x_t, t, tokens):
+        c = self.encoder(tokens)
+        return self.unet(x_t, t, encoder_hidden_states=c["context"], encoder_attention_mask=c["context_mask"],
+                         return_dict=False)[0]
+
+
+def make_step(raw, batch, null, dtype, device, compile=False, tc=detdiff.TrainConfig()):
+    """One training step as detdiff.train's loop takes it (same functions, same order); returns step()."""
+    if device.type == "cuda":                    # channels_last: the layout cuDNN's convolutions prefer
+        raw = raw.to(memory_format=torch.channels_last)
+        batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last))
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    diff = detdiff.Diffusion(tc.timesteps, tc.schedule).to(device)
+    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [p for p in raw.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=tc.weight_decay), dict(params=no_decay, weight_decay=0)],
+                            lr=tc.lr, betas=(0.9, 0.99))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+    model = torch.compile(raw) if compile else raw
+    amp = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    pal = tc.pal_weight if getattr(raw, "mask_head", None) is not None else 0.0
+    x0 = batch["image"]
+
+    def step():
+        tokens = detdiff.drop_condition(batch["tokens"], null, tc.p_uncond)             # 10% null prompts
+        t = torch.randint(0, tc.timesteps, (x0.shape[0],), device=device)
+        eps = torch.randn_like(x0)
+        x_t = diff.q_sample(x0, t, eps)                                                   # DDPM Eq. (4)
+        with amp:                                                                         # forward
+            out = model(x_t, t, tokens, return_features=True) if pal else model(x_t, t, tokens)
+        eps_pred, aux = out if pal else (out, None)
+        loss = detdiff.loss_simple(eps_pred, eps)
+        if pal:                                                                           # + lambda L_p
+            valid = batch["valid"] & aux["object_valid"]
+            loss = loss + pal * perception.perception_loss(aux["mask_logits"], batch["masks"], valid,
+                                                           diff.alpha_bar[t]).mean()
+        opt.zero_grad(set_to_none=True)                                                   # backward
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)                                                              # clip, AdamW, EMA
+        nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        detdiff.ema_update(ema, raw, tc.ema_decay)
+        return loss.item()                                                                # the loop's log line
+    return step
+
+
+def time_rounds(fns, device, rounds, round_s=1.5):
+    """Median seconds per call of each function in fns {name: fn}. A warm-up call first (its time is returned: the
+    compile cost where there is one), a second call sizes the rounds (about round_s; 3 rounds at most for calls over
+    2 s), then rounds that alternate between the functions. Returns {name: (median s per call, warm-up s)}."""
+    def timed(fn, n=1):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / n
+    warm = {k: timed(fn) for k, fn in fns.items()}
+    est = {k: timed(fn) for k, fn in fns.items()}
+    calls = {k: max(1, round(round_s / s)) for k, s in est.items()}
+    times = {k: [] for k in fns}
+    for _ in range(rounds if max(est.values()) < 2 else min(rounds, 3)):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, calls[k]))
+    return {k: (statistics.median(v), warm[k]) for k, v in times.items()}
+
+
+def matmul_peak(dtype, device, reps=5):
+    """Best-of-reps FLOP/s of an n x n by n x n torch.matmul (2 n^3 FLOPs) in dtype."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(DTYPES[dtype]) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):                    # the first call is a warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def diffusers_config(encoder, target, S, device):
+    """The UNet2DConditionModel kwargs whose forward FLOPs per image (our LayoutEncoder included) come closest to
+    `target`, in our shape (3 levels, cross-attention at levels 1-2 and the middle, 4 heads, cross_attention_dim =
+    the encoder's width): a grid over widths and depths, counted on the meta device (no weights). -> (kwargs, FLOPs)"""
+    from diffusers import UNet2DConditionModel
+    tokens = torch.stack([data.LayoutTokenizer(data.SHAPES).null_prompt()] * 2).to(device)
+    c, f_enc = encoder(tokens), count_flops(lambda: encoder(tokens)) / 2
+    x, t = torch.zeros(2, 3, S, S, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    best = None
+    for layers in (1, 2):
+        for c0 in (16, 24, 32):
+            for c1 in range(c0, 2 * c0 + 1, 8):
+                kw = dict(sample_size=S, in_channels=3, out_channels=3, block_out_channels=(c0, c1, c1),
+                          layers_per_block=layers, norm_num_groups=8, cross_attention_dim=encoder.cfg.d_model,
+                          attention_head_dim=4,   # diffusers' legacy name: this is the number of heads
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+                with torch.device("meta"):
+                    m = UNet2DConditionModel(**kw)
+                f = f_enc + count_flops(lambda: m(x, t, encoder_hidden_states=c["context"].to("meta"),
+                                                  encoder_attention_mask=c["context_mask"].to("meta"))) / 2
+                if best is None or abs(f / target - 1) < abs(best[1] / target - 1):
+                    best = (kw, f)
+    if abs(best[1] / target - 1) > 0.1:
+        raise RuntimeError(f"no diffusers config within 10% of {target / 1e9:.3f} GFLOPs (closest {best[1] / 1e9:.3f})")
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parts of the table
+
+class Bench:
+    def __init__(self, a):
+        self.a, self.dev, self.t0, self.res = a, a.device, time.time(), {}
+        self.dtypes = ["fp32", "bf16"] + (["fp16"] if self.dev.type == "cuda" else [])
+        self.tok = {M: data.LayoutTokenizer(data.SHAPES, max_objects=M) for M in (1, 8, 16)}
+
+    def log(self, msg):
+        print(f"[{time.time() - self.t0:4.0f}s] {msg}", flush=True)
+
+    def model(self, M=8, **kw):
+        torch.manual_seed(0)
+        return UNet(UNetConfig.for_tokenizer(self.tok[M], **kw), loc_xy=self.tok[M].location_xy()).to(self.dev)
+
+    def batch(self, B, S, M=8):
+        return make_batch(self.tok[M], B, S, M, self.dev), self.tok[M].null_prompt().to(self.dev)
+
+    def fwd_flops(self, model, S, M=8):
+        """Forward FLOPs per image, the perception head's mask logits included when the model has one."""
+        (b, _), t = self.batch(2, S, M), torch.zeros(2, dtype=torch.long, device=self.dev)
+        kw = dict(return_features=True) if getattr(model, "mask_head", None) is not None else {}
+        return count_flops(lambda: model(b["image"], t, b["tokens"], **kw)) / 2
+
+    def train(self, name, S=32, M=8, dtype="fp32", compile=False, **mkw):
+        """One row of the training table: img/s and forward GFLOPs (MFU follows at the end, from the peaks)."""
+        m, B = self.model(M, **mkw), self.a.batch
+        (s, warm), = time_rounds({name: make_step(m, *self.batch(B, S, M), dtype, self.dev, compile)}, self.dev,
+                                 self.a.rounds).values()
+        f = self.fwd_flops(m, S, M)
+        row = self.res.setdefault("train", {})[name] = dict(
+            S=S, objects=M, dtype=dtype, compile=compile, batch=B, img_s=round(B / s, 2), gflops_fwd=round(f / 1e9, 4),
+            params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 3), warmup_s=round(warm, 1))
+        self.log(f"train {name}: {row['img_s']} img/s, {row['gflops_fwd']} GFLOPs fwd, "
+                 f"{3 * f * B / s / 1e9:.0f} GFLOP/s"
+                 + (f", compile + first step {warm:.0f}s" if compile else ""))
+
+    def peer(self, S=32):
+        """Ours vs diffusers' UNet2DConditionModel at equal forward FLOPs, both L_simple only, alternating rounds."""
+        try:
+            import diffusers
+        except ImportError:
+            self.log("peer: diffusers is not installed, row skipped (pip install -r requirements-bench.txt)")
+            return
+        ours = self.model(mask_dim=0)
+        target = self.fwd_flops(ours, S)
+        kw, _ = diffusers_config(ours.encoder, target, S, self.dev)
+        torch.manual_seed(0)
+        theirs = PeerUNet(copy.deepcopy(ours.encoder), diffusers.UNet2DConditionModel(**kw)).to(self.dev)
+        f = self.fwd_flops(theirs, S)                # confirmed on the real model
+        fns = {f"{who} {dt}": make_step(copy.deepcopy(m), *self.batch(self.a.batch, S), dt, self.dev)
+               for dt in self.dtypes for who, m in (("ours", ours), ("diffusers", theirs))}
+        img_s = {k: round(self.a.batch / s, 2) for k, (s, _) in time_rounds(fns, self.dev, self.a.rounds).items()}
+        n_params = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)  # noqa: E731
+        p = self.res["peer"] = dict(
+            diffusers=diffusers.__version__, config=kw, gflops_ours=round(target / 1e9, 4),
+            gflops_diffusers=round(f / 1e9, 4), flop_ratio=round(f / target, 3), params_m_ours=n_params(ours),
+            params_m_diffusers=n_params(theirs), img_s=img_s,
+            ratio={dt: round(img_s[f"ours {dt}"] / img_s[f"diffusers {dt}"], 3) for dt in self.dtypes})
+        self.log(f"peer: diffusers {kw['block_out_channels']} x{kw['layers_per_block']} at {p['flop_ratio']}x our "
+                 f"FLOPs; img/s ours/diffusers {p['ratio']}")
+
+    def sampling(self, S=32, guidance=3.0):
+        """Seconds per image of sample.generate (B layouts, guidance doubles the batch) per sampler, steps, dtype."""
+        m, B = self.model().eval(), self.a.batch
+        (b, null), diff, rows = self.batch(B, S), detdiff.Diffusion().to(self.dev), {}
+
+        def s_per_img(d, sampler, steps, dtype):
+            sync(self.dev)
+            t0 = time.perf_counter()
+            sample.generate(m, d, b["tokens"], null, S, steps, sampler, guidance=guidance,
+                            generator=torch.Generator().manual_seed(0), dtype=dtype, progress=False)
+            sync(self.dev)
+            return (time.perf_counter() - t0) / B
+        n_ddpm = 4 if self.a.quick else 10
+        for dtype in self.dtypes:
+            s_per_img(diff, "ddim", 2, dtype)                                          # warm-up
+            for sampler in ("ddim", "dpm++2m"):
+                for n in (20,) if self.a.quick else (20, 25, 50):
+                    rows[f"{sampler}-{n} {dtype}"] = round(s_per_img(diff, sampler, n, dtype), 4)
+            # DDPM walks all T steps: a schedule with T = n_ddpm walks n_ddpm of them, each at the same cost
+            rows[f"ddpm-1000 {dtype} (extrapolated from {n_ddpm} steps)"] = round(
+                s_per_img(detdiff.Diffusion(n_ddpm).to(self.dev), "ddpm", None, dtype) * 1000 / n_ddpm, 3)
+            self.log(f"sampling {dtype}: " + ", ".join(f"{k.split()[0]} {v}" for k, v in rows.items() if dtype in k))
+        self.res["sampling_s_per_img"] = rows
+
+    def peak_rss(self, steps):
+        """Peak resident memory of a default generator run; the child reports its own ru_maxrss (KB on Linux)."""
+        code = ("import resource, runpy, sys; sys.argv = ['detdiff.py'] + sys.argv[1:]; "
+                "runpy.run_path('detdiff.py', run_name='__main__'); "
+                "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+                "print('peak_rss_mb', r / 2 ** 20 if sys.platform == 'darwin' else r / 2 ** 10)")
+        data.resolve_data("shapes")                  # written once on a fresh machine (~10 s), not part of the run
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            p = subprocess.run([sys.executable, "-c", code, "--stage", "generator", "--steps", str(steps),
+                                "--minutes", "0", "--out", str(Path(tmp) / "run"), "--device", str(self.dev)],
+                               cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"error: the peak-memory run failed:\n{p.stderr[-2000:]}")
+        mb = float(p.stdout.split("peak_rss_mb")[-1])
+        self.res["peak_rss"] = dict(peak_rss_mb=round(mb), steps=steps, seconds=round(time.time() - t0, 1))
+        self.log(f"peak RSS of `detdiff.py --stage generator --steps {steps}`: {mb:.0f} MB ({time.time() - t0:.0f}s)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+def hardware(device):
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    line = lambda key: next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith(key)), "")  # noqa
+    return dict(cpu=line("model name") or platform.processor(), cores=os.cpu_count(), threads=torch.get_num_threads(),
+                bf16_isa=[f for f in line("flags").split() if f in ("avx512_bf16", "amx_bf16")],
+                torch=torch.__version__, python=platform.python_version(), device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                loadavg_start=[round(v, 2) for v in os.getloadavg()])
+
+
+def table(r):
+    h, B = r["hardware"], r["settings"]["batch"]
+    out = [f"== detdiff bench {r['date']}: {h['cpu']}, {h['cores']} cores, torch {h['torch']}, {h['device']}; "
+           f"load average {h['loadavg_start'][0]} at start, {h['loadavg_end'][0]} at end ==",
+           "matmul peak      " + "   ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["peak_flops"].items()),
+           f"{'training step, B=' + str(B):34s} {'img/s':>7s} {'GFLOPs':>7s} {'MFU':>6s} {'params':>7s}"]
+    for k, v in r["train"].items():
+        out.append(f"  {k:32s} {v['img_s']:7.1f} {v['gflops_fwd']:7.3f} {100 * v['mfu']:5.1f}% {v['params_m']:6.2f}M"
+                   + (f"   (compile + first step {v['warmup_s']:.0f}s)" if v["compile"] else ""))
+    if "peer" in r:
+        p = r["peer"]
+        out.append(f"peer: diffusers {p['diffusers']} UNet2DConditionModel {tuple(p['config']['block_out_channels'])} "
+                   f"x{p['config']['layers_per_block']}: {p['gflops_diffusers']:.3f} vs our {p['gflops_ours']:.3f} "
+                   f"GFLOPs ({p['flop_ratio']:.2f}x), {p['params_m_diffusers']:.2f}M vs {p['params_m_ours']:.2f}M params")
+        out += [f"  {dt:5s} ours {p['img_s']['ours ' + dt]:6.1f} img/s, diffusers {p['img_s']['diffusers ' + dt]:6.1f}"
+                f" img/s: ours/diffusers {x:.2f}x" for dt, x in p["ratio"].items()]
+    out.append(f"sampling, s per image (B={B}, guidance 3)")
+    out += [f"  {k:46s} {v:7.3f}" for k, v in r["sampling_s_per_img"].items()]
+    out += [f"scaling {k}: " + ", ".join(f"{x} {i:.1f}" for x, i in zip(v["at"], v["img_s"])) + " img/s; cost per "
+            f"image x{v['cost_ratio']}, FLOPs x{v['flop_ratio']}" for k, v in r["scaling"].items()]
+    out.append(f"peak RSS of a default training run: {r['peak_rss_mb']} MB ({r['peak_rss']['steps']} steps)")
+    out.append(f"headline: train {r['train_img_s_bf16']} img/s bf16, MFU {100 * r['mfu_bf16']:.1f}% of the bf16 peak, "
+               f"ours/diffusers {r['peer_ratio'] or 'n/a (no diffusers)'}, {r['sampler']} {r['sample_s_per_img']} s/img; "
+               f"bench {r['seconds']:.0f}s")
+    return "\n".join(out)
+
+
+def profile(a, steps=3):
+    """torch.profiler over a few default 32 px training steps per dtype: the top ops by self CPU time."""
+    bn = Bench(a)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if a.device.type == "cuda"
+                                                     else [])
+    for dt in ("fp32", "bf16"):
+        step = make_step(bn.model(), *bn.batch(a.batch, 32), dt, a.device)
+        step(), step()
+        with torch.profiler.profile(activities=acts) as p:
+            for _ in range(steps):
+                step()
+        print(f"== default 32 px training step, B={a.batch}, {dt}, {steps} steps ==")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.profile:
+        return profile(a)
+    bn, dev = Bench(a), a.device
+    r = bn.res
+    r.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), hardware=hardware(dev),
+             settings=dict(batch=a.batch, rounds=a.rounds, quick=a.quick, compile=a.compile))
+    bn.log(f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, torch {torch.__version__}, device {dev}")
+    if os.getloadavg()[0] > 0.5 * os.cpu_count():   # a preempted OpenMP thread stalls the others: steps 10-25x slower
+        bn.log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other "
+               f"processes share the CPU, timings will be low and noisy")
+    bn.peak_rss(3 if a.quick else 20)              # first: a child process, before this one has grown
+    peaks = [{dt: matmul_peak(dt, dev) for dt in bn.dtypes}]         # at the start and at the end: the larger counts
+    for S, mkw, name in ((32, {}, "default"), (64, {}, "default"), (32, WIDE, "wide")):
+        for dt in bn.dtypes:
+            bn.train(f"{name} {S}px {dt}", S=S, dtype=dt, **mkw)
+    if a.compile:
+        bn.train("default 32px bf16 compile", dtype="bf16", compile=True)
+    bn.train("default 128px fp32", S=128)
+    for M in (1, 16):
+        bn.train(f"default 32px fp32 {M} objects", M=M)
+    bn.peer()
+    bn.sampling()
+    peaks.append({dt: matmul_peak(dt, dev) for dt in bn.dtypes})
+    r["peak_flops"], r["peak_flops_measured"] = {dt: max(p[dt] for p in peaks) for dt in bn.dtypes}, peaks
+    bn.log("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["peak_flops"].items()))
+    for row in r["train"].values():
+        row["mfu"] = round(mfu(row["gflops_fwd"] * 1e9, row["img_s"], r["peak_flops"][row["dtype"]]), 4)
+    # scaling: the cost per image as S doubles and as the layouts hold more objects (fp32 rows)
+    tr = r["train"]
+    rows = dict(image_size=(["32px", "64px", "128px"], [tr[f"default {S}px fp32"] for S in (32, 64, 128)]),
+                objects=(["1", "8", "16"], [tr[f"default 32px fp32{s}"] for s in (" 1 objects", "", " 16 objects")]))
+    r["scaling"] = {k: dict(at=at, img_s=[x["img_s"] for x in v], cost_ratio=growth([1 / x["img_s"] for x in v]),
+                            flop_ratio=growth([x["gflops_fwd"] for x in v])) for k, (at, v) in rows.items()}
+    # the headline keys
+    d = tr["default 32px bf16"]
+    r.update(train_img_s_bf16=d["img_s"], mfu_bf16=d["mfu"], mfu_fp32=tr["default 32px fp32"]["mfu"],
+             gflops_fwd=d["gflops_fwd"], peer_ratio=r.get("peer", {}).get("ratio", {}).get("bf16"),
+             sampler="dpm++2m-20 bf16", sample_s_per_img=r["sampling_s_per_img"]["dpm++2m-20 bf16"],
+             peak_rss_mb=r["peak_rss"]["peak_rss_mb"], seconds=round(time.time() - bn.t0, 1))
+    r["hardware"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(table(r))
+    Path(a.out).write_text(json.dumps(r, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
