@@ -282,7 +282,7 @@ def main(argv=None):
     ap.add_argument("--difficulty", choices=("origin", "easy", "hard"), default="origin")
     ap.add_argument("--split", default="train", help="split name of the written COCO folder")
     ap.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always takes T)")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (DDPM always takes T)")
     ap.add_argument("--eta", type=float, default=0.0)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=32)
