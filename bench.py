@@ -28,6 +28,7 @@ On a CUDA device the same table runs there (fp16 with a GradScaler too, channels
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -101,7 +102,8 @@ def sync(device):
 
 
 def make_batch(tok, B, S, n_objects, device, seed=0):
-    """A fixed batch: B layouts of n_objects random boxes each, their tokens and filled-box masks."""
+    """A fixed batch: B layouts of n_objects random boxes each (padded to the tokenizer's M), their tokens and
+    filled-box masks."""
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(B, n_objects, 2, generator=g) * 0.6
     boxes = torch.cat([xy, xy + 0.1 + torch.rand(B, n_objects, 2, generator=g) * 0.3], -1)    # (B, n, 4) xyxy
@@ -111,6 +113,7 @@ def make_batch(tok, B, S, n_objects, device, seed=0):
     masks = (c[None, None, None] >= x0) & (c[None, None, None] < x1) & (c[..., None] >= y0) & (c[..., None] < y1)
     return dict(image=(torch.rand(B, 3, S, S, generator=g) * 2 - 1).to(device),
                 tokens=torch.stack([tok.encode(b, l) for b, l in zip(boxes, labels)]).to(device),
+                boxes=nn.functional.pad(boxes, (0, 0, 0, tok.max_objects - n_objects)).to(device),
                 masks=nn.functional.pad(masks.float(), (0, 0, 0, 0, 0, tok.max_objects - n_objects)).to(device),
                 valid=(torch.arange(tok.max_objects) < n_objects).expand(B, -1).to(device))       # (B, M)
 
@@ -128,42 +131,24 @@ class PeerUNet(nn.Module):
 
 
 def make_step(raw, batch, null, dtype, device, compile=False, tc=detdiff.TrainConfig()):
-    """One training step as detdiff.train's loop takes it (same functions, same order); returns step()."""
+    """A step() that calls detdiff.train_step on one fixed batch with its own optimizer and EMA."""
     if device.type == "cuda":                    # channels_last: the layout cuDNN's convolutions prefer
         raw = raw.to(memory_format=torch.channels_last)
         batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last))
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     diff = detdiff.Diffusion(tc.timesteps, tc.schedule).to(device)
-    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [p for p in raw.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=tc.weight_decay), dict(params=no_decay, weight_decay=0)],
-                            lr=tc.lr, betas=(0.9, 0.99))
+    opt = detdiff.make_optimizer(raw, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     model = torch.compile(raw) if compile else raw
     amp = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
-    pal = tc.pal_weight if getattr(raw, "mask_head", None) is not None else 0.0
-    x0 = batch["image"]
+    if getattr(raw, "mask_head", None) is None:   # the peer has no perception head: L_simple alone
+        tc = dataclasses.replace(tc, pal_weight=0.0)
+    count = [0]
 
-    def step():
-        tokens = detdiff.drop_condition(batch["tokens"], null, tc.p_uncond)             # 10% null prompts
-        t = torch.randint(0, tc.timesteps, (x0.shape[0],), device=device)
-        eps = torch.randn_like(x0)
-        x_t = diff.q_sample(x0, t, eps)                                                   # DDPM Eq. (4)
-        with amp:                                                                         # forward
-            out = model(x_t, t, tokens, return_features=True) if pal else model(x_t, t, tokens)
-        eps_pred, aux = out if pal else (out, None)
-        loss = detdiff.loss_simple(eps_pred, eps)
-        if pal:                                                                           # + lambda L_p
-            valid = batch["valid"] & aux["object_valid"]
-            loss = loss + pal * perception.perception_loss(aux["mask_logits"], batch["masks"], valid,
-                                                           diff.alpha_bar[t]).mean()
-        opt.zero_grad(set_to_none=True)                                                   # backward
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)                                                              # clip, AdamW, EMA
-        nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        detdiff.ema_update(ema, raw, tc.ema_decay)
-        return loss.item()                                                                # the loop's log line
+    def step():                                    # the training loop's own step function
+        loss, _, _ = detdiff.train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, tc, count[0])
+        count[0] += 1
+        return loss.item()                         # the loop's log line reads the loss every step
     return step
 
 

@@ -337,6 +337,48 @@ def save_grid(ema, diff, tok, val_batch, cfg, path, device):
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop
 
+def make_optimizer(raw, cfg):
+    """AdamW, weight decay on weight matrices and kernels only (not on biases and norm gains)."""
+    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [p for p in raw.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
+                              dict(params=no_decay, weight_decay=0)], lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
+    """One optimisation step of the generator on a collated batch (on the device): noise, forward, the loss
+    L = L_simple + lambda L_p, backward, clipping, AdamW, EMA. `model` is `raw` wrapped (DDP, compile) or `raw`
+    itself. Returns the loss, L_simple and L_p (per image) as tensors. bench.py times this same function."""
+    x0 = batch["image"]                                                                 # (B, 3, S, S)
+    tokens = drop_condition(batch["tokens"], null, cfg.p_uncond)                        # (B, L), 10% null prompts
+    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)               # t ~ U{0..T-1}
+    eps = torch.randn_like(x0)                                                          # eps ~ N(0, I)
+    x_t = diff.q_sample(x0, t, eps)                                                     # DDPM Eq. (4), fp32
+    weight = foreground_weight(batch["boxes"], batch["valid"], x0.shape[-1]) if cfg.fg_reweight else None
+    # forward under autocast (the losses in fp32)
+    with amp:
+        if cfg.pal_weight > 0:
+            eps_pred, aux = model(x_t, t, tokens, return_features=True)
+        else:
+            eps_pred = model(x_t, t, tokens)
+    l_simple = loss_simple(eps_pred, eps, weight)                                       # DDPM Eq. (14)
+    if cfg.pal_weight > 0:                                                              # dropped prompts have no objects
+        valid = batch["valid"] & aux["object_valid"]                                    # (B, M)
+        l_p = perception.perception_loss(aux["mask_logits"], batch["masks"], valid,
+                                         diff.alpha_bar[t])                             # sqrt(alpha_bar_t)(L_m + L_d)
+        loss = l_simple + cfg.pal_weight * l_p.mean()                                   # L = L_simple + lambda L_p
+    else:
+        l_p, loss = torch.zeros((), device=x0.device), l_simple
+    # backward, clip, optimizer step, EMA update
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    return loss, l_simple, l_p
+
+
 def train(cfg, mcfg_overrides=None, interrupt_at=None):
     """Train a generator with settings `cfg` (TrainConfig). `interrupt_at` (tests only) behaves as if the
     process were killed right after that step. Returns the unwrapped model (rank 0 writes the run folder)."""
@@ -406,9 +448,7 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     raw = UNet(mcfg, loc_xy=tok.location_xy()).to(device)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     diff = Diffusion(cfg.timesteps, cfg.schedule).to(device)
-    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [p for p in raw.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0)],
-                            lr=cfg.lr, betas=(0.9, 0.99))
+    opt = make_optimizer(raw, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
     step, history = 0, dict(step=[], loss=[], l_simple=[], l_p=[])
     if ck:
@@ -469,40 +509,13 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
         lr = lr_at(cfg, step, progress)
         for g in opt.param_groups:
             g["lr"] = lr
-        # batch: the layouts' tokens with 10% condition dropout, noise eps, timestep t in 0..T-1
+        # batch: the layouts' images, tokens, boxes and masks; then one step (train_step: the paper's loss)
         batch = data.collate([train_ds[i] for i in batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed,
                                                                  rank, world)], cfg.max_objects)
-        x0 = batch["image"].to(device)                                                  # (B, 3, S, S)
-        tokens = drop_condition(batch["tokens"].to(device), null, cfg.p_uncond)        # (B, L)
-        t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=device)
-        eps = torch.randn_like(x0)
-        x_t = diff.q_sample(x0, t, eps)                                                 # DDPM Eq. (4), fp32
-        weight = foreground_weight(batch["boxes"].to(device), batch["valid"].to(device), x0.shape[-1]) \
-            if cfg.fg_reweight else None
-        # forward and backward under one autocast context
-        with amp:
-            if cfg.pal_weight > 0:
-                eps_pred, aux = model(x_t, t, tokens, return_features=True)
-            else:
-                eps_pred = model(x_t, t, tokens)
-        l_simple = loss_simple(eps_pred, eps, weight)                                   # DDPM Eq. (14), fp32
-        if cfg.pal_weight > 0:                                                          # dropped prompts have no objects
-            valid = batch["valid"].to(device) & aux["object_valid"]                     # (B, M)
-            l_p = perception.perception_loss(aux["mask_logits"], batch["masks"].to(device), valid,
-                                             diff.alpha_bar[t])                         # sqrt(alpha_bar_t)(L_m + L_d)
-            loss = l_simple + cfg.pal_weight * l_p.mean()                               # L = L_simple + lambda L_p
-        else:
-            l_p, loss = torch.zeros((), device=device), l_simple
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        # clip, optimizer step, EMA update
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, l_simple, l_p = train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step)
         step += 1
-        seen += x0.shape[0] * world
+        seen += batch["image"].shape[0] * world
         # log line (the loss is averaged over processes so every rank takes the same decision)
         lv = torch.stack([loss.detach().float(), l_simple.detach().float(), l_p.detach().float().mean()])
         if ddp:
