@@ -177,7 +177,13 @@ class Attention(nn.Module):
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(ctx), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         attn_mask = None if mask is None else mask[:, None, None, :]           # (B, 1, 1, Lc)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)       # softmax(q k^T / sqrt(d)) v
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 attention on the CPU: the kernel's backward is 2.4-6x slower than in fp32 at these shapes
+            # (docs/performance.md); the core runs in fp32, the projections around it stay in bf16
+            with torch.autocast("cpu", enabled=False):
+                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)   # softmax(q k^T / sqrt(d)) v
         return self.out(rearrange(o, "b h n d -> b n (h d)"))
 
 

@@ -106,3 +106,25 @@ def test_gradients_reach_encoder_and_unet():
     eps = m(torch.randn(2, 3, 16, 16), torch.tensor([5, 600]), tokens(A, A))
     eps.square().mean().backward()
     assert m.encoder.tok_emb.weight.grad.abs().sum() > 0 and m.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_attention_core_runs_in_fp32_under_cpu_autocast(monkeypatch):
+    # docs/performance.md: the CPU's bf16 attention backward is slow, so the core runs in fp32 inside autocast;
+    # the projections stay bf16 and the result matches the fp32 module up to bf16 rounding
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    m = unet.Attention(64, 32, 4)
+    x, ctx = torch.randn(2, 16, 64), torch.randn(2, 9, 32)
+    mask = torch.tensor([[True] * 9, [True] * 4 + [False] * 5])
+    ref = m(x, ctx, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, ctx, mask)
+    assert seen == [(torch.float32,) * 3] * 2
+    assert y.dtype == torch.bfloat16                       # the output projection ran in bf16
+    assert torch.allclose(y.float(), ref, atol=0.02)
