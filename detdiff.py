@@ -5,6 +5,7 @@
     python detdiff.py --stage generator --steps 200 --out runs/quick   # one stage; --help lists every setting
     python detdiff.py --out runs/shapes --resume        # continue a killed run from its last checkpoint
     python detdiff.py --pal-weight 0.01 --cond tokens   # the paper's lambda and the paper's token conditioning
+    python detdiff.py --evaluate                        # the main job, then evaluate.py's report on the run
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...   # DDP (gloo on CPU, nccl on CUDA)
 
 Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this project, t = 0 is the least noisy):
@@ -174,10 +175,12 @@ class TrainConfig:
     beta: float = 0.5                # attribute: IoU threshold
     class_aware: bool = False        # attribute: a prediction must also have the object's class
     n_eval: int = 100                # val layouts generated for the grid stage's quick layout-fidelity check
+    evaluate: bool = False           # then run evaluate.py on the run folder: report.md, metrics.json (see its
+                                     # docstring; about 25 min on shapes)
 
 
 RESUME_OVERRIDES = {"steps", "minutes", "log_every", "sample_every", "ckpt_every", "out", "resume", "device", "stage",
-                    "n_eval"}
+                    "n_eval", "evaluate"}
 TOKENIZER_FIELDS = {"vocab_size", "seq_len", "tokens_per_object", "max_objects", "pad_id", "class_offset",
                     "loc_offset", "bins"}
 
@@ -568,6 +571,7 @@ SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area",
 
 def pipeline(cfg, mcfg_overrides=None):
     """Run the stages of the main job into one run folder; a stage whose output exists is reused (and says so)."""
+    import evaluate   # evaluate.py and sample.py import this module: import here, one-way at load time
     import sample
     out = Path(cfg.out or Path("runs") / Path(cfg.data).name)
     cfg.out = str(out)
@@ -680,30 +684,17 @@ def pipeline(cfg, mcfg_overrides=None):
             t_s = time.time()
             origin = sample.generate_layouts(model, diff, tok, lays, S, **kw)
             sec_per_img = (time.time() - t_s) / len(lays)
-            rows = [real[:cfg.n_grid], origin[:cfg.n_grid]]
-            for d in ("easy", "hard"):
-                rows.append(sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays[:cfg.n_grid], d),
-                                                    S, **kw))
-            tiles = []
-            for r, d in zip(rows, ("origin", "origin", "easy", "hard")):
-                for im, lay in zip(r, sample.with_difficulty(lays[:cfg.n_grid], d)):
-                    tiles.append(data.draw_layout(im, lay["boxes"], lay["labels"], names, lay["difficulty"]))
-            data.image_grid(tiles, ncol=len(rows[0])).save(grid_path)
-            # layout fidelity (the paper's YOLO score, quick version): the real-trained detector on generated
-            # images vs on the real val images at the same resolution S (the ceiling)
-            ids = ck["tokenizer"]["category_ids"]
+            gen = dict(origin=origin, **{d: sample.generate_layouts(model, diff, tok, sample.with_difficulty(
+                lays[:cfg.n_grid], d), S, **kw) for d in ("easy", "hard")})
+            evaluate.easy_hard_figure(real, gen, lays, names, grid_path, n=cfg.n_grid)
+            # layout fidelity (the paper's YOLO score, quick version; evaluate.py has the full one): the
+            # real-trained detector on generated images vs on the real val images at the same resolution S
             det = perception.load_detector(det_path)
             fid = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
                        sec_per_img=round(sec_per_img, 4))
             for name, ims in (("real", real), ("generated", origin)):
-                folder = out / f"fidelity_{name}"
-                if folder.exists():
-                    import shutil
-                    shutil.rmtree(folder)   # our own scratch folder inside the run
-                sample.write_coco(folder, "val", ims, lays, names, ids)
-                r = perception.evaluate(det, data.CocoLayoutDataset(folder, "val", size=cfg.det_size, min_area=0,
-                                                                    max_objects=cfg.max_objects))
-                fid[name] = dict(mAP=round(r["mAP"], 4), AP50=round(r["AP50"], 4), AP75=round(r["AP75"], 4))
+                fid[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
+                                                 out / f"fidelity_{name}", cfg.det_size, cfg.max_objects)
             fid_json.write_text(json.dumps(fid, indent=1))
             log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val "
                 f"layouts at {S}px: real {fid['real']['AP50']:.3f}, generated {fid['generated']['AP50']:.3f}; "
@@ -718,6 +709,8 @@ def pipeline(cfg, mcfg_overrides=None):
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     log(summary_text(summary))
     logf.close()
+    if cfg.evaluate:                              # the paper's experiments on this run (evaluate.py)
+        summary["evaluate"] = evaluate.evaluate(out)
     return summary
 
 
