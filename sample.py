@@ -290,6 +290,11 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--classifier", default="", help="a crop classifier (evaluate.py writes RUN/eval/"
+                    "crop_classifier.pt): drop every generated image with an object it does not call the layout's "
+                    "class (an object left in the image without its label would teach a detector it is background)")
+    ap.add_argument("--min-prob", type=float, default=0.5, help="--classifier: keep an object when the "
+                    "classifier gives its layout class at least this probability")
     a = ap.parse_args(argv)
     try:
         run(a)
@@ -309,12 +314,25 @@ def run(a):
     images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
                               a.dtype)
     secs = time.time() - t0
+    dropped = ""
+    if a.classifier:                                   # class consistency filter (evaluate.py, part 6)
+        import evaluate
+        clf = evaluate.load_crop_classifier(a.classifier)
+        if tuple(clf.class_names) != tuple(names):
+            raise SystemExit(f"error: {a.classifier}: classes {', '.join(clf.class_names)} are not the "
+                             f"checkpoint's ({', '.join(names)})")
+        ok = [bool(k.all()) for k in evaluate.accept_objects(clf, images, layouts, a.min_prob)]
+        dropped = f" ({ok.count(False)} of {len(ok)} dropped by the class filter)"
+        images, layouts = [i for i, k in zip(images, ok) if k], [lay for lay, k in zip(layouts, ok) if k]
+        if not images:
+            raise SystemExit(f"error: the class filter ({a.classifier}, --min-prob {a.min_prob}) dropped every "
+                             f"image; nothing written")
     ids = ck["tokenizer"].get("category_ids") or list(range(1, len(names) + 1))
     write_coco(out, a.split, images, layouts, names, ids)
     tiles = [data.draw_layout(im, l["boxes"], l["labels"], names, l["difficulty"]) for im, l in zip(images[:64], layouts)]
     data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
-    print(f"wrote {len(images)} images ({secs / len(images):.3f} s each) as a COCO folder ({a.split} split) and "
-          f"grid.png to {out}")
+    print(f"wrote {len(images)} images ({secs / len(ok if a.classifier else images):.3f} s each){dropped} as a COCO "
+          f"folder ({a.split} split) and grid.png to {out}")
 
 
 if __name__ == "__main__":

@@ -174,3 +174,28 @@ def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         sample.generate(GaussianEps(diff), diff, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                         4, 2, "euler", progress=False)
+
+
+def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
+    import evaluate
+    _, tok, _, _ = sample.load_checkpoint(ckpt)
+    names = list(tok.class_names)
+    clf = evaluate.CropClassifier(len(names), names, width=4, size=8)
+    torch.nn.init.zeros_(clf.head.weight)
+    with torch.no_grad():
+        clf.head.bias.copy_(torch.tensor([10.0] + [0.0] * (len(names) - 1)))   # every crop: class 0, p ~ 1
+    evaluate.save_crop_classifier(clf, tmp_path / "clf.pt")
+    objs = lambda *cs: [dict(category=names[c], bbox=[2 + 5 * i, 2, 6, 6]) for i, c in enumerate(cs)]  # noqa: E731
+    lays = dict(layouts=[dict(width=16, height=16, objects=o) for o in (objs(0), objs(1), objs(0, 0), objs(0, 2))])
+    (tmp_path / "l.json").write_text(json.dumps(lays))
+    out = tmp_path / "o"
+    sample.main(["--ckpt", str(ckpt), "--out", str(out), "--layouts", str(tmp_path / "l.json"), "--steps", "2",
+                 "--classifier", str(tmp_path / "clf.pt")])
+    coco = json.loads((out / "annotations" / "instances_train.json").read_text())
+    assert len(coco["images"]) == 2 and len(coco["annotations"]) == 3      # layouts 0 and 2 kept
+    assert {a["category_id"] for a in coco["annotations"]} == {coco["categories"][0]["id"]}
+    other = evaluate.CropClassifier(2, ["cat", "dog"], width=4, size=8)
+    evaluate.save_crop_classifier(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"other.pt: classes cat, dog are not the checkpoint's"):
+        sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o2"), "--layouts", str(tmp_path / "l.json"),
+                     "--steps", "2", "--classifier", str(tmp_path / "other.pt")])

@@ -1,0 +1,143 @@
+"""evaluate.py: the report on a tiny finished run (every key of metrics.json, the numbers in report.md), detector
+AP through the COCO round trip against hand-made detections, the training layouts, the targets, bad input.
+The FID and crop-classifier pieces have their own files (test_fid.py, test_crops.py)."""
+import json
+
+import pytest
+import torch
+
+import detdiff
+import evaluate
+import sample
+from conftest import TINY_MODEL, tiny_train_cfg
+from test_pipeline import TINY_STAGES
+
+KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid", "easy_ap50",
+        "origin_ap50", "hard_ap50", "train_real_map50", "train_aug_origin_map50", "train_aug_hard_map50",
+        "train_aug_easy_map50", "crop_acc_easy", "crop_acc_hard")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e") / "run"
+    detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)
+    cfg = evaluate.EvalConfig(quick=True, ablations=True, inception=str(out / "no_inception.pt"), crop_size=8)
+    return out, evaluate.evaluate(out, cfg)
+
+
+def test_every_key_is_in_metrics_json(run):
+    out, M = run
+    saved = json.loads((out / "metrics.json").read_text())
+    for k in KEYS:
+        assert k in saved, k
+    assert saved["fid"] is None and "no_inception.pt" in saved["meta"]["notes"]["fid"]   # skipped, and why
+    assert set(saved["meta"]["seconds"]) >= {"fidelity", "fid", "crops", "trainability", "ablations", "total"}
+    assert saved["meta"]["n_layouts"] == 4                                              # the tiny val split
+    T = saved["trainability"]
+    assert T["seeds"] == 1 and T["real_images"] == 2 and len(T["runs"]["real"]) == 1    # 10% of 16 images
+    assert set(saved["ablations"]) == {"both on", "loss off", "attribute off", "both off", "lambda 0.01", "lambda 1"}
+    assert saved["ablations"]["loss off"]["pal_weight"] == 0 and not saved["ablations"]["both off"]["attributes"]
+    for k in ("fidelity_map50", "easy_ap50", "crop_acc_hard", "train_aug_hard_map50"):
+        assert 0 <= saved[k] <= 1
+
+
+def test_report_shows_the_measured_numbers(run):
+    out, M = run
+    text = (out / "report.md").read_text()
+    for head in ("1. Layout fidelity", "2. FID", "3. Easy vs hard", "4. Trainability", "5. Ablations",
+                 "6. Class consistency", "Targets"):
+        assert head in text, head
+    assert f"| generated | 4 | {M['fidelity_map']:.3f} | {M['fidelity_map50']:.3f} |" in text
+    assert "FID - (skipped: no file at" in text
+    assert (out / "easy_hard_eval.png").is_file() and "easy_hard_eval.png" in text
+    assert (out / "eval" / "crop_classifier.pt").is_file()
+
+
+def test_ablation_runs_record_their_settings(run):
+    out, M = run
+    ck = torch.load(out / "ablations" / "attribute_off" / "ckpt.pt", weights_only=False)
+    assert ck["train_cfg"]["attributes"] == "none" and ck["attributes_used"] == ""
+    ck = torch.load(out / "ablations" / "lambda_1" / "ckpt.pt", weights_only=False)
+    assert ck["train_cfg"]["pal_weight"] == 1.0
+    assert ck["attributes_used"] == str((out / "attributes.json").resolve())
+
+
+def test_a_later_part_keeps_the_earlier_ones(run):
+    out, first = run
+    evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", inception=str(out / "none.pt")))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["train_real_map50"] == first["train_real_map50"] and "ablations" in saved
+    assert saved["fidelity_map50"] == first["fidelity_map50"]          # same seed, same images, same score
+
+
+class BoxDetector(torch.nn.Module):
+    """Detects the given boxes (normalised xyxy, one label each, score 0.9) in every image."""
+    def __init__(self, boxes, labels):
+        super().__init__()
+        self.boxes, self.labels = torch.tensor(boxes), torch.tensor(labels)
+
+    def predict(self, images, score_threshold=0.01, max_dets=100):
+        return [dict(boxes=self.boxes, scores=torch.full((len(self.labels),), 0.9), labels=self.labels)
+                for _ in images]
+
+
+def test_detector_ap_against_hand_made_detections(tmp_path):
+    import numpy as np
+    images = [np.zeros((32, 32, 3), np.uint8)] * 3
+    lay = dict(boxes=torch.tensor([[0.25, 0.25, 0.75, 0.75]]), labels=torch.tensor([1]), difficulty=torch.tensor([0]))
+    kw = dict(names=["a", "b"], ids=[1, 2], det_size=32, max_objects=4)
+    hit = evaluate.detector_ap(BoxDetector([[0.25, 0.25, 0.75, 0.75]], [1]), images, [lay] * 3, folder=tmp_path / "x", **kw)
+    assert hit == dict(mAP=1.0, AP50=1.0, AP75=1.0)
+    # IoU of [8, 8, 24, 24] and [8, 8, 24, 20.5]: 16 * 12.5 / (16 * 16) = 0.78 -> a hit at 0.50:0.75 (6 of the
+    # 10 thresholds), a miss from 0.80 on
+    near = evaluate.detector_ap(BoxDetector([[0.25, 0.25, 0.75, 0.640625]], [1]), images, [lay] * 3,
+                                folder=tmp_path / "x", **kw)
+    assert near["AP50"] == 1.0 and near["AP75"] == 1.0 and near["mAP"] == pytest.approx(0.6)
+    wrong = evaluate.detector_ap(BoxDetector([[0.25, 0.25, 0.75, 0.75]], [0]), images, [lay] * 3,
+                                 folder=tmp_path / "x", **kw)
+    assert wrong["AP50"] == 0.0
+
+
+def test_training_layouts_are_drawn_and_mirrored(run):
+    out, _ = run
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    pool = sample.val_layouts(ck, 100, split="train")
+    lays = evaluate.training_layouts(ck, 40, seed=3)
+    assert len(lays) == 40 and lays[0]["boxes"].equal(evaluate.training_layouts(ck, 40, seed=3)[0]["boxes"])
+    mirrored = 0
+    for lay in lays:
+        b = lay["boxes"]
+        flip = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
+        as_drawn = any(p["labels"].equal(lay["labels"]) and p["boxes"].allclose(b) for p in pool)
+        as_mirror = any(p["labels"].equal(lay["labels"]) and p["boxes"].allclose(flip) for p in pool)
+        assert as_drawn or as_mirror
+        mirrored += as_mirror and not as_drawn
+    assert 5 < mirrored < 35
+
+
+def test_targets_against_hand_computed_verdicts():
+    M = dict(real_map50=0.9, fidelity_map50=0.6, easy_ap50=0.5, hard_ap50=0.42,
+             trainability=dict(runs=dict(real=[], origin=[], hard=[]), real=dict(mean=0.30, std=0.01),
+                               origin=dict(mean=0.31, std=0.02), hard=dict(mean=0.33, std=0.01)))
+    got = {what.split(" (")[0]: (val, ok) for what, val, ok in evaluate.targets(M)}
+    assert got["fidelity_map50 / real_map50 >= 0.5"] == ("0.67", True)
+    assert got["fidelity_map50 / real_map50 >= 0.8"] == ("0.67", False)
+    assert got["easy_ap50 - hard_ap50 >= 0.05"] == ("+0.080", True)
+    assert got["best train_aug_*_map50 - train_real_map50 >= 0.02"][1] is True       # best is hard: +0.03
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"ckpt.pt: missing; evaluate a finished"):
+        evaluate.evaluate(tmp_path)
+    with pytest.raises(SystemExit, match=r"--parts: unknown fidelty"):
+        evaluate.evaluate(tmp_path, evaluate.EvalConfig(parts="fidelty"))
+
+
+def test_main_job_switch_runs_the_evaluation(run, tiny_data, monkeypatch):
+    out, _ = run
+    called = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda r, cfg=None: called.append(str(r)) or {"fid": None})
+    summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, evaluate=True), TINY_MODEL)
+    assert called == [str(out)] and summary["evaluate"] == {"fid": None}
+    detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)   # off by default
+    assert called == [str(out)]
