@@ -475,6 +475,8 @@ def evaluate(run, cfg=None):
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"error: --parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+    if cfg.sampler not in sample.SAMPLERS:
+        raise SystemExit(f"error: --sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
     run = Path(run)
     for need in ("ckpt.pt", "detector.pt"):
         if not (run / need).is_file():

@@ -131,6 +131,8 @@ def test_bad_input_is_one_line(tmp_path):
         evaluate.evaluate(tmp_path)
     with pytest.raises(SystemExit, match=r"--parts: unknown fidelty"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(parts="fidelty"))
+    with pytest.raises(SystemExit, match=r"--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'"):
+        evaluate.evaluate(tmp_path, evaluate.EvalConfig(sampler="dpm"))
 
 
 def test_main_job_switch_runs_the_evaluation(run, tiny_data, monkeypatch):
