@@ -10,7 +10,8 @@ default training run.
 
 What each number includes:
 - train img/s: one full step of detdiff.train's loop body on a fixed synthetic batch (B=32; every layout slot holds
-  an object, its mask the filled box): condition dropout, q_sample, forward under autocast (with the perception
+  an object, its mask the filled box; `latent`: --space latent at 64 px, a 4 x 16 x 16 latent x_0 with 64 px
+  masks, the autoencoder not included because a run encodes its images once): condition dropout, q_sample, forward under autocast (with the perception
   head when the model has one), L_simple + lambda L_p, backward, grad clipping, AdamW, EMA, the loss read back.
   Not included: reading and collating the batch from disk, logging, checkpoints. One warm-up step, then rounds of
   steps (about 1.5 s each); the median round counts. Rows timed against each other alternate rounds.
@@ -235,19 +236,27 @@ class Bench:
         return make_batch(self.tok[M], B, S, M, self.dev), self.tok[M].null_prompt().to(self.dev)
 
     def fwd_flops(self, model, S, M=8):
-        """Forward FLOPs per image, the perception head's mask logits included when the model has one."""
+        """Forward FLOPs per image (S: the side of x_t), the perception head's mask logits included when the model
+        has one."""
         (b, _), t = self.batch(2, S, M), torch.zeros(2, dtype=torch.long, device=self.dev)
+        x = torch.randn(2, model.cfg.in_channels, S, S, device=self.dev)
         kw = dict(return_features=True) if getattr(model, "mask_head", None) is not None else {}
-        return count_flops(lambda: model(b["image"], t, b["tokens"], **kw)) / 2
+        return count_flops(lambda: model(x, t, b["tokens"], **kw)) / 2
 
-    def train(self, name, S=32, M=8, dtype="fp32", compile=False, **mkw):
-        """One row of the training table: img/s and forward GFLOPs (MFU follows at the end, from the peaks)."""
-        m, B = self.model(M, **mkw), self.a.batch
-        (s, warm), = time_rounds({name: make_step(m, *self.batch(B, S, M), dtype, self.dev, compile)}, self.dev,
+    def train(self, name, S=32, M=8, dtype="fp32", compile=False, latent=0, **mkw):
+        """One row of the training table: img/s and forward GFLOPs (MFU follows at the end, from the peaks).
+        latent = f: --space latent at image side S, x_0 a (4, S/f, S/f) latent, the masks at S (the encoder runs
+        once before training, so a step does not include it)."""
+        m, B = self.model(M, **(dict(mkw, in_channels=4) if latent else mkw)), self.a.batch
+        b, null = self.batch(B, S, M)
+        if latent:
+            b["image"] = torch.randn(B, 4, S // latent, S // latent, generator=torch.Generator().manual_seed(0)).to(self.dev)
+        (s, warm), = time_rounds({name: make_step(m, b, null, dtype, self.dev, compile)}, self.dev,
                                  self.a.rounds).values()
-        f = self.fwd_flops(m, S, M)
+        f = self.fwd_flops(m, S // latent if latent else S, M)
         row = self.res.setdefault("train", {})[name] = dict(
-            S=S, objects=M, dtype=dtype, compile=compile, batch=B, img_s=round(B / s, 2), gflops_fwd=round(f / 1e9, 4),
+            S=S, latent=latent, objects=M, dtype=dtype, compile=compile, batch=B, img_s=round(B / s, 2),
+            gflops_fwd=round(f / 1e9, 4),
             params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 3), warmup_s=round(warm, 1))
         self.log(f"train {name}: {row['img_s']} img/s, {row['gflops_fwd']} GFLOPs fwd, "
                  f"{3 * f * B / s / 1e9:.0f} GFLOP/s"
@@ -390,9 +399,9 @@ def main(argv=None):
                f"processes share the CPU, timings will be low and noisy")
     bn.peak_rss(3 if a.quick else 20)              # first: a child process, before this one has grown
     peaks = [{dt: matmul_peak(dt, dev) for dt in bn.dtypes}]         # at the start and at the end: the larger counts
-    for S, mkw, name in ((32, {}, "default"), (64, {}, "default"), (32, WIDE, "wide")):
+    for S, mkw, name in ((32, {}, "default"), (64, {}, "default"), (64, dict(latent=4), "default"), (32, WIDE, "wide")):
         for dt in bn.dtypes:
-            bn.train(f"{name} {S}px {dt}", S=S, dtype=dt, **mkw)
+            bn.train(f"{name} {S}px{' latent' if mkw.get('latent') else ''} {dt}", S=S, dtype=dt, **mkw)
     if a.compile:
         bn.train("default 32px bf16 compile", dtype="bf16", compile=True)
     bn.train("default 128px fp32", S=128)

@@ -1,11 +1,12 @@
 """DetDiffusion's generator and the main job: the DDPM schedule, its losses, the training loop (PAPER.md sections
-1 and 3) and the pipeline data -> detector -> attributes -> generator -> grid.
+1 and 3) and the pipeline data -> detector -> attributes -> (autoencoder) -> generator -> grid.
 
     python detdiff.py                                   # the main job on `shapes` into runs/shapes (~11.5 min, CPU)
     python detdiff.py --stage generator --steps 200 --out runs/quick   # one stage; --help lists every setting
     python detdiff.py --out runs/shapes --resume        # continue a killed run from its last checkpoint
     python detdiff.py --pal-weight 0.01 --cond tokens   # the paper's lambda and the paper's token conditioning
     python detdiff.py --evaluate                        # the main job, then evaluate.py's report on the run
+    python detdiff.py --space latent --image-size 64    # latent mode: an autoencoder stage, the UNet on its latents
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...   # DDP (gloo on CPU, nccl on CUDA)
 
 Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this project, t = 0 is the least noisy):
@@ -15,7 +16,8 @@ Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this projec
     L_simple     || eps - eps_theta ||^2 (DDPM Eq. 14)                               `loss_simple`
     L_p          sqrt(alpha_bar_t) (L_m + L_d), the perception loss (PAPER.md s.3)    `perception.perception_loss`
     lambda       L = L_simple + lambda L_p                                           `--pal-weight`
-    x_0, x_t     a clean image in [-1, 1] (data.py owns that range) and its noised version
+    x_0, x_t     a clean image in [-1, 1] (data.py owns that range) and its noised version; in latent mode
+                 x_0 = z = scale * E(image), the frozen autoencoder's unit-variance latent (L_LDM = L_simple on z)
     eps          the standard normal noise that made x_t from x_0                    `eps`
     eps_theta    the UNet's prediction of eps from (x_t, t, layout tokens)           `eps_pred`
     layout tokens  "An image with {(c_i, l_i, d_i)}" as ids (data.LayoutTokenizer)   `tokens`
@@ -24,6 +26,7 @@ head's mask logits with `return_features=True`); sample.py reuses `Diffusion` (n
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -42,7 +45,7 @@ from tqdm import tqdm
 
 import data
 import perception
-from unet import UNet, UNetConfig
+from unet import Autoencoder, AutoencoderConfig, UNet, UNetConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,6 +157,15 @@ class TrainConfig:
     pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (PAPER.md s.3); paper 0.01; 0 = no head
     attributes: str = "auto"         # auto: the run's attributes.json (pipeline stage) | none: [none] tokens | a path
     image_size: int = 32
+    space: str = "pixel"             # pixel | latent: the UNet learns the frozen autoencoder's scaled latents
+                                     # (the paper's L_LDM; how to scale to 64 px and up)
+    autoencoder: str = "auto"        # latent: auto = the run's autoencoder.pt (the autoencoder stage) | a path
+    ae_steps: int = 1500             # autoencoder stage: optimizer steps (batch_size images each, lr, warmup)
+    ae_factor: int = 4               # autoencoder: downsampling factor (64 px -> 16 x 16 latents)
+    ae_channels: int = 16
+    ae_latent_channels: int = 4
+    ae_edge_weight: float = 0.0      # autoencoder loss: L1 + this x L1 of the image gradients (an optional edge
+                                     # term; no downloaded perceptual network)
     bins: int = 32
     location: str = "grid"           # grid | axis (data.LayoutTokenizer)
     max_objects: int = 8
@@ -166,7 +178,7 @@ class TrainConfig:
     n_grid: int = 8                  # validation layouts in the grid
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     # the main job's other stages (python detdiff.py runs them all; perception.py has them as commands too)
-    stage: str = "all"               # all | data | detector | attributes | generator | grid
+    stage: str = "all"               # all | data | detector | attributes | autoencoder | generator | grid
     det_steps: int = 1000            # detector (perception metric) optimizer steps, trained from scratch
     det_size: int = 64               # detector input side
     attr_steps: int = 400            # steps of each held-out fold's detector (perception-aware attribute)
@@ -322,13 +334,14 @@ def ema_update(ema, model, decay):
             e.copy_(b)
 
 
-def save_grid(ema, diff, tok, val_batch, cfg, path, device):
+def save_grid(ema, diff, tok, val_batch, cfg, path, device, autoencoder=None):
     """Real validation images (left) beside generated ones for the same layouts (right), boxes drawn."""
     import sample   # sample.py imports this module; import here to keep the dependency one-way at load time
     g = torch.Generator(device="cpu").manual_seed(1234)    # own generator: the training RNG stream is untouched
     x = sample.generate(ema, diff, val_batch["tokens"].to(device), tok.null_prompt().to(device),
                         size=cfg.image_size, steps=cfg.sample_steps, guidance=cfg.guidance, generator=g,
-                        dtype=cfg.dtype if cfg.dtype != "fp16" or device.type == "cuda" else "fp32", progress=False)
+                        dtype=cfg.dtype if cfg.dtype != "fp16" or device.type == "cuda" else "fp32", progress=False,
+                        autoencoder=autoencoder)
     tiles = []
     for real, fake, boxes, labels, valid in zip(val_batch["image"], x.cpu(), val_batch["boxes"],
                                                 val_batch["labels"], val_batch["valid"]):
@@ -400,6 +413,8 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     master = rank == 0
     if cfg.dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
+    if cfg.space not in ("pixel", "latent"):
+        raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
 
     # -- run folder: never silently overwrite a run
     out = Path(cfg.out or Path("runs") / Path(cfg.data).name)
@@ -443,8 +458,19 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     val_batch = data.collate([val_ds[i] for i in range(min(cfg.n_grid, len(val_ds)))], cfg.max_objects)
     null = tok.null_prompt().to(device)
 
+    # -- latent space: the frozen autoencoder (the one a resumed run learned with) encodes every image once
+    ae = ae_info = latents = None
+    if cfg.space == "latent":
+        ae_path = autoencoder_path(cfg, out)
+        ae, fp = load_autoencoder(ae_path, ck["autoencoder"]["fingerprint"] if ck else None, ckpt_path)
+        ae, ae_info = ae.to(device), dict(path=str(ae_path), fingerprint=fp)
+        latents = encode_dataset(ae, train_ds, device, progress=master)            # (N, c, S/f, S/f)
+        log(f"latent space: {ae_path} ({fp}) encodes {cfg.image_size}px images as {tuple(latents.shape[1:])} latents")
+
     # -- model, EMA, optimizer (the checkpoint's shapes win on resume)
     overrides = dict(dict(mask_dim=0) if cfg.pal_weight == 0 else {}, **(mcfg_overrides or {}))
+    if ae is not None:
+        overrides["in_channels"] = ae.cfg.latent_channels
     mcfg = UNetConfig(**ck["model_cfg"]) if ck else UNetConfig.for_tokenizer(tok, **overrides)
     if cfg.pal_weight > 0 and not mcfg.mask_dim:
         raise SystemExit("error: --pal-weight > 0 needs the perception head (--mask-dim > 0)")
@@ -485,13 +511,14 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
                              scaler=scaler.state_dict(), step=step, rng=states, history=history,
                              elapsed=time.time() - t0, finished=finished,
                              train_cfg=asdict(cfg), model_cfg=asdict(mcfg), img_s=seen / max(time.time() - t_start, 1e-9),
-                             attributes_used=str(attr_path) if attr_path else "",
+                             attributes_used=str(attr_path) if attr_path else "", space=cfg.space,
+                             autoencoder=ae_info,
                              tokenizer=dict(class_names=tok.class_names, category_ids=probe.category_ids, bins=tok.bins,
                                             max_objects=tok.max_objects, location=tok.location)), ckpt_path)
 
     def periodic_outputs():
         if master:
-            save_grid(ema, diff, tok, val_batch, cfg, out / f"samples_{step:06d}.png", device)
+            save_grid(ema, diff, tok, val_batch, cfg, out / f"samples_{step:06d}.png", device, ae)
             curves = {k: (history["step"], history[k]) for k in ("loss", "l_simple", "l_p") if history.get(k)}
             loss_curve(curves, out / "loss.png", f"{out.name}: training loss (log scale)")
 
@@ -513,8 +540,10 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
         for g in opt.param_groups:
             g["lr"] = lr
         # batch: the layouts' images, tokens, boxes and masks; then one step (train_step: the paper's loss)
-        batch = data.collate([train_ds[i] for i in batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed,
-                                                                 rank, world)], cfg.max_objects)
+        idx = batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed, rank, world)
+        batch = data.collate([train_ds[i] for i in idx], cfg.max_objects)
+        if latents is not None:
+            batch["image"] = latents[idx]         # latent space: x_0 is the image's scaled latent (L_LDM)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, l_simple, l_p = train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step)
         step += 1
@@ -562,11 +591,116 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Latent space (--space latent): the autoencoder stage, trained on the real images and then frozen (issue 6)
+
+def image_gradients(x):
+    """Finite differences along x and y of (B, C, H, W) images: the autoencoder's optional edge term."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def psnr(a, b):
+    """Mean over images of 10 log10(1 / MSE) with both (B, C, H, W) batches mapped from [-1, 1] to [0, 1]."""
+    mse = (((a.float() - b.float()) / 2) ** 2).flatten(1).mean(1).clamp(min=1e-10)
+    return float((-10 * mse.log10()).mean())
+
+
+def ae_fingerprint(state):
+    """A short hash of an autoencoder's weights (and scale): a latent generator records the one it learned."""
+    h = hashlib.sha1()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode_dataset(ae, ds, device, batch=64, progress=True):
+    """The scaled latents of every image of a dataset, in its order: (N, c, S/f, S/f). The encoder is
+    deterministic and the images are not augmented, so a run encodes them once."""
+    out = []
+    for s in tqdm(range(0, len(ds), batch), desc="encoding", leave=False, disable=not progress):
+        x = torch.stack([data.to_model_range(ds.load(i)["image"]) for i in range(s, min(s + batch, len(ds)))])
+        out.append(ae.encode(x.to(device)))
+    return torch.cat(out)
+
+
+def autoencoder_path(cfg, out):
+    return Path(out) / "autoencoder.pt" if cfg.autoencoder == "auto" else Path(cfg.autoencoder)
+
+
+def load_autoencoder(path, expect=None, owner=""):
+    """autoencoder.pt -> (frozen Autoencoder in eval mode, fingerprint). `expect`: the fingerprint a checkpoint
+    (`owner`) recorded; another autoencoder is an error (its latents mean something else)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: autoencoder not found (train one with python detdiff.py --space latent "
+                         f"--stage autoencoder, or pass --autoencoder PATH)")
+    try:
+        f = torch.load(path, map_location="cpu", weights_only=False)
+        ae = Autoencoder(AutoencoderConfig(**f["cfg"]))
+        ae.load_state_dict(f["model"])
+    except (KeyError, RuntimeError, EOFError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {path}: not a detdiff autoencoder ({type(e).__name__}: {str(e)[:120]})") from None
+    fp = ae_fingerprint(ae.state_dict())
+    if expect and fp != expect:
+        raise SystemExit(f"error: {path}: autoencoder {fp} is not the one {owner or 'the checkpoint'} was trained "
+                         f"with ({expect}); pass that one with --autoencoder")
+    return ae.eval().requires_grad_(False), fp
+
+
+def train_autoencoder(cfg, root, path, log=print):
+    """The first stage of the latent space: L1 reconstruction of the real training images (+ ae_edge_weight x L1
+    of their gradients), AdamW with the generator's warm-up and cosine schedule; then the latent scale
+    1 / std(E(x)) over the training images (SD's fixed 0.18215, measured here), and the PSNR on val images.
+    Writes `path` (weights, config, fingerprint, PSNR); returns the summary dict."""
+    torch.manual_seed(cfg.seed)
+    kw = dict(size=cfg.image_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
+    train_ds, val_ds = data.CocoLayoutDataset(root, "train", **kw), data.CocoLayoutDataset(root, "val", **kw)
+
+    def images(ds, idx):
+        return torch.stack([data.to_model_range(ds.load(i)["image"]) for i in idx])              # (B, 3, S, S)
+    ae = Autoencoder(AutoencoderConfig(channels=cfg.ae_channels, latent_channels=cfg.ae_latent_channels,
+                                       factor=cfg.ae_factor))
+    opt, t0 = make_optimizer(ae, cfg), time.time()
+    bar = tqdm(range(cfg.ae_steps), desc="autoencoder", dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, step / cfg.ae_steps)
+        x = images(train_ds, batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed))
+        x_rec = ae(x)
+        loss = (x_rec - x).abs().mean()                                                        # L1
+        if cfg.ae_edge_weight:
+            loss = loss + cfg.ae_edge_weight * sum((a - b).abs().mean()
+                                                   for a, b in zip(image_gradients(x_rec), image_gradients(x)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % max(cfg.ae_steps // 5, 1) == 0:
+            log(f"[autoencoder] step {step + 1}/{cfg.ae_steps} L1 {loss.item():.4f} {time.time() - t0:.0f}s")
+    ae.eval()
+    with torch.no_grad():
+        ae.scale.fill_(1.0 / encode_dataset(ae, train_ds, "cpu", progress=False).std().item())   # unit-variance z
+        val = images(val_ds, range(min(256, len(val_ds))))
+        val_psnr = psnr(ae.decode(ae.encode(val)), val)
+    info = dict(psnr_val=round(val_psnr, 2), scale=round(ae.scale.item(), 5), steps=cfg.ae_steps,
+                seconds=round(time.time() - t0, 1), image_size=cfg.image_size, data=str(root),
+                latent_shape=[cfg.ae_latent_channels, cfg.image_size // cfg.ae_factor, cfg.image_size // cfg.ae_factor])
+    atomic_save(dict(model=ae.state_dict(), cfg=asdict(ae.cfg), fingerprint=ae_fingerprint(ae.state_dict()), **info),
+                path)
+    log(f"[autoencoder] {path}: {cfg.image_size}px -> latents {info['latent_shape']}, val PSNR {val_psnr:.2f} dB, "
+        f"scale {info['scale']}, {info['seconds']:.0f}s")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The main job: data -> detector -> attributes -> generator -> grid, then a summary (PAPER.md sections 1-3)
 
-STAGES = ("data", "detector", "attributes", "generator", "grid")
+STAGES = ("data", "detector", "attributes", "autoencoder", "generator", "grid")
 SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
-            "det_steps", "det_size", "attr_steps", "attr_folds", "gamma", "beta", "class_aware", "seed")
+            "det_steps", "det_size", "attr_steps", "attr_folds", "gamma", "beta", "class_aware", "seed", "space",
+            "autoencoder", "ae_steps", "ae_factor", "ae_channels", "ae_latent_channels", "ae_edge_weight")
 
 
 def pipeline(cfg, mcfg_overrides=None):
@@ -646,6 +780,21 @@ def pipeline(cfg, mcfg_overrides=None):
                                      per_category={k: v["hard_fraction"] for k, v in s["per_category"].items()},
                                      per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()})
 
+    # -- autoencoder (--space latent, or asked for by name): trained on the real images, then frozen
+    ae_path = autoencoder_path(cfg, out)
+    if "autoencoder" in run and (cfg.space == "latent" or cfg.stage == "autoencoder"):
+        t = time.time()
+        if ae_path.is_file():
+            log(f"[autoencoder] reusing {ae_path}")
+        elif cfg.autoencoder != "auto":
+            raise SystemExit(f"error: {ae_path}: autoencoder not found")
+        else:
+            train_autoencoder(cfg, root, ae_path, log)
+        timing["autoencoder"] = time.time() - t
+    if cfg.space == "latent" and ae_path.is_file():
+        f = torch.load(ae_path, map_location="cpu", weights_only=False)
+        summary["autoencoder"] = {k: f.get(k) for k in ("psnr_val", "scale", "latent_shape", "seconds", "fingerprint")}
+
     # -- generator: the layout-conditioned UNet with the perception loss
     ckpt_path = out / "ckpt.pt"
     if "generator" in run:
@@ -677,7 +826,8 @@ def pipeline(cfg, mcfg_overrides=None):
                     raise SystemExit(f"error: {need}: missing; run the stage that makes it first (--stage all)")
             model, tok, diff, ck = sample.load_checkpoint(ckpt_path)
             S, names = ck["train_cfg"]["image_size"], tok.class_names
-            kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False)
+            kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False,
+                      autoencoder=sample.checkpoint_autoencoder(ck, ckpt_path))
             lays = sample.val_layouts(ck, max(cfg.n_grid, cfg.n_eval))
             real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
             real = [real_ds.load(i)["image"] for i in range(len(lays))]
@@ -725,6 +875,10 @@ def summary_text(s):
         per = a["per_nuisance"] or a["per_category"]
         lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per {'nuisance' if a['per_nuisance'] else 'category'}"
                      ": " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items()))
+    if "autoencoder" in s:
+        a = s["autoencoder"]
+        lines.append(f"autoencoder latents {a['latent_shape']}, val PSNR {a['psnr_val']:.2f} dB, scale {a['scale']}, "
+                     f"trained in {a['seconds']:.0f}s")
     if "generator" in s:
         g = s["generator"]
         lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s), "
@@ -748,7 +902,8 @@ def main(argv=None):
         if not ck_path.is_file():
             raise SystemExit(f"error: {ck_path}: no checkpoint to resume from")
         saved = torch.load(ck_path, map_location="cpu", weights_only=False)
-        changed = {k: v for k, v in targs.items() if k not in RESUME_OVERRIDES and saved["train_cfg"][k] != v}
+        changed = {k: v for k, v in targs.items()
+                   if k not in RESUME_OVERRIDES and saved["train_cfg"].get(k, getattr(TrainConfig, k)) != v}
         if changed or margs:
             raise SystemExit(f"error: --resume keeps the run's saved settings; these differ: "
                              f"{sorted(changed) + sorted(margs)} (only {sorted(RESUME_OVERRIDES)} may change)")

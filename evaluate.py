@@ -450,6 +450,8 @@ def train_ablation(run, ck, name, overrides, cfg, log):
         log(f"[ablations] reusing {path}")
         return path
     attrs = str(run / "attributes.json") if tc["attributes"] == "auto" else tc["attributes"]
+    if ck.get("autoencoder"):                     # a latent-space run: the same frozen autoencoder
+        overrides = dict(overrides, autoencoder=ck["autoencoder"]["path"])
     tcfg = detdiff.TrainConfig(**{**tc, "attributes": attrs, **budget, **overrides, "out": str(out),
                                   "resume": path.is_file(), "stage": "generator"})
     if cfg.quick:
@@ -498,7 +500,7 @@ def evaluate(run, cfg=None):
     root = data.resolve_data(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
     gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch, seed=cfg.seed,
-                  progress=False)
+                  progress=False, autoencoder=sample.checkpoint_autoencoder(ck, run / "ckpt.pt"))
     M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}", guidance=cfg.guidance,
                        image_size=S, generator_steps=ck["step"], generator_minutes=round(ck["elapsed"] / 60, 1),
                        seconds={}, notes={}))
@@ -607,9 +609,11 @@ def evaluate(run, cfg=None):
         t = time.time()
         M["ablations"] = {}
         for name, over in ablation_settings(tc).items():
-            a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(train_ablation(run, ck, name, over, cfg, log))
+            a_path = train_ablation(run, ck, name, over, cfg, log)
+            a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path)
             a_lays = sample.val_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
-            ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **gen_kw)
+            a_kw = dict(gen_kw, autoencoder=sample.checkpoint_autoencoder(a_ck, a_path))
+            ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
             r = detector_ap(det, ims, a_lays, folder=scratch / f"ablation_{name.replace(' ', '_')}", **ap_kw)
             row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=a_ck["train_cfg"]["attributes"] != "none",
                        steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from detdiff import Diffusion, extract, tokenizer_from
+from detdiff import Diffusion, extract, load_autoencoder, tokenizer_from
 from unet import UNet, UNetConfig
 
 
@@ -124,14 +124,18 @@ SAMPLERS = ("ddim", "ddpm", "dpm++2m")
 
 @torch.no_grad()
 def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
-             generator=None, dtype="fp32", clip=True, progress=True):
+             generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None):
     """Sample images (B, C, S, S) in [-1, 1] for layout tokens (B, L). DDIM uses `steps` evenly spaced
     timesteps from T-1 down to 0, DPM-Solver++ (2M) `steps` timesteps uniform in log-SNR (`logsnr_grid`); DDPM
-    always walks all T steps. Noise comes from `generator` (CPU)."""
+    always walks all T steps. Noise comes from `generator` (CPU). A latent-space model (`autoencoder`, the frozen
+    one it learned with) samples latents of side S / f without the [-1, 1] clipping of x_0 (latents are not
+    bounded) and returns them decoded."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     cfg, dev = model.cfg, tokens.device
     size = size or 32
+    if autoencoder is not None:
+        size, clip = size // autoencoder.cfg.factor, False
     B, was_training = tokens.shape[0], model.training
     model.eval()
     amp = torch.autocast(dev.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16, enabled=dtype != "fp32")
@@ -157,7 +161,7 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
             x, h = dpm2m_step(diff, x, t, t_prev, x0, x0_last, h_last)
             x0_last, h_last = x0, h
     model.train(was_training)
-    return x
+    return autoencoder.decode(x.float()) if autoencoder is not None else x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +179,19 @@ def load_checkpoint(path, weights="ema", device="cpu"):
         raise SystemExit(f"error: {path}: not a detdiff checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
     return model.to(device).eval(), tokenizer_from(ck["tokenizer"]), diff, ck
+
+
+def checkpoint_autoencoder(ck, ckpt_path, path="", device="cpu"):
+    """The frozen autoencoder a latent-space checkpoint learned with, None for a pixel-space one: `path` if given,
+    else the one the checkpoint recorded, else autoencoder.pt beside it. Another autoencoder is an error."""
+    if ck.get("space", "pixel") == "pixel":
+        if path:
+            raise SystemExit(f"error: {ckpt_path}: a pixel-space checkpoint takes no --autoencoder")
+        return None
+    info = ck["autoencoder"]
+    options = [Path(path)] if path else [Path(info["path"]), Path(ckpt_path).parent / "autoencoder.pt"]
+    found = next((o for o in options if o.is_file()), options[0])
+    return load_autoencoder(found, info["fingerprint"], ckpt_path)[0].to(device)
 
 
 def read_layouts(path, class_names, max_objects):
@@ -251,7 +268,7 @@ def coco_json(layouts, S, class_names, category_ids):
 
 
 def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
-                     batch=32, seed=0, dtype="fp32", progress=True):
+                     batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None):
     """Images (uint8 (S, S, 3) arrays) for a list of layouts dict(boxes, labels, difficulty), in batches.
     The noise stream depends only on `seed`, so the same layouts with other difficulty tokens start from the
     same x_T (the easy / hard comparison changes nothing but the prompt)."""
@@ -260,7 +277,8 @@ def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", 
     for s in tqdm(range(0, len(layouts), batch), desc="batches", disable=not progress):
         chunk = layouts[s:s + batch]
         tokens = torch.stack([tok.encode(l["boxes"], l["labels"], l["difficulty"]) for l in chunk]).to(dev)
-        x = generate(model, diff, tokens, null, size, steps, sampler, eta, guidance, g, dtype, progress=False)
+        x = generate(model, diff, tokens, null, size, steps, sampler, eta, guidance, g, dtype, progress=False,
+                     autoencoder=autoencoder)
         out += [data.from_model_range(img) for img in x.cpu()]
     return out
 
@@ -289,6 +307,8 @@ def main(argv=None):
     ap.add_argument("--weights", choices=("ema", "model"), default="ema")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--autoencoder", default="", help="latent-space checkpoints: the autoencoder it learned with "
+                    "(default: the path the checkpoint recorded, else autoencoder.pt beside it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--classifier", default="", help="a crop classifier (evaluate.py writes RUN/eval/"
                     "crop_classifier.pt): drop every generated image with an object it does not call the layout's "
@@ -307,12 +327,13 @@ def run(a):
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
     model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, a.device)
+    ae = checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, a.device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
     layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
     t0 = time.time()
     images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
-                              a.dtype)
+                              a.dtype, autoencoder=ae)
     secs = time.time() - t0
     dropped = ""
     if a.classifier:                                   # class consistency filter (evaluate.py, part 6)
