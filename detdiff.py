@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -160,7 +161,7 @@ class TrainConfig:
     space: str = "pixel"             # pixel | latent: the UNet learns the frozen autoencoder's scaled latents
                                      # (the paper's L_LDM; how to scale to 64 px and up)
     autoencoder: str = "auto"        # latent: auto = the run's autoencoder.pt (the autoencoder stage) | a path
-    ae_steps: int = 1500             # autoencoder stage: optimizer steps (batch_size images each, lr, warmup)
+    ae_steps: int = 1000             # autoencoder stage: optimizer steps (batch_size images each, lr, warmup)
     ae_factor: int = 4               # autoencoder: downsampling factor (64 px -> 16 x 16 latents)
     ae_channels: int = 16
     ae_latent_channels: int = 4
@@ -604,6 +605,13 @@ def psnr(a, b):
     return float((-10 * mse.log10()).mean())
 
 
+def reconstruction_grid(images, reconstructions, path, n=8):
+    """Val images (top row) over their autoencoder reconstructions (bottom row), as a PNG."""
+    tiles = [data.from_model_range(x) for x in images[:n]] + [data.from_model_range(x) for x in reconstructions[:n]]
+    big = [Image.fromarray(t).resize((2 * t.shape[1], 2 * t.shape[0]), Image.NEAREST) for t in tiles]
+    data.image_grid(big, ncol=min(n, len(images))).save(path)
+
+
 def ae_fingerprint(state):
     """A short hash of an autoencoder's weights (and scale): a latent generator records the one it learned."""
     h = hashlib.sha1()
@@ -652,7 +660,8 @@ def train_autoencoder(cfg, root, path, log=print):
     """The first stage of the latent space: L1 reconstruction of the real training images (+ ae_edge_weight x L1
     of their gradients), AdamW with the generator's warm-up and cosine schedule; then the latent scale
     1 / std(E(x)) over the training images (SD's fixed 0.18215, measured here), and the PSNR on val images.
-    Writes `path` (weights, config, fingerprint, PSNR); returns the summary dict."""
+    Writes `path` (weights, config, fingerprint, PSNR) and beside it a PNG of val reconstructions; returns the
+    summary dict."""
     torch.manual_seed(cfg.seed)
     kw = dict(size=cfg.image_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
     train_ds, val_ds = data.CocoLayoutDataset(root, "train", **kw), data.CocoLayoutDataset(root, "val", **kw)
@@ -683,7 +692,9 @@ def train_autoencoder(cfg, root, path, log=print):
     with torch.no_grad():
         ae.scale.fill_(1.0 / encode_dataset(ae, train_ds, "cpu", progress=False).std().item())   # unit-variance z
         val = images(val_ds, range(min(256, len(val_ds))))
-        val_psnr = psnr(ae.decode(ae.encode(val)), val)
+        rec = ae.decode(ae.encode(val))
+        val_psnr = psnr(rec, val)
+    reconstruction_grid(val, rec, Path(path).with_suffix(".png"))
     info = dict(psnr_val=round(val_psnr, 2), scale=round(ae.scale.item(), 5), steps=cfg.ae_steps,
                 seconds=round(time.time() - t0, 1), image_size=cfg.image_size, data=str(root),
                 latent_shape=[cfg.ae_latent_channels, cfg.image_size // cfg.ae_factor, cfg.image_size // cfg.ae_factor])
