@@ -120,6 +120,7 @@ def test_latent_main_job_and_its_evaluation(tiny_data, tmp_path):
     out = tmp_path / "run"
     s = detdiff.pipeline(tiny_train_cfg(tiny_data, out, space="latent", **TINY_STAGES, **TINY_AE), TINY_MODEL)
     assert (out / "autoencoder.pt").is_file() and s["autoencoder"]["latent_shape"] == [4, 4, 4]
+    assert (out / "autoencoder.png").is_file()                          # val images over their reconstructions
     assert "autoencoder latents [4, 4, 4], val PSNR" in (out / "log.txt").read_text()
     M = evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", ablations=True,
                                                    inception=str(out / "none.pt")))
