@@ -621,14 +621,17 @@ def ae_fingerprint(state):
     return h.hexdigest()[:12]
 
 
+def dataset_images(ds, idx):
+    """Images idx of a data.CocoLayoutDataset as one (B, 3, S, S) batch in [-1, 1]."""
+    return torch.stack([data.to_model_range(ds.load(i)["image"]) for i in idx])
+
+
 @torch.no_grad()
 def encode_dataset(ae, ds, device, batch=64, progress=True):
     """The scaled latents of every image of a dataset, in its order: (N, c, S/f, S/f). The encoder is
     deterministic and the images are not augmented, so a run encodes them once."""
-    out = []
-    for s in tqdm(range(0, len(ds), batch), desc="encoding", leave=False, disable=not progress):
-        x = torch.stack([data.to_model_range(ds.load(i)["image"]) for i in range(s, min(s + batch, len(ds)))])
-        out.append(ae.encode(x.to(device)))
+    out = [ae.encode(dataset_images(ds, range(s, min(s + batch, len(ds)))).to(device))
+           for s in tqdm(range(0, len(ds), batch), desc="encoding", leave=False, disable=not progress)]
     return torch.cat(out)
 
 
@@ -665,9 +668,6 @@ def train_autoencoder(cfg, root, path, log=print):
     torch.manual_seed(cfg.seed)
     kw = dict(size=cfg.image_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
     train_ds, val_ds = data.CocoLayoutDataset(root, "train", **kw), data.CocoLayoutDataset(root, "val", **kw)
-
-    def images(ds, idx):
-        return torch.stack([data.to_model_range(ds.load(i)["image"]) for i in idx])              # (B, 3, S, S)
     ae = Autoencoder(AutoencoderConfig(channels=cfg.ae_channels, latent_channels=cfg.ae_latent_channels,
                                        factor=cfg.ae_factor))
     opt, t0 = make_optimizer(ae, cfg), time.time()
@@ -675,7 +675,7 @@ def train_autoencoder(cfg, root, path, log=print):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, step / cfg.ae_steps)
-        x = images(train_ds, batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed))
+        x = dataset_images(train_ds, batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed))
         x_rec = ae(x)
         loss = (x_rec - x).abs().mean()                                                        # L1
         if cfg.ae_edge_weight:
@@ -691,7 +691,7 @@ def train_autoencoder(cfg, root, path, log=print):
     ae.eval()
     with torch.no_grad():
         ae.scale.fill_(1.0 / encode_dataset(ae, train_ds, "cpu", progress=False).std().item())   # unit-variance z
-        val = images(val_ds, range(min(256, len(val_ds))))
+        val = dataset_images(val_ds, range(min(256, len(val_ds))))
         rec = ae.decode(ae.encode(val))
         val_psnr = psnr(rec, val)
     reconstruction_grid(val, rec, Path(path).with_suffix(".png"))
@@ -722,6 +722,8 @@ def pipeline(cfg, mcfg_overrides=None):
     cfg.out = str(out)
     if cfg.stage not in ("all",) + STAGES:
         raise SystemExit(f"error: --stage must be all or one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    if cfg.space not in ("pixel", "latent"):
+        raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
     root = data.resolve_data(cfg.data)               # a missing or bad data set stops before anything is written
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in SAME_RUN}
