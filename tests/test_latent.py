@@ -128,3 +128,10 @@ def test_latent_main_job_and_its_evaluation(tiny_data, tmp_path):
     ck = torch.load(out / "ablations" / "loss_off" / "ckpt.pt", weights_only=False)
     assert ck["space"] == "latent" and ck["autoencoder"]["fingerprint"] == fp
     assert 0 <= M["fidelity_map50"] <= 1 and M["ablations"]["loss off"]["pal_weight"] == 0
+
+
+def test_image_gradients_of_the_edge_term():
+    """The autoencoder's optional edge term compares finite differences: checked on a hand-made ramp."""
+    x = torch.tensor([[0.0, 1.0, 3.0], [0.0, 2.0, 5.0]])[None, None]     # (1, 1, 2, 3)
+    dx, dy = detdiff.image_gradients(x)
+    assert dx.tolist() == [[[[1.0, 2.0], [2.0, 3.0]]]] and dy.tolist() == [[[[0.0, 1.0, 2.0]]]]
