@@ -11,8 +11,9 @@ default training run.
 What each number includes:
 - train img/s: one full step of detdiff.train's loop body on a fixed synthetic batch (B=32; every layout slot holds
   an object, its mask the filled box; `latent`: --space latent at 64 px, a 4 x 16 x 16 latent x_0 with 64 px
-  masks, the autoencoder not included because a run encodes its images once): condition dropout, q_sample, forward under autocast (with the perception
-  head when the model has one), L_simple + lambda L_p, backward, grad clipping, AdamW, EMA, the loss read back.
+  masks, the autoencoder not included because a run encodes its images once): condition dropout, q_sample,
+  forward under autocast (with the perception head when the model has one), L_simple + lambda L_p, backward,
+  grad clipping, AdamW, EMA, the loss read back.
   Not included: reading and collating the batch from disk, logging, checkpoints. One warm-up step, then rounds of
   steps (about 1.5 s each); the median round counts. Rows timed against each other alternate rounds.
 - GFLOPs: the UNet's forward per image as torch.utils.flop_counter.FlopCounterMode counts it (matmuls,
@@ -250,7 +251,8 @@ class Bench:
         m, B = self.model(M, **(dict(mkw, in_channels=4) if latent else mkw)), self.a.batch
         b, null = self.batch(B, S, M)
         if latent:
-            b["image"] = torch.randn(B, 4, S // latent, S // latent, generator=torch.Generator().manual_seed(0)).to(self.dev)
+            g = torch.Generator().manual_seed(0)
+            b["image"] = torch.randn(B, 4, S // latent, S // latent, generator=g).to(self.dev)
         (s, warm), = time_rounds({name: make_step(m, b, null, dtype, self.dev, compile)}, self.dev,
                                  self.a.rounds).values()
         f = self.fwd_flops(m, S // latent if latent else S, M)

@@ -15,6 +15,8 @@ here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
 - `model(x_t, t, tokens, return_features=True)` also returns the decoder features at every resolution, the
   per-object embeddings and, when `mask_dim > 0`, the perception head's per-object mask logits (perception.py;
   the head lives in the same module so that DDP, EMA and checkpoints carry it without special cases).
+- Autoencoder (`--space latent`): the frozen first stage the UNet learns in, as the paper's Stable Diffusion
+  backbone does (L_LDM = L_simple on its scaled latents); trained by detdiff.py's `autoencoder` stage.
 
 Quick check: python -c "import unet; m = unet.UNet(unet.UNetConfig()); print(sum(p.numel() for p in m.parameters()))"
 """
@@ -327,7 +329,8 @@ class Autoencoder(nn.Module):
         enc = [nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)]
         for i in range(n):                                                        # ResBlock, downsample by 2
             enc += [ResBlock(ch[i], ch[i], 0, 0.0), nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1)]
-        enc += [ResBlock(ch[n], ch[n], 0, 0.0), norm(ch[n]), nn.SiLU(), nn.Conv2d(ch[n], cfg.latent_channels, 3, padding=1)]
+        enc += [ResBlock(ch[n], ch[n], 0, 0.0), norm(ch[n]), nn.SiLU(),
+                nn.Conv2d(ch[n], cfg.latent_channels, 3, padding=1)]
         dec = [nn.Conv2d(cfg.latent_channels, ch[n], 3, padding=1)]
         for i in reversed(range(n)):                                              # ResBlock, upsample by 2
             dec += [ResBlock(ch[i + 1], ch[i + 1], 0, 0.0), nn.Upsample(scale_factor=2, mode="nearest"),
