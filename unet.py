@@ -7,9 +7,15 @@ here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
 - LayoutEncoder: a small pre-LN transformer over the token ids (our stand-in for GeoDiffusion's fine-tuned CLIP
   text encoder). Location-token embeddings start from 2-D sin-cos embeddings of their bin position (GeoDiffusion).
   `cond="tokens"` is the paper's setting: every token of the prompt is a cross-attention key.
-  `cond="object"` (default; beyond the paper) pools each object's fixed slot of tokens into ONE embedding per
-  object; issue 3's prototype found this (together with the per-object mask loss of issue 4) is what teaches
-  placement at CPU scale. The prompt itself is the paper's in both settings.
+  `cond="object"` (beyond the paper) pools each object's fixed slot of tokens into ONE embedding per object,
+  the cross-attention keys; issue 3's prototype found this (together with the per-object mask loss of issue 4)
+  is what teaches placement at CPU scale.
+  `cond="paint"` (beyond the paper) is "object" plus LayoutDiffusion's position-aware fusion (Zheng et al., CVPR
+  2023): each object's embedding and the pixel's position inside its box are painted into the box as a feature
+  map (`paint_objects`; the boxes are read back from the prompt's location tokens, `object_boxes`), and a 1x1
+  convolution of that map, area-averaged to each resolution, is added to the input of every ResBlock. So every
+  pixel of a box is told which object it belongs to and where in it it lies, instead of having to find that out
+  through cross-attention at 16 and 8 px. The prompt itself is the paper's in all three settings.
 - UNet: sinusoidal time embedding + MLP, ResBlocks (GroupNorm, SiLU), down/up paths with skips, self-attention at
   low resolution, cross-attention to the layout embeddings at chosen resolutions.
 - `model(x_t, t, tokens, return_features=True)` also returns the decoder features at every resolution, the
@@ -43,7 +49,9 @@ class UNetConfig:
     heads: int = 4
     dropout: float = 0.0
     # layout encoder (the token-vocabulary fields are filled from data.LayoutTokenizer by model_config_from_tok)
-    cond: str = "object"                 # "object": one pooled embedding per object (beyond the paper); "tokens": paper
+    cond: str = "object"                 # "tokens": the paper's (cross-attention to every prompt token); "object": one
+                                         # pooled embedding per object; "paint": "object" + each object painted into
+                                         # its box as feature maps (position-aware fusion, beyond the paper)
     d_model: int = 64
     enc_layers: int = 2
     enc_heads: int = 4
@@ -55,6 +63,7 @@ class UNetConfig:
     class_offset: int = 7                # ids class_offset .. loc_offset-1 are categories (start a real object)
     loc_offset: int = 14                 # ids from loc_offset on are location tokens
     bins: int = 32                       # location bins per axis (the sin-cos init measures positions in bins)
+    location: str = "grid"               # how location tokens encode a point (data.LayoutTokenizer): grid | axis
     # perception head (perception.MaskHead, issue 4): per-pixel embedding width; 0 = no head (--pal-weight 0)
     mask_dim: int = 32
 
@@ -63,7 +72,7 @@ class UNetConfig:
         """The config whose vocabulary fields match a data.LayoutTokenizer."""
         return cls(vocab_size=tok.vocab_size, seq_len=tok.seq_len, tokens_per_object=tok.tokens_per_object,
                    max_objects=tok.max_objects, pad_id=tok.pad_id, class_offset=tok.class_offset,
-                   loc_offset=tok.loc_offset, bins=tok.bins, **overrides)
+                   loc_offset=tok.loc_offset, bins=tok.bins, location=tok.location, **overrides)
 
     @property
     def down_factor(self):
@@ -87,6 +96,59 @@ def sincos_2d(xy, dim, scale):
 def timestep_embedding(t, dim):
     """DDPM's sinusoidal embedding of the integer timestep t (B,) -> (B, dim)."""
     return sincos_1d(t.float(), dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Objects painted into their boxes (cond="paint"; LayoutDiffusion's position-aware fusion, beyond the paper)
+
+def object_boxes(tokens, cfg):
+    """The boxes (B, M, 4) xyxy in [0, 1] of a prompt's object slots, read back from their location tokens: the
+    inverse of data.LayoutTokenizer.encode (bin centres, within half a bin). Empty slots give junk boxes; the
+    caller masks them with object_valid. So the UNet still takes only the tokens."""
+    M, T, n = cfg.max_objects, cfg.tokens_per_object, cfg.bins
+    slots = tokens[:, 1:1 + M * T].reshape(tokens.shape[0], M, T)                 # (B, M, T)
+    loc = (slots[..., 1:T - 1] - cfg.loc_offset).clamp(min=0)                      # (B, M, 2) grid, (B, M, 4) axis
+    if cfg.location == "grid":                                                     # index = y n + x
+        q = torch.stack([loc % n, loc // n], -1).flatten(2)                        # (B, M, 4) x0, y0, x1, y1
+    else:                                                                          # x tokens 0..n-1, y tokens n..2n-1
+        q = loc - torch.tensor([0, n, 0, n], device=tokens.device)
+    return q.float() / (n - 1)
+
+
+def box_masks(boxes, valid, S):
+    """Where each object is on an S x S grid: inside (B, M, S, S), 1 at the pixels whose centre lies in object i's
+    box, and uv (B, 2, S, S), each pixel's position relative to its box, from -1 at the left / top edge to 1 at the
+    right / bottom edge, summed over the boxes it lies in (0 outside every box). boxes (B, M, 4) xyxy in [0, 1],
+    valid (B, M) bool (empty slots are nowhere)."""
+    c = (torch.arange(S, device=boxes.device, dtype=torch.float32) + 0.5) / S       # pixel centres (S,)
+    x0, y0, x1, y1 = (boxes[..., i, None].float() for i in range(4))               # (B, M, 1)
+    in_x, in_y = (c >= x0) & (c < x1), (c >= y0) & (c < y1)                          # (B, M, S)
+    u = (2 * (c - x0) / (x1 - x0).clamp(min=1e-6) - 1) * in_x                        # (B, M, S) along x
+    v = (2 * (c - y0) / (y1 - y0).clamp(min=1e-6) - 1) * in_y                        # (B, M, S) along y
+    inside = (in_y[..., :, None] & in_x[..., None, :] & valid[..., None, None]).float()  # (B, M, S, S)
+    uu = torch.einsum("bmw,bmhw->bhw", u, inside)                                    # u depends on the column
+    vv = torch.einsum("bmh,bmhw->bhw", v, inside)                                    # v on the row
+    return inside, torch.stack([uu, vv], 1)
+
+
+def paint_objects(objects, boxes, valid, S):
+    """The layout as an (B, D + 2, S, S) map: every pixel inside object i's box holds [e_i, u, v], e_i the
+    object's embedding (B, M, D) and (u, v) the pixel's position in the box (box_masks); summed where boxes
+    overlap, zero outside every box and for the null prompt (no valid object)."""
+    inside, uv = box_masks(boxes, valid, S)
+    emb = torch.einsum("bmd,bmhw->bdhw", objects.float(), inside)
+    return torch.cat([emb, uv], 1).to(objects.dtype)                                 # (B, D + 2, S, S)
+
+
+def painted_conv(conv, objects, inside, uv):
+    """conv (a 1x1 nn.Conv2d of D + 2 -> C channels) of the painted map, area-averaged to the resolution of
+    `inside` / `uv` (box_masks, pooled): what conv(avg_pool(paint_objects(...))) gives, computed without the map.
+    Both are linear, so the 1x1 conv of [e_i, u, v] is W_e e_i + W_uv (u, v) + b; each object's W_e e_i is painted
+    with its pooled mask: B M C h w multiply-adds per ResBlock instead of B (D + 2) C h w."""
+    W = conv.weight[:, :, 0, 0]                                                       # (C, D + 2)
+    emb = objects @ W[:, :-2].t().to(objects.dtype)                                   # (B, M, C)
+    return (torch.einsum("bmc,bmhw->bchw", emb, inside.to(emb.dtype))
+            + torch.einsum("cj,bjhw->bchw", W[:, -2:].to(emb.dtype), uv.to(emb.dtype)) + conv.bias[:, None, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,14 +180,14 @@ class LayoutEncoder(nn.Module):
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(D)
-        if cfg.cond == "object":
+        if cfg.cond in ("object", "paint"):
             self.pool = nn.Sequential(nn.Linear(T * D, D), nn.GELU(), nn.Linear(D, D), nn.LayerNorm(D))
         elif cfg.cond != "tokens":
-            raise ValueError(f"UNetConfig.cond must be 'object' or 'tokens', got {cfg.cond!r}")
+            raise ValueError(f"UNetConfig.cond must be 'tokens', 'object' or 'paint', got {cfg.cond!r}")
 
     def forward(self, tokens):
         """tokens (B, L) long -> dict(context (B, Lc, D), context_mask (B, Lc) bool True=attend,
-        objects (B, M, D), object_valid (B, M) bool)."""
+        objects (B, M, D), object_valid (B, M) bool, boxes (B, M, 4) read back from the location tokens)."""
         cfg, T, M = self.cfg, self.cfg.tokens_per_object, self.cfg.max_objects
         if tokens.shape[1] != cfg.seq_len:
             raise ValueError(f"layout tokens have length {tokens.shape[1]}, the model was built for {cfg.seq_len}")
@@ -134,7 +196,7 @@ class LayoutEncoder(nn.Module):
         h = self.ln(self.transformer(h, src_key_padding_mask=pad))
         first = tokens[:, 1:1 + M * T:T]                                         # (B, M) first token of each slot
         valid = (first >= cfg.class_offset) & (first < cfg.loc_offset)           # a category starts a real object
-        if cfg.cond == "object":
+        if cfg.cond != "tokens":
             slots = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m (t d)", t=T)  # (B, M, T*D)
             objects = self.pool(slots)                                           # (B, M, D)
             # the bos output is a global key that is always present, so the null prompt still has a key
@@ -143,7 +205,8 @@ class LayoutEncoder(nn.Module):
         else:
             objects = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m t d", t=T).mean(2)  # (B, M, D) for issue 4
             context, mask = h, ~pad                                              # paper: every token is a key
-        return dict(context=context, context_mask=mask, objects=objects, object_valid=valid)
+        return dict(context=context, context_mask=mask, objects=objects, object_valid=valid,
+                    boxes=object_boxes(tokens, cfg))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,10 +294,15 @@ class UNet(nn.Module):
             sa, ca = level in cfg.self_attn_levels, level in cfg.cross_attn_levels
             return AttnBlock(ch, D, cfg.heads, sa, ca) if (sa or ca) else None
 
+        # cond="paint": a 1x1 convolution of the painted layout map into the input of every ResBlock, in the order
+        # forward() meets them (down, middle, up)
+        self.paint, paint_in = nn.ModuleList(), []
+
         # down path: every ResBlock output is kept as a skip
         self.down, chans, ch = nn.ModuleList(), [C], C
         for lvl, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
+                paint_in.append(ch)
                 self.down.append(nn.ModuleList([ResBlock(ch, C * mult, tdim, cfg.dropout), attn(C * mult, lvl)]))
                 ch = C * mult
                 chans.append(ch)
@@ -245,16 +313,20 @@ class UNet(nn.Module):
         self.mid1 = ResBlock(ch, ch, tdim, cfg.dropout)
         self.mid_attn = AttnBlock(ch, D, cfg.heads, True, True)
         self.mid2 = ResBlock(ch, ch, tdim, cfg.dropout)
+        paint_in += [ch, ch]
         # up path: num_res_blocks + 1 ResBlocks per level, each eating one skip
         self.up, self.up_levels = nn.ModuleList(), []
         for lvl, mult in reversed(list(enumerate(cfg.channel_mults))):
             blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
+                paint_in.append(ch + chans[-1])
                 blocks.append(nn.ModuleList([ResBlock(ch + chans.pop(), C * mult, tdim, cfg.dropout),
                                              attn(C * mult, lvl)]))
                 ch = C * mult
             upsample = nn.Conv2d(ch, ch, 3, padding=1) if lvl > 0 else nn.Identity()
             self.up.append(nn.ModuleList([blocks, upsample]))
+        if cfg.cond == "paint":
+            self.paint = nn.ModuleList([nn.Conv2d(D + 2, c, 1) for c in paint_in])
         self.feature_channels = [C * m for m in reversed(cfg.channel_mults)]     # decoder features, coarse to fine
         # the perception head reads every decoder level and has one query per layout object (PAPER.md s.3)
         self.mask_head = MaskHead(self.feature_channels, D, cfg.mask_dim) if cfg.mask_dim else None
@@ -274,20 +346,29 @@ class UNet(nn.Module):
             raise ValueError(f"input has {x_t.shape[1]} channels, the model was built for {self.cfg.in_channels}")
         cond = self.encoder(tokens)
         temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x_t.dtype))  # (B, 4C)
+        painted, k = {}, iter(self.paint)
+        if self.paint:   # where the objects are at every resolution: area-averaged from the finest
+            S = x_t.shape[-1]
+            inside, uv = box_masks(cond["boxes"], cond["object_valid"], S)          # (B, M, S, S), (B, 2, S, S)
+            painted = {S // 2 ** i: (F.avg_pool2d(inside, 2 ** i), F.avg_pool2d(uv, 2 ** i)) if i else (inside, uv)
+                       for i in range(len(self.cfg.channel_mults))}
+
+        def with_layout(h):   # the next ResBlock's input, plus its 1x1 convolution of the painted map
+            return h + painted_conv(next(k), cond["objects"], *painted[h.shape[-1]]).to(h.dtype) if painted else h
         h = self.conv_in(x_t)
         skips = [h]
         for m in self.down:
             if isinstance(m, nn.Conv2d):
                 h = m(h)
             else:
-                h = m[0](h, temb)
+                h = m[0](with_layout(h), temb)
                 h = m[1](h, cond) if m[1] is not None else h
             skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, temb), cond), temb)
+        h = self.mid2(with_layout(self.mid_attn(self.mid1(with_layout(h), temb), cond)), temb)
         feats = []
         for blocks, upsample in self.up:
             for res, att in blocks:
-                h = res(torch.cat([h, skips.pop()], 1), temb)
+                h = res(with_layout(torch.cat([h, skips.pop()], 1)), temb)
                 h = att(h, cond) if att is not None else h
             feats.append(h)                                                      # decoder feature at this level
             if not isinstance(upsample, nn.Identity):

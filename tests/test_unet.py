@@ -43,7 +43,7 @@ def test_size_not_divisible_is_a_clear_error():
         m(torch.randn(1, 3, 18, 18), torch.tensor([3]), tokens(A))
 
 
-@pytest.mark.parametrize("cond", ["object", "tokens"])
+@pytest.mark.parametrize("cond", ["object", "tokens", "paint"])
 def test_changing_the_layout_changes_the_output(cond):
     m = make(cond)
     x, t = torch.randn(1, 3, 16, 16).repeat(4, 1, 1, 1), torch.full((4,), 500)
@@ -55,7 +55,7 @@ def test_changing_the_layout_changes_the_output(cond):
         assert (e[0] - e[i]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("cond", ["object", "tokens"])
+@pytest.mark.parametrize("cond", ["object", "tokens", "paint"])
 def test_object_order_does_not_matter(cond):
     """Objects are a set: no per-object position embedding, so permuting them leaves eps_pred unchanged."""
     m = make(cond)
@@ -128,3 +128,66 @@ def test_attention_core_runs_in_fp32_under_cpu_autocast(monkeypatch):
     assert seen == [(torch.float32,) * 3] * 2
     assert y.dtype == torch.bfloat16                       # the output projection ran in bf16
     assert torch.allclose(y.float(), ref, atol=0.02)
+
+
+@pytest.mark.parametrize("location", ["grid", "axis"])
+def test_object_boxes_read_back_what_the_tokenizer_wrote(location):
+    """unet.object_boxes inverts LayoutTokenizer.encode: the same boxes as the tokenizer's own decode, each
+    within half a bin of the box that was encoded."""
+    tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=3, location=location)
+    cfg = unet.UNetConfig.for_tokenizer(tok)
+    boxes = torch.tensor([[0.1, 0.2, 0.55, 0.9], [0.0, 0.33, 1.0, 0.6]])
+    ids = tok.encode(boxes, torch.tensor([1, 0]))[None]
+    got = unet.object_boxes(ids, cfg)[0]                                       # (M, 4), slot 3 empty
+    assert torch.allclose(got[:2], tok.decode(ids[0])["boxes"])
+    assert (got[:2] - boxes).abs().max() <= 0.5 / (tok.bins - 1) + 1e-6
+
+
+def test_paint_objects_against_a_hand_made_map():
+    """A 4 x 4 map, pixel centres at 1/8, 3/8, 5/8, 7/8. Object 0 (embedding [2, -1]) covers columns 1-2 and
+    rows 1-3, object 1 ([1, 1]) column 2 and rows 0-1, so pixel (row 1, column 2) holds their sum; object 2 is
+    an empty slot and paints nothing."""
+    objects = torch.tensor([[[2.0, -1.0], [1.0, 1.0], [5.0, 5.0]]])                     # (1, 3, 2)
+    boxes = torch.tensor([[[0.25, 0.25, 0.75, 1.0], [0.5, 0.0, 0.75, 0.5], [0.0, 0.0, 1.0, 1.0]]])
+    valid = torch.tensor([[True, True, False]])
+    got = unet.paint_objects(objects, boxes, valid, 4)[0]                              # (4, 4, 4)
+    want = torch.zeros(4, 4, 4)
+    in0 = torch.zeros(4, 4)
+    in0[1:4, 1:3] = 1
+    in1 = torch.zeros(4, 4)
+    in1[0:2, 2] = 1
+    want[0], want[1] = 2 * in0 + 1 * in1, -1 * in0 + 1 * in1
+    # u: -1 at the box's left edge, 1 at its right; object 0 is 0.5 wide: centres 3/8, 5/8 -> -0.5, 0.5;
+    # object 1 is 0.25 wide: centre 5/8 -> 0
+    want[2, 1:4, 1], want[2, 1:4, 2] = -0.5, 0.5
+    # v: object 0 is 0.75 tall from 0.25: rows 1..3 -> -2/3, 0, 2/3; object 1 from 0 to 0.5: rows 0, 1 -> -0.5, 0.5
+    want[3, 1:4, 1:3] = torch.tensor([-2 / 3, 0.0, 2 / 3])[:, None]
+    want[3, 0:2, 2] += torch.tensor([-0.5, 0.5])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_paint_null_prompt_paints_nothing_and_the_map_reaches_the_unet():
+    m = make("paint")
+    cond = m.encoder(torch.cat([tokens(A), TOK.null_prompt()[None]]))
+    painted = unet.paint_objects(cond["objects"], cond["boxes"], cond["object_valid"], 16)
+    assert painted[1].abs().max() == 0 and painted[0].abs().max() > 0
+    n_resblocks = 2 * 1 + 2 + 2 * 2                              # TINY_MODEL: 2 levels, 1 block each way + 1 up, mid 2
+    assert len(m.paint) == n_resblocks and len(make("object").paint) == 0
+    m.train()
+    m(torch.randn(1, 3, 16, 16), torch.tensor([5]), tokens(A)).square().mean().backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in m.paint)
+
+
+def test_painted_conv_equals_the_conv_of_the_pooled_map():
+    """UNet.forward never builds the (B, D + 2, S, S) map: painted_conv computes conv(avg_pool(map)) from the
+    pooled box masks. Checked against the map itself at full and at half resolution, overlapping boxes included."""
+    torch.manual_seed(0)
+    objects = torch.randn(2, 3, 6)
+    boxes = torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.4, 0.3, 0.9, 0.9], [0, 0, 1, 1]]).expand(2, 3, 4)
+    valid = torch.tensor([[True, True, False], [False, True, True]])
+    conv = torch.nn.Conv2d(8, 5, 1)
+    full = unet.paint_objects(objects, boxes, valid, 8)
+    inside, uv = unet.box_masks(boxes, valid, 8)
+    for f in (1, 2):
+        pool = (lambda x: torch.nn.functional.avg_pool2d(x, f)) if f > 1 else (lambda x: x)
+        assert torch.allclose(unet.painted_conv(conv, objects, pool(inside), pool(uv)), conv(pool(full)), atol=1e-5)
