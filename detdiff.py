@@ -119,9 +119,28 @@ def foreground_weight(boxes, valid, S, w=2.0, p=0.2):
 
 
 def loss_simple(eps_pred, eps, weight=None):
-    """L_simple = E || eps - eps_theta(x_t, t) ||^2: DDPM Eq. (14); optional per-pixel weight (mean 1)."""
+    """L_simple = E || eps - eps_theta(x_t, t) ||^2: DDPM Eq. (14); optional weight that broadcasts against it
+    (per pixel (B, 1, S, S), per sample (B, 1, 1, 1) or both multiplied)."""
     err = (eps - eps_pred.float()) ** 2                                                    # (B, C, S, S)
     return (err if weight is None else err * weight).mean()
+
+
+def min_snr_weight(alpha_bar_t, gamma=5.0):
+    """Min-SNR-gamma loss weight for eps-prediction (Hang et al., ICCV 2023, arXiv 2303.09556, Eq. 11 with
+    eps as the target): w_t = min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t). It keeps the
+    noisy steps (SNR <= gamma, w = 1) and turns down the nearly clean ones, whose eps is easy to guess and whose
+    gradients fight the others'. alpha_bar_t (B,) -> (B, 1, 1, 1)."""
+    snr = alpha_bar_t.double() / (1 - alpha_bar_t.double())
+    return (snr.clamp(max=gamma) / snr).float().view(-1, 1, 1, 1)
+
+
+def timestep_weight(cfg, alpha_bar_t):
+    """The per-sample weight of L_simple that cfg.loss_weight names: None (uniform, DDPM's L_simple) or Min-SNR."""
+    if cfg.loss_weight == "none":
+        return None
+    if cfg.loss_weight == "minsnr":
+        return min_snr_weight(alpha_bar_t, cfg.snr_gamma)
+    raise ValueError(f"--loss-weight must be none or minsnr, got {cfg.loss_weight!r}")
 
 
 def drop_condition(tokens, null_tokens, p):
@@ -138,9 +157,10 @@ class TrainConfig:
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
-    steps: int = 1000                # optimizer steps (the lr schedule's horizon)
-    minutes: float = 9.0             # wall-clock budget (0 = none): stop at whichever of steps/minutes comes
-                                     # first, lr follows the further along; 0 makes a run exactly reproducible
+    steps: int = 0                   # optimizer-step cap (0 = none: the time budget alone decides)
+    minutes: float = 9.0             # wall-clock budget (0 = none, then --steps is the run's length): stop at
+                                     # whichever comes first, the lr schedule follows the further along; --minutes 0
+                                     # --steps N makes a run exactly reproducible
     batch_size: int = 32             # per process
     lr: float = 1e-3
     warmup: int = 100
@@ -148,13 +168,17 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    dtype: str = "fp32"              # fp32 | bf16 | fp16 (GradScaler only for fp16); bf16 is ~15x slower on AVX2-only CPUs
+    dtype: str = "auto"              # auto | fp32 | bf16 | fp16 (GradScaler only for fp16). auto: bf16 autocast where
+                                     # the hardware has bf16 (a CUDA GPU that supports it, a CPU with AVX-512 BF16 or
+                                     # AMX), else fp32; bf16 without it is many times slower (emulated)
     compile: bool = False
     seed: int = 0
     timesteps: int = 1000
     schedule: str = "linear"         # linear | cosine
     p_uncond: float = 0.1            # GeoDiffusion: 10% of prompts become the null prompt
     fg_reweight: bool = False        # GeoDiffusion's foreground re-weighting of L_simple (optional, off)
+    loss_weight: str = "none"        # weight of L_simple over timesteps: none (DDPM's, the paper's) | minsnr
+    snr_gamma: float = 5.0           # Min-SNR's gamma (Hang et al.: 5)
     pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (PAPER.md s.3); paper 0.01; 0 = no head
     attributes: str = "auto"         # auto: the run's attributes.json (pipeline stage) | none: [none] tokens | a path
     image_size: int = 32
@@ -195,7 +219,7 @@ class TrainConfig:
 RESUME_OVERRIDES = {"steps", "minutes", "log_every", "sample_every", "ckpt_every", "out", "resume", "device", "stage",
                     "n_eval", "evaluate"}
 TOKENIZER_FIELDS = {"vocab_size", "seq_len", "tokens_per_object", "max_objects", "pad_id", "class_offset",
-                    "loc_offset", "bins"}
+                    "loc_offset", "bins", "location"}
 
 
 def model_fields():
@@ -231,6 +255,35 @@ def split_args(given):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers of the loop
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags as the kernel lists them (Linux); an empty set where there is no such file."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+
+
+def resolve_dtype(dtype, device, flags=None):
+    """--dtype auto -> (dtype, why): bf16 autocast where the hardware computes in bf16 (a CUDA device that
+    supports it; an x86 CPU with AVX-512 BF16 or AMX, read from /proc/cpuinfo), else fp32, because a CPU without
+    bf16 instructions emulates them and runs many times slower than in fp32. Other values pass through."""
+    if dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    if dtype != "auto":
+        return dtype, "as asked"
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ("bf16", "auto: the GPU supports bf16") if ok else ("fp32", "auto: the GPU has no bf16")
+    if device.type == "cpu":
+        have = sorted({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else set(flags)))
+        if have:
+            return "bf16", f"auto: the CPU has {' and '.join(have)}"
+        return "fp32", "auto: no native bf16 on this CPU (no avx512_bf16 / amx_bf16), fp32 is faster"
+    return "fp32", f"auto: fp32 on {device.type}"
+
 
 def lr_at(cfg, step, progress):
     """Linear warm-up for `warmup` steps, then cosine decay from lr to lr * min_lr_frac as progress goes 0 -> 1."""
@@ -335,13 +388,13 @@ def ema_update(ema, model, decay):
             e.copy_(b)
 
 
-def save_grid(ema, diff, tok, val_batch, cfg, path, device, autoencoder=None):
+def save_grid(ema, diff, tok, val_batch, cfg, path, device, autoencoder=None, dtype="fp32"):
     """Real validation images (left) beside generated ones for the same layouts (right), boxes drawn."""
     import sample   # sample.py imports this module; import here to keep the dependency one-way at load time
     g = torch.Generator(device="cpu").manual_seed(1234)    # own generator: the training RNG stream is untouched
     x = sample.generate(ema, diff, val_batch["tokens"].to(device), tok.null_prompt().to(device),
                         size=cfg.image_size, steps=cfg.sample_steps, guidance=cfg.guidance, generator=g,
-                        dtype=cfg.dtype if cfg.dtype != "fp16" or device.type == "cuda" else "fp32", progress=False,
+                        dtype=dtype if dtype != "fp16" or device.type == "cuda" else "fp32", progress=False,
                         autoencoder=autoencoder)
     tiles = []
     for real, fake, boxes, labels, valid in zip(val_batch["image"], x.cpu(), val_batch["boxes"],
@@ -371,13 +424,15 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
     eps = torch.randn_like(x0)                                                          # eps ~ N(0, I)
     x_t = diff.q_sample(x0, t, eps)                                                     # DDPM Eq. (4), fp32
     weight = foreground_weight(batch["boxes"], batch["valid"], x0.shape[-1]) if cfg.fg_reweight else None
+    w_t = timestep_weight(cfg, diff.alpha_bar[t])                                       # (B, 1, 1, 1) or None
+    weight = w_t if weight is None else weight if w_t is None else weight * w_t
     # forward under autocast (the losses in fp32)
     with amp:
         if cfg.pal_weight > 0:
             eps_pred, aux = model(x_t, t, tokens, return_features=True)
         else:
             eps_pred = model(x_t, t, tokens)
-    l_simple = loss_simple(eps_pred, eps, weight)                                       # DDPM Eq. (14)
+    l_simple = loss_simple(eps_pred, eps, weight)                                       # DDPM Eq. (14), weighted
     if cfg.pal_weight > 0:                                                              # dropped prompts have no objects
         valid = batch["valid"] & aux["object_valid"]                                    # (B, M)
         l_p = perception.perception_loss(aux["mask_logits"], batch["masks"], valid,
@@ -412,8 +467,9 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
-    if cfg.dtype not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
+    dtype, dtype_why = resolve_dtype(cfg.dtype, device)
+    if cfg.steps <= 0 and cfg.minutes <= 0:
+        raise SystemExit("error: --minutes 0 needs --steps N > 0 (a run needs a time budget or a step count)")
     if cfg.space not in ("pixel", "latent"):
         raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
 
@@ -479,7 +535,7 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     diff = Diffusion(cfg.timesteps, cfg.schedule).to(device)
     opt = make_optimizer(raw, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     step, history = 0, dict(step=[], loss=[], l_simple=[], l_p=[])
     if ck:
         raw.load_state_dict(ck["model"])
@@ -494,12 +550,12 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    amp = torch.autocast(device.type, dtype=dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[cfg.dtype],
-                         enabled=cfg.dtype != "fp32")
+    amp = torch.autocast(device.type, dtype=dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype],
+                         enabled=dtype != "fp32")
     if master and not ck:
         (out / "config.json").write_text(json.dumps(dict(train=asdict(cfg), model=asdict(mcfg)), indent=1))
         log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(train_ds)} train images, "
-            f"{world} process(es) on {device}, dtype {cfg.dtype}, run folder {out}")
+            f"{world} process(es) on {device}, dtype {dtype} ({dtype_why}), run folder {out}")
 
     def checkpoint():
         states = [None] * world
@@ -512,30 +568,35 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
                              scaler=scaler.state_dict(), step=step, rng=states, history=history,
                              elapsed=time.time() - t0, finished=finished,
                              train_cfg=asdict(cfg), model_cfg=asdict(mcfg), img_s=seen / max(time.time() - t_start, 1e-9),
-                             attributes_used=str(attr_path) if attr_path else "", space=cfg.space,
+                             attributes_used=str(attr_path) if attr_path else "", space=cfg.space, dtype=dtype,
                              autoencoder=ae_info,
                              tokenizer=dict(class_names=tok.class_names, category_ids=probe.category_ids, bins=tok.bins,
                                             max_objects=tok.max_objects, location=tok.location)), ckpt_path)
 
     def periodic_outputs():
         if master:
-            save_grid(ema, diff, tok, val_batch, cfg, out / f"samples_{step:06d}.png", device, ae)
+            save_grid(ema, diff, tok, val_batch, cfg, out / f"samples_{step:06d}.png", device, ae, dtype)
             curves = {k: (history["step"], history[k]) for k in ("loss", "l_simple", "l_p") if history.get(k)}
             loss_curve(curves, out / "loss.png", f"{out.name}: training loss (log scale)")
 
     # -- the loop
     finished = False
-    t0, seen, bar = time.time() - (ck["elapsed"] if ck else 0.0), 0, tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, seen = time.time() - (ck["elapsed"] if ck else 0.0), 0
+    # the progress bar counts steps when a step cap is the run's length, else the seconds of the time budget
+    by_time = cfg.minutes > 0 and cfg.steps <= 0
+    bar = tqdm(total=round(60 * cfg.minutes) if by_time else cfg.steps, initial=round(time.time() - t0) if by_time
+               else step, unit="s" if by_time else "it", disable=not master, dynamic_ncols=True)
     raw.train()
     t_start = time.time()                         # for images/s (t0 also counts the time before a resume)
-    while step < cfg.steps:
+    while cfg.steps <= 0 or step < cfg.steps:
         elapsed = torch.tensor([time.time() - t0], dtype=torch.float64)
         if ddp and cfg.minutes > 0:
             dist.broadcast(elapsed, 0)            # every rank uses rank 0's clock: same lr, same stop step
         if cfg.minutes > 0 and elapsed.item() > 60 * cfg.minutes:
             log(f"time budget of {cfg.minutes} minutes reached at step {step}")
             break
-        progress = max(step / cfg.steps, elapsed.item() / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
+        progress = max(step / cfg.steps if cfg.steps > 0 else 0.0,
+                       elapsed.item() / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
         # lr for this step
         lr = lr_at(cfg, step, progress)
         for g in opt.param_groups:
@@ -564,8 +625,8 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
         if cfg.pal_weight > 0:
             history["l_p"].append(lp)
         ips = seen / max(time.time() - t_start, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
+        bar.update(min(round(time.time() - t0), bar.total) - bar.n if by_time else 1)
+        bar.set_postfix(step=step, loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
         if step % cfg.log_every == 0:
             log(f"step {step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
                 f"{time.time() - t0:.0f}s")
@@ -822,7 +883,7 @@ def pipeline(cfg, mcfg_overrides=None):
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         h = ck["history"]
-        summary["generator"] = dict(steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2),
+        summary["generator"] = dict(steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2), dtype=ck.get("dtype"),
                                     img_s=round(ck.get("img_s", 0.0), 1), finished=bool(ck.get("finished")),
                                     loss_last100=round(float(np.mean(h["loss"][-100:])), 4),
                                     l_p_last100=round(float(np.mean(h["l_p"][-100:])), 4) if h.get("l_p") else None)
@@ -894,7 +955,8 @@ def summary_text(s):
                      f"trained in {a['seconds']:.0f}s")
     if "generator" in s:
         g = s["generator"]
-        lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s), "
+        lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s"
+                     + (f", {g['dtype']}" if g.get("dtype") else "") + "), "
                      f"loss {g['loss_last100']}" + (f" (L_p {g['l_p_last100']})" if g["l_p_last100"] is not None
                                                      else " (no perception loss)") + " over the last 100 steps")
     if "fidelity" in s:

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from detdiff import Diffusion, extract, load_autoencoder, tokenizer_from
+from detdiff import Diffusion, extract, load_autoencoder, resolve_dtype, tokenizer_from
 from unet import UNet, UNetConfig
 
 
@@ -305,7 +305,8 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--weights", choices=("ema", "model"), default="ema")
-    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="autocast dtype; auto: bf16 where the hardware has it (detdiff.resolve_dtype), else fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--autoencoder", default="", help="latent-space checkpoints: the autoencoder it learned with "
                     "(default: the path the checkpoint recorded, else autoencoder.pt beside it)")
@@ -332,8 +333,10 @@ def run(a):
     layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
     t0 = time.time()
+    dtype, why = resolve_dtype(a.dtype, a.device)
+    print(f"sampling {len(layouts)} layouts with {a.sampler}, dtype {dtype} ({why})")
     images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
-                              a.dtype, autoencoder=ae)
+                              dtype, autoencoder=ae)
     secs = time.time() - t0
     dropped = ""
     if a.classifier:                                   # class consistency filter (evaluate.py, part 6)

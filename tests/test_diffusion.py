@@ -117,3 +117,29 @@ def test_extract_broadcasts_float32():
     a = torch.arange(10, dtype=torch.float32)
     out = detdiff.extract(a, torch.tensor([3, 7]), torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16))
     assert out.shape == (2, 1, 1, 1) and out.dtype == torch.float32 and out.flatten().tolist() == [3.0, 7.0]
+
+
+def test_min_snr_weight_by_hand():
+    """w_t = min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t): SNR 1 -> 1, 9 -> 5/9, 99 -> 5/99,
+    1/3 -> 1 (gamma 5); gamma 1 at SNR 9 -> 1/9."""
+    ab = torch.tensor([0.5, 0.9, 0.99, 0.25])
+    w = detdiff.min_snr_weight(ab, 5.0)
+    assert w.shape == (4, 1, 1, 1)
+    assert torch.allclose(w.flatten(), torch.tensor([1.0, 5 / 9, 5 / 99, 1.0]), rtol=1e-6)
+    assert detdiff.min_snr_weight(torch.tensor([0.9]), 1.0).item() == pytest.approx(1 / 9, rel=1e-6)
+
+
+def test_train_step_weights_l_simple_per_sample():
+    """With --loss-weight minsnr, L_simple is the mean over samples of w_t x the per-sample squared error."""
+    cfg = detdiff.TrainConfig(loss_weight="minsnr", snr_gamma=5.0)
+    diff = detdiff.Diffusion(1000)
+    t = torch.tensor([10, 900])
+    eps, eps_pred = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
+    got = detdiff.loss_simple(eps_pred, eps, detdiff.timestep_weight(cfg, diff.alpha_bar[t]))
+    ab = diff.alpha_bar[t].double()
+    snr = ab / (1 - ab)
+    w = [min(float(s), 5.0) / float(s) for s in snr]
+    assert got.item() == pytest.approx((w[0] * 1.0 + w[1] * 4.0) / 2, rel=1e-5)
+    assert detdiff.timestep_weight(detdiff.TrainConfig(loss_weight="none"), diff.alpha_bar[t]) is None
+    with pytest.raises(ValueError, match="loss-weight"):
+        detdiff.timestep_weight(detdiff.TrainConfig(loss_weight="p2"), diff.alpha_bar[t])

@@ -165,3 +165,32 @@ def test_compile_path_trains_and_saves_the_unwrapped_model(tiny_data, tmp_path):
     assert ck_c["history"]["loss"][0] == pytest.approx(ck_e["history"]["loss"][0], rel=1e-4)
     for k, v in comp.state_dict().items():
         assert torch.allclose(v, eager.state_dict()[k], atol=1e-4), k
+
+
+def test_dtype_auto_follows_the_cpu_flags(tmp_path):
+    """auto -> bf16 only on a CPU with native bf16 (avx512_bf16 or amx_bf16), fp32 otherwise; an explicit dtype
+    passes through; the flags are read from a cpuinfo file."""
+    cpu = torch.device("cpu")
+    assert detdiff.resolve_dtype("auto", cpu, {"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
+    assert detdiff.resolve_dtype("auto", cpu, {"amx_bf16"})[0] == "bf16"
+    dt, why = detdiff.resolve_dtype("auto", cpu, {"avx2", "avx512f", "avx512bw"})
+    assert dt == "fp32" and "no native bf16" in why
+    assert detdiff.resolve_dtype("bf16", cpu, set())[0] == "bf16"
+    with pytest.raises(ValueError, match="--dtype"):
+        detdiff.resolve_dtype("int8", cpu)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert {"fpu", "sse", "avx512f", "avx512_bf16"} == detdiff.cpu_flags(info)
+    assert detdiff.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_time_budget_without_a_step_cap(tiny_data, tmp_path):
+    """--steps 0: the time budget alone ends the run (finished, and the log says so); with --minutes 0 too it is
+    an error."""
+    cfg = tiny_train_cfg(tiny_data, tmp_path / "r", steps=0, minutes=0.03, sample_every=0, ckpt_every=0)
+    detdiff.train(cfg)
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=False)
+    assert ck["finished"] and ck["step"] >= 1 and ck["elapsed"] >= 0.03 * 60
+    assert "time budget of 0.03 minutes reached" in (tmp_path / "r" / "log.txt").read_text()
+    with pytest.raises(SystemExit, match="--steps N"):
+        detdiff.train(tiny_train_cfg(tiny_data, tmp_path / "r2", steps=0, minutes=0))
