@@ -16,10 +16,12 @@ What each number includes:
   grad clipping, AdamW, EMA, the loss read back.
   Not included: reading and collating the batch from disk, logging, checkpoints. One warm-up step, then rounds of
   steps (about 1.5 s each); the median round counts. Rows timed against each other alternate rounds.
-- GFLOPs: the UNet's forward per image as torch.utils.flop_counter.FlopCounterMode counts it (matmuls,
-  convolutions, attention; its table lacks the CPU flash-attention kernel, which `count_flops` adds).
-  MFU = 3 x forward FLOPs x img/s / the matmul peak of the same dtype (a large torch.matmul, timed at the start
-  and at the end of the run; the larger counts).
+- GFLOPs: the UNet's forward per image, and the whole training step per image (forward and backward as executed:
+  the first convolution needs no input gradient, attention's backward recomputes its scores), as
+  torch.utils.flop_counter.FlopCounterMode counts them (matmuls, convolutions, attention; its table lacks the CPU
+  flash-attention kernels, which `count_flops` adds).
+  MFU = step FLOPs per image x img/s / the peak of the same dtype: the best FLOP/s of a set of dense kernels
+  (torch.matmul at three sizes, 1x1 and 3x3 convolutions; `dense_kernels`), timed at the start and at the end.
 - peer: diffusers' UNet2DConditionModel sized to our forward FLOPs (within 10%), fed by our LayoutEncoder, both
   without the perception head (L_simple only), same step and optimizer. `pip install -r requirements-bench.txt`.
 - sampling s/img: sample.generate for 32 layouts with classifier-free guidance 3 (a batch of 64 per forward),
@@ -31,6 +33,7 @@ On a CUDA device the same table runs there (fp16 with a GradScaler too, channels
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -43,7 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import data
 import detdiff
@@ -63,6 +66,7 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="time torch.compile on the default 32 px config (default: on, off with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 5, --quick 2)")
+    ap.add_argument("--round-s", type=float, default=1.5, help="seconds per timed round (about)")
     ap.add_argument("--batch", type=int, default=32, help="images per training step and layouts per sampling run")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--profile", action="store_true", help="only print torch.profiler's top ops of the default step")
@@ -76,16 +80,26 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Pure helpers (tests/test_bench.py)
 
-def mfu(fwd_flops, img_s, peak_flops):
-    """Model FLOPs utilisation; a training step costs ~3 forwards (backward computes two products per one)."""
-    return 3 * fwd_flops * img_s / peak_flops
+def mfu(step_flops_per_img, img_s, peak_flops):
+    """Model FLOPs utilisation: the FLOPs a training step executes per image (forward and backward, as counted by
+    count_flops(grad=True)) times images per second, over the peak FLOP/s of the same dtype."""
+    return step_flops_per_img * img_s / peak_flops
 
 
-def count_flops(fn):
-    """FLOPs of fn() as FlopCounterMode counts them, plus the CPU flash-attention kernel its table lacks."""
-    cpu_sdpa = lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)  # noqa: E731 (shapes in)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}) as fc:
+def _cpu_sdpa(q, k, v, *args, out_shape=None, **kw):              # FlopCounterMode passes shapes, not tensors
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kw):
+    return sdpa_backward_flop_count(grad_out, q, k, v)          # dq, dk, dv and the recomputed scores
+
+
+def count_flops(fn, grad=False):
+    """FLOPs of fn() as FlopCounterMode counts them, plus the CPU flash-attention kernels its table lacks.
+    grad=False runs fn under no_grad (a forward); grad=True counts what fn executes, backward included."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+    with torch.set_grad_enabled(grad), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     return fc.get_total_flops()
 
@@ -175,18 +189,37 @@ def time_rounds(fns, device, rounds, round_s=1.5):
     return {k: (statistics.median(v), warm[k]) for k, v in times.items()}
 
 
-def matmul_peak(dtype, device, reps=5):
-    """Best-of-reps FLOP/s of an n x n by n x n torch.matmul (2 n^3 FLOPs) in dtype."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device).to(DTYPES[dtype]) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):                    # the first call is a warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+def dense_kernels(dtype, device):
+    """The dense kernels the peak is taken over, name -> (fn, FLOPs): torch.matmul (MKL / cuBLAS) at three sizes and
+    convolutions (oneDNN / cuDNN, which need not be as fast or as slow as the matmul library: on one AMD CPU here
+    the UNet's 3x3 convolutions ran faster than MKL's 2048 x 2048 matmul, and an MFU of 122% came out) as a 1x1 and
+    a 3x3 kernel at the wide config's shapes."""
+    dt, out = DTYPES[dtype], {}
+    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)):
+        a, b = (torch.randn(n, n, device=device).to(dt) for _ in range(2))
+        out[f"matmul {n}"] = ((lambda a=a, b=b: torch.matmul(a, b)), 2 * n ** 3)
+    for k, (B, C, S) in ((1, (8, 512, 32)), (3, (32, 128, 32))):
+        x = torch.randn(B, C, S, S, device=device).to(dt)
+        w = torch.randn(C, C, k, k, device=device).to(dt)
+        out[f"conv{k}x{k} {C}ch {S}px B{B}"] = ((lambda x=x, w=w, k=k: nn.functional.conv2d(x, w, padding=k // 2)),
+                                                2 * B * S * S * C * C * k * k)
+    return out
+
+
+def dense_peak(dtype, device, reps=4):
+    """The peak FLOP/s that MFU is measured against: the best of `reps` timed calls (after a warm-up) of every
+    dense kernel of dense_kernels, the best kernel counts. -> (peak FLOP/s, {kernel: FLOP/s})"""
+    rates = {}
+    for name, (fn, flops) in dense_kernels(dtype, device).items():
+        best = float("inf")
+        for _ in range(reps + 1):                # the first call is a warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = flops / best
+    return max(rates.values()), rates
 
 
 def diffusers_config(encoder, target, S, device):
@@ -217,6 +250,17 @@ def diffusers_config(encoder, target, S, device):
     return best
 
 
+def diffusers_peer(encoder, target, S, device):
+    """The default peer: diffusers' UNet2DConditionModel within 10% of `target` forward FLOPs (diffusers_config),
+    fed by a copy of our layout encoder. -> (name, config, module)"""
+    import diffusers
+    kw, _ = diffusers_config(encoder, target, S, device)
+    torch.manual_seed(0)
+    name = (f"diffusers {diffusers.__version__} UNet2DConditionModel {tuple(kw['block_out_channels'])} "
+            f"x{kw['layers_per_block']}")
+    return name, kw, PeerUNet(copy.deepcopy(encoder), diffusers.UNet2DConditionModel(**kw)).to(device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The parts of the table
 
@@ -236,13 +280,22 @@ class Bench:
     def batch(self, B, S, M=8):
         return make_batch(self.tok[M], B, S, M, self.dev), self.tok[M].null_prompt().to(self.dev)
 
-    def fwd_flops(self, model, S, M=8):
+    def fwd_flops(self, model, S, M=8, in_channels=3):
         """Forward FLOPs per image (S: the side of x_t), the perception head's mask logits included when the model
         has one."""
         (b, _), t = self.batch(2, S, M), torch.zeros(2, dtype=torch.long, device=self.dev)
-        x = torch.randn(2, model.cfg.in_channels, S, S, device=self.dev)
+        x = torch.randn(2, in_channels, S, S, device=self.dev)
         kw = dict(return_features=True) if getattr(model, "mask_head", None) is not None else {}
         return count_flops(lambda: model(x, t, b["tokens"], **kw)) / 2
+
+    def step_flops(self, model, S, M=8, in_channels=3, masks_S=None):
+        """FLOPs per image of one whole training step (detdiff.train_step: forward, losses, backward) as executed,
+        counted on a copy of the model with a batch of 2."""
+        b, null = self.batch(2, masks_S or S, M)
+        if in_channels != 3 or masks_S:
+            b["image"] = torch.randn(2, in_channels, S, S, device=self.dev)
+        step = make_step(copy.deepcopy(model), b, null, "fp32", self.dev)
+        return count_flops(step, grad=True) / 2
 
     def train(self, name, S=32, M=8, dtype="fp32", compile=False, latent=0, **mkw):
         """One row of the training table: img/s and forward GFLOPs (MFU follows at the end, from the peaks).
@@ -253,41 +306,40 @@ class Bench:
         if latent:
             g = torch.Generator().manual_seed(0)
             b["image"] = torch.randn(B, 4, S // latent, S // latent, generator=g).to(self.dev)
+        f_step = self.step_flops(m, S // latent if latent else S, M, 4 if latent else 3, S if latent else None)
         (s, warm), = time_rounds({name: make_step(m, b, null, dtype, self.dev, compile)}, self.dev,
-                                 self.a.rounds).values()
-        f = self.fwd_flops(m, S // latent if latent else S, M)
+                                 self.a.rounds, self.a.round_s).values()
+        f = self.fwd_flops(m, S // latent if latent else S, M, 4 if latent else 3)
         row = self.res.setdefault("train", {})[name] = dict(
             S=S, latent=latent, objects=M, dtype=dtype, compile=compile, batch=B, img_s=round(B / s, 2),
-            gflops_fwd=round(f / 1e9, 4),
+            gflops_fwd=round(f / 1e9, 4), gflops_step=round(f_step / 1e9, 4),
             params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 3), warmup_s=round(warm, 1))
-        self.log(f"train {name}: {row['img_s']} img/s, {row['gflops_fwd']} GFLOPs fwd, "
-                 f"{3 * f * B / s / 1e9:.0f} GFLOP/s"
-                 + (f", compile + first step {warm:.0f}s" if compile else ""))
+        self.log(f"train {name}: {row['img_s']} img/s, {row['gflops_fwd']} GFLOPs fwd, {row['gflops_step']} per "
+                 f"step, {f_step * B / s / 1e9:.0f} GFLOP/s" + (f", compile + first step {warm:.0f}s" if compile else ""))
 
-    def peer(self, S=32):
-        """Ours vs diffusers' UNet2DConditionModel at equal forward FLOPs, both L_simple only, alternating rounds."""
-        try:
-            import diffusers
-        except ImportError:
-            self.log("peer: diffusers is not installed, row skipped (pip install -r requirements-bench.txt)")
-            return
+    def peer(self, S=32, build=None):
+        """Ours (the default config) vs a peer UNet at equal forward FLOPs, both L_simple only, alternating rounds.
+        build(encoder, target FLOPs, S, device) -> (name, config, module called like ours); default: diffusers'
+        UNet2DConditionModel (diffusers_peer). tests/test_bench.py drives this path with a stand-in."""
+        if build is None:
+            if importlib.util.find_spec("diffusers") is None:
+                self.log("peer: diffusers is not installed, row skipped (pip install -r requirements-bench.txt)")
+                return
+            build = diffusers_peer
         ours = self.model(mask_dim=0)
         target = self.fwd_flops(ours, S)
-        kw, _ = diffusers_config(ours.encoder, target, S, self.dev)
-        torch.manual_seed(0)
-        theirs = PeerUNet(copy.deepcopy(ours.encoder), diffusers.UNet2DConditionModel(**kw)).to(self.dev)
+        name, config, theirs = build(ours.encoder, target, S, self.dev)
         f = self.fwd_flops(theirs, S)                # confirmed on the real model
         fns = {f"{who} {dt}": make_step(copy.deepcopy(m), *self.batch(self.a.batch, S), dt, self.dev)
-               for dt in self.dtypes for who, m in (("ours", ours), ("diffusers", theirs))}
-        img_s = {k: round(self.a.batch / s, 2) for k, (s, _) in time_rounds(fns, self.dev, self.a.rounds).items()}
+               for dt in self.dtypes for who, m in (("ours", ours), ("peer", theirs))}
+        img_s = {k: round(self.a.batch / s, 2)
+                 for k, (s, _) in time_rounds(fns, self.dev, self.a.rounds, self.a.round_s).items()}
         n_params = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)  # noqa: E731
         p = self.res["peer"] = dict(
-            diffusers=diffusers.__version__, config=kw, gflops_ours=round(target / 1e9, 4),
-            gflops_diffusers=round(f / 1e9, 4), flop_ratio=round(f / target, 3), params_m_ours=n_params(ours),
-            params_m_diffusers=n_params(theirs), img_s=img_s,
-            ratio={dt: round(img_s[f"ours {dt}"] / img_s[f"diffusers {dt}"], 3) for dt in self.dtypes})
-        self.log(f"peer: diffusers {kw['block_out_channels']} x{kw['layers_per_block']} at {p['flop_ratio']}x our "
-                 f"FLOPs; img/s ours/diffusers {p['ratio']}")
+            name=name, config=config, gflops_ours=round(target / 1e9, 4), gflops_peer=round(f / 1e9, 4),
+            flop_ratio=round(f / target, 3), params_m_ours=n_params(ours), params_m_peer=n_params(theirs),
+            img_s=img_s, ratio={dt: round(img_s[f"ours {dt}"] / img_s[f"peer {dt}"], 3) for dt in self.dtypes})
+        self.log(f"peer: {name} at {p['flop_ratio']}x our FLOPs; img/s ours/peer {p['ratio']}")
 
     def sampling(self, S=32, guidance=3.0):
         """Seconds per image of sample.generate (B layouts, guidance doubles the batch) per sampler, steps, dtype."""
@@ -349,18 +401,21 @@ def table(r):
     h, B = r["hardware"], r["settings"]["batch"]
     out = [f"== detdiff bench {r['date']}: {h['cpu']}, {h['cores']} cores, torch {h['torch']}, {h['device']}; "
            f"load average {h['loadavg_start'][0]} at start, {h['loadavg_end'][0]} at end ==",
-           "matmul peak      " + "   ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["peak_flops"].items()),
-           f"{'training step, B=' + str(B):34s} {'img/s':>7s} {'GFLOPs':>7s} {'MFU':>6s} {'params':>7s}"]
+           "peak (best dense kernel) " + "   ".join(f"{k} {v / 1e9:.0f} GFLOP/s ({r['peak_kernel'][k]})"
+                                                   for k, v in r["peak_flops"].items()),
+           f"{'training step, B=' + str(B):34s} {'img/s':>7s} {'GFLOPs':>7s} {'/step':>7s} {'MFU':>6s} {'params':>7s}"]
     for k, v in r["train"].items():
-        out.append(f"  {k:32s} {v['img_s']:7.1f} {v['gflops_fwd']:7.3f} {100 * v['mfu']:5.1f}% {v['params_m']:6.2f}M"
-                   + (f"   (compile + first step {v['warmup_s']:.0f}s)" if v["compile"] else ""))
+        out.append(f"  {k:32s} {v['img_s']:7.1f} {v['gflops_fwd']:7.3f} {v['gflops_step']:7.3f} {100 * v['mfu']:5.1f}% "
+                   f"{v['params_m']:6.2f}M" + (f"   (compile + first step {v['warmup_s']:.0f}s)" if v["compile"] else ""))
+    over = [k for k, v in r["train"].items() if v["mfu"] > 1]
+    if over:
+        out.append(f"  warning: MFU over 100% in {', '.join(over)}: the peak or the FLOP count is wrong")
     if "peer" in r:
         p = r["peer"]
-        out.append(f"peer: diffusers {p['diffusers']} UNet2DConditionModel {tuple(p['config']['block_out_channels'])} "
-                   f"x{p['config']['layers_per_block']}: {p['gflops_diffusers']:.3f} vs our {p['gflops_ours']:.3f} "
-                   f"GFLOPs ({p['flop_ratio']:.2f}x), {p['params_m_diffusers']:.2f}M vs {p['params_m_ours']:.2f}M params")
-        out += [f"  {dt:5s} ours {p['img_s']['ours ' + dt]:6.1f} img/s, diffusers {p['img_s']['diffusers ' + dt]:6.1f}"
-                f" img/s: ours/diffusers {x:.2f}x" for dt, x in p["ratio"].items()]
+        out.append(f"peer: {p['name']}: {p['gflops_peer']:.3f} vs our {p['gflops_ours']:.3f} GFLOPs forward "
+                   f"({p['flop_ratio']:.2f}x), {p['params_m_peer']:.2f}M vs {p['params_m_ours']:.2f}M params")
+        out += [f"  {dt:5s} ours {p['img_s']['ours ' + dt]:6.1f} img/s, peer {p['img_s']['peer ' + dt]:6.1f}"
+                f" img/s: ours/peer {x:.2f}x" for dt, x in p["ratio"].items()]
     out.append(f"sampling, s per image (B={B}, guidance 3)")
     out += [f"  {k:46s} {v:7.3f}" for k, v in r["sampling_s_per_img"].items()]
     out += [f"scaling {k}: " + ", ".join(f"{x} {i:.1f}" for x, i in zip(v["at"], v["img_s"])) + " img/s; cost per "
@@ -400,7 +455,7 @@ def main(argv=None):
         bn.log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other "
                f"processes share the CPU, timings will be low and noisy")
     bn.peak_rss(3 if a.quick else 20)              # first: a child process, before this one has grown
-    peaks = [{dt: matmul_peak(dt, dev) for dt in bn.dtypes}]         # at the start and at the end: the larger counts
+    peaks = [{dt: dense_peak(dt, dev)[1] for dt in bn.dtypes}]       # at the start and at the end: the best counts
     for S, mkw, name in ((32, {}, "default"), (64, {}, "default"), (64, dict(latent=4), "default"), (32, WIDE, "wide")):
         for dt in bn.dtypes:
             bn.train(f"{name} {S}px{' latent' if mkw.get('latent') else ''} {dt}", S=S, dtype=dt, **mkw)
@@ -411,11 +466,14 @@ def main(argv=None):
         bn.train(f"default 32px fp32 {M} objects", M=M)
     bn.peer()
     bn.sampling()
-    peaks.append({dt: matmul_peak(dt, dev) for dt in bn.dtypes})
-    r["peak_flops"], r["peak_flops_measured"] = {dt: max(p[dt] for p in peaks) for dt in bn.dtypes}, peaks
-    bn.log("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["peak_flops"].items()))
+    peaks.append({dt: dense_peak(dt, dev)[1] for dt in bn.dtypes})
+    r["peak_flops_measured"] = {dt: {k: round(max(p[dt][k] for p in peaks) / 1e9, 1) for k in peaks[0][dt]}
+                                for dt in bn.dtypes}                     # GFLOP/s per kernel, best of both passes
+    r["peak_kernel"] = {dt: max(v, key=v.get) for dt, v in r["peak_flops_measured"].items()}
+    r["peak_flops"] = {dt: 1e9 * r["peak_flops_measured"][dt][r["peak_kernel"][dt]] for dt in bn.dtypes}
+    bn.log("peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s ({r['peak_kernel'][k]})" for k, v in r["peak_flops"].items()))
     for row in r["train"].values():
-        row["mfu"] = round(mfu(row["gflops_fwd"] * 1e9, row["img_s"], r["peak_flops"][row["dtype"]]), 4)
+        row["mfu"] = round(mfu(row["gflops_step"] * 1e9, row["img_s"], r["peak_flops"][row["dtype"]]), 4)
     # scaling: the cost per image as S doubles and as the layouts hold more objects (fp32 rows)
     tr = r["train"]
     rows = dict(image_size=(["32px", "64px", "128px"], [tr[f"default {S}px fp32"] for S in (32, 64, 128)]),
