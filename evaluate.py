@@ -650,6 +650,8 @@ def targets(M):
         ratio = M["fidelity_map50"] / M["real_map50"]
         out.append(("fidelity_map50 / real_map50 >= 0.5 (default run)", f"{ratio:.2f}", ratio >= 0.5))
         out.append(("fidelity_map50 / real_map50 >= 0.8 (longer run)", f"{ratio:.2f}", ratio >= 0.8))
+    if "crop_acc_origin" in M:
+        out.append(("crop_acc_origin >= 0.7 (default run)", f"{M['crop_acc_origin']:.3f}", M["crop_acc_origin"] >= 0.7))
     if "easy_ap50" in M:
         d = M["easy_ap50"] - M["hard_ap50"]
         out.append(("easy_ap50 - hard_ap50 >= 0.05", f"{d:+.3f}", d >= 0.05))
