@@ -213,7 +213,9 @@ class LayoutEncoder(nn.Module):
 # UNet blocks
 
 def norm(ch):
-    return nn.GroupNorm(min(32, ch // 4) if ch >= 8 else 1, ch)
+    """GroupNorm with up to 32 groups of at least 4 channels: the largest such count that divides ch (so any
+    --base-channels works; 48 has 144-channel skip concatenations, which 32 groups do not divide)."""
+    return nn.GroupNorm(max(g for g in range(1, max(1, min(32, ch // 4)) + 1) if ch % g == 0), ch)
 
 
 class ResBlock(nn.Module):

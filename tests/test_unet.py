@@ -191,3 +191,17 @@ def test_painted_conv_equals_the_conv_of_the_pooled_map():
     for f in (1, 2):
         pool = (lambda x: torch.nn.functional.avg_pool2d(x, f)) if f > 1 else (lambda x: x)
         assert torch.allclose(unet.painted_conv(conv, objects, pool(inside), pool(uv)), conv(pool(full)), atol=1e-5)
+
+
+@pytest.mark.parametrize("ch, groups", [(4, 1), (8, 2), (32, 8), (64, 16), (96, 24), (128, 32), (144, 24), (160, 32)])
+def test_group_norm_groups_divide_the_channels(ch, groups):
+    """Up to 32 groups of >= 4 channels, the largest count that divides ch: 144 (the skip concatenation of
+    --base-channels 48) gets 24; the default widths keep the counts their checkpoints were trained with."""
+    assert unet.norm(ch).num_groups == groups
+
+
+def test_unet_builds_at_width_48():
+    tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=2)
+    m = unet.UNet(unet.UNetConfig.for_tokenizer(tok, base_channels=48, mask_dim=0))
+    out = m(torch.zeros(1, 3, 8, 8), torch.tensor([3]), tok.null_prompt()[None])
+    assert out.shape == (1, 3, 8, 8)
