@@ -143,3 +143,50 @@ def test_train_step_weights_l_simple_per_sample():
     assert detdiff.timestep_weight(detdiff.TrainConfig(loss_weight="none"), diff.alpha_bar[t]) is None
     with pytest.raises(ValueError, match="loss-weight"):
         detdiff.timestep_weight(detdiff.TrainConfig(loss_weight="p2"), diff.alpha_bar[t])
+
+
+def test_default_train_step_multiplies_foreground_and_min_snr_weights():
+    """The default loss weighs every pixel's squared error by GeoDiffusion's foreground weight times Min-SNR-5's
+    w_t: train_step's L_simple equals that computed here from the same draws (prompt dropout, t, eps)."""
+    import copy
+    import data
+    import unet
+    cfg = detdiff.TrainConfig(timesteps=50, pal_weight=0.0)
+    assert cfg.fg_reweight and cfg.loss_weight == "minsnr"                    # the defaults this test is about
+    tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=2)
+    torch.manual_seed(0)
+    model = unet.UNet(unet.UNetConfig.for_tokenizer(tok, base_channels=8, channel_mults=(1, 2), self_attn_levels=(1,),
+                                                     cross_attn_levels=(1,), heads=2, d_model=16, enc_layers=1,
+                                                     enc_heads=2, mask_dim=0))
+    before = copy.deepcopy(model)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]], [[0.25, 0.5, 1.0, 1.0], [0, 0, 0.5, 0.25]]])
+    valid = torch.tensor([[True, False], [True, True]])
+    tokens = torch.stack([tok.encode(b[v], torch.tensor([0, 1])[: int(v.sum())]) for b, v in zip(boxes, valid)])
+    batch = dict(image=torch.rand(2, 3, 8, 8) * 2 - 1, tokens=tokens, boxes=boxes, valid=valid)
+    diff = detdiff.Diffusion(50, cfg.schedule)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(1)
+    _, l_simple, _ = detdiff.train_step(model, model, copy.deepcopy(model), opt, scaler, diff,
+                                        torch.autocast("cpu", enabled=False), batch, tok.null_prompt(), cfg, 0)
+    torch.manual_seed(1)                                                       # the same draws, in train_step's order
+    drop = torch.rand(2) < cfg.p_uncond
+    t = torch.randint(0, 50, (2,))
+    eps = torch.randn(2, 3, 8, 8)
+    x_t = diff.alpha_bar[t].sqrt().view(2, 1, 1, 1) * batch["image"] + (1 - diff.alpha_bar[t]).sqrt().view(2, 1, 1, 1) * eps
+    prompt = torch.where(drop[:, None], tok.null_prompt()[None], tokens)
+    err = ((before(x_t, t, prompt) - eps) ** 2).mean(1)                       # (2, 8, 8) per-pixel squared error
+    snr = diff.alpha_bar[t] / (1 - diff.alpha_bar[t])
+    w_t = torch.minimum(snr, torch.tensor(5.0)) / snr                          # Min-SNR-5 (eps-prediction)
+    c = (torch.arange(8) + 0.5) / 8                                            # pixel centres
+    fg = torch.ones(2, 8, 8)
+    for i in range(2):                                                         # w / area^0.2 inside a box, smaller wins
+        for j in torch.argsort(-(boxes[i, :, 2] - boxes[i, :, 0]) * (boxes[i, :, 3] - boxes[i, :, 1])):
+            if valid[i, j]:
+                x0, y0, x1, y1 = boxes[i, j].tolist()
+                area = (x1 - x0) * (y1 - y0)
+                inside = ((c[None, :] >= x0) & (c[None, :] < x1) & (c[:, None] >= y0) & (c[:, None] < y1))
+                fg[i][inside] = 2.0 / area ** 0.2
+        fg[i] /= fg[i].mean()
+    expected = (err * fg * w_t.view(2, 1, 1)).mean()
+    assert l_simple.item() == pytest.approx(expected.item(), rel=1e-5)

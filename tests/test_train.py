@@ -116,6 +116,19 @@ def test_reduced_precision_runs_finite(tiny_data, tmp_path, dtype):
     assert (ck["scaler"] != {}) == (dtype == "fp16")         # GradScaler only for fp16
 
 
+def test_paper_flag_sets_the_papers_settings_under_explicit_flags():
+    """--paper: token conditioning, lambda 0.01, plain L_simple on the linear schedule (each differs from the
+    defaults); a flag given beside it wins; without it nothing is added."""
+    t, m = detdiff.split_args(detdiff.parse_flags(["--paper", "--schedule", "cosine"]))
+    assert m == {"cond": "tokens"}
+    assert t == {"pal_weight": 0.01, "loss_weight": "none", "fg_reweight": False, "schedule": "cosine"}
+    t, m = detdiff.split_args(detdiff.parse_flags(["--paper"]))
+    assert t["schedule"] == "linear" and not t["fg_reweight"]
+    defaults = {**vars(detdiff.TrainConfig()), **vars(detdiff.UNetConfig())}
+    assert all(defaults[k] != v for k, v in detdiff.PAPER_SETTINGS.items())
+    assert detdiff.parse_flags(["--lr", "0.5"]) == {"lr": 0.5}
+
+
 def test_cli_unknown_key_and_resume_guard(tiny_data, tmp_path):
     with pytest.raises(SystemExit):
         detdiff.build_parser().parse_args(["--no-such-flag", "1"])
