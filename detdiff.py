@@ -151,6 +151,19 @@ def drop_condition(tokens, null_tokens, p):
     return torch.where(drop[:, None], null_tokens.to(tokens.device)[None], tokens)
 
 
+NONE_ID, EASY_ID, HARD_ID = (data.LayoutTokenizer.SPECIALS.index(s) for s in ("[none]", "[easy]", "[hard]"))
+
+
+def drop_attributes(tokens, p, generator=None):
+    """Attribute-only dropout (beyond the paper): in each prompt with probability p, every object's [easy] / [hard]
+    becomes [none] and the rest of the layout stays. It teaches eps(layout, [none]), the second condition of the
+    attribute guidance in sample.guided_eps (InstructPix2Pix's two-condition guidance, Brooks et al., CVPR 2023).
+    p = 1 gives the prompt's [none] version. [easy] / [hard] ids occur only as attribute tokens."""
+    drop = torch.rand(tokens.shape[0], device=tokens.device, generator=generator) < p      # (B,); rand < 1 always
+    is_attr = (tokens == EASY_ID) | (tokens == HARD_ID)                                    # (B, L)
+    return torch.where(drop[:, None] & is_attr, torch.full_like(tokens, NONE_ID), tokens)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Run settings (every field is a command-line flag; --help lists them)
 
@@ -178,6 +191,8 @@ class TrainConfig:
     timesteps: int = 1000
     schedule: str = "cosine"         # cosine (Nichol & Dhariwal; the default, measured) | linear (DDPM's, the paper's)
     p_uncond: float = 0.1            # GeoDiffusion: 10% of prompts become the null prompt
+    p_uncond_attr: float = 0.0       # attribute-only dropout: this fraction of prompts get [none] for every object's
+                                     # attribute (beyond the paper; trains sample.py's --attr-guidance)
     fg_reweight: bool = True         # GeoDiffusion's foreground re-weighting of L_simple (issue 13's study: on;
                                      # --no-fg-reweight is the paper's plain L_simple)
     loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma, the default,
@@ -204,6 +219,7 @@ class TrainConfig:
     ckpt_every: int = 250            # periodic checkpoint (always one at the end)
     sample_steps: int = 25           # DDIM steps of the periodic grid
     guidance: float = 3.0            # classifier-free guidance scale of the periodic grid
+    attr_guidance: float = 1.0       # w_d of the grid stage's attribute guidance (sample.guided_eps; 1 = none)
     n_grid: int = 8                  # validation layouts in the grid
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     # the main job's other stages (python detdiff.py runs them all; perception.py has them as commands too)
@@ -221,7 +237,7 @@ class TrainConfig:
 
 
 RESUME_OVERRIDES = {"steps", "minutes", "log_every", "sample_every", "ckpt_every", "out", "resume", "device", "stage",
-                    "n_eval", "evaluate"}
+                    "n_eval", "evaluate", "attr_guidance"}
 TOKENIZER_FIELDS = {"vocab_size", "seq_len", "tokens_per_object", "max_objects", "pad_id", "class_offset",
                     "loc_offset", "bins", "location"}
 
@@ -437,7 +453,10 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
     L = L_simple + lambda L_p, backward, clipping, AdamW, EMA. `model` is `raw` wrapped (DDP, compile) or `raw`
     itself. Returns the loss, L_simple and L_p (per image) as tensors. bench.py times this same function."""
     x0 = batch["image"]                                                                 # (B, 3, S, S)
-    tokens = drop_condition(batch["tokens"], null, cfg.p_uncond)                        # (B, L), 10% null prompts
+    tokens = batch["tokens"]
+    if cfg.p_uncond_attr > 0:                                                           # attributes alone -> [none]
+        tokens = drop_attributes(tokens, cfg.p_uncond_attr)
+    tokens = drop_condition(tokens, null, cfg.p_uncond)                                 # (B, L), 10% null prompts
     t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)               # t ~ U{0..T-1}
     eps = torch.randn_like(x0)                                                          # eps ~ N(0, I)
     x_t = diff.q_sample(x0, t, eps)                                                     # DDPM Eq. (4), fp32
@@ -919,7 +938,7 @@ def pipeline(cfg, mcfg_overrides=None):
             model, tok, diff, ck = sample.load_checkpoint(ckpt_path)
             S, names = ck["train_cfg"]["image_size"], tok.class_names
             kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False,
-                      autoencoder=sample.checkpoint_autoencoder(ck, ckpt_path))
+                      autoencoder=sample.checkpoint_autoencoder(ck, ckpt_path), attr_guidance=cfg.attr_guidance)
             lays = sample.val_layouts(ck, max(cfg.n_grid, cfg.n_eval))
             real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
             real = [real_ds.load(i)["image"] for i in range(len(lays))]

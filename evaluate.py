@@ -60,6 +60,10 @@ class EvalConfig:
     sampler: str = "dpm++2m"      # sample.SAMPLERS; DPM-Solver++ 20 steps matches DDIM-50's fidelity here
     steps: int = 20
     guidance: float = 3.0
+    attr_guidance: float = sample.ATTR_GUIDANCE  # w_d of sample.guided_eps's attribute guidance (1 = plain guidance)
+    noise_seeds: int = 1          # easy_hard, crops: the val layouts generated with this many noise seeds (seed,
+                                  # seed+1, ..); each AP50 and crop accuracy is their mean, the per-seed values and
+                                  # the spread of easy - hard are in metrics["easy_hard"]
     batch: int = 32
     seed: int = 0
     seeds: int = 3                # trainability: one detector per mode and seed (the real subset changes too)
@@ -500,8 +504,10 @@ def evaluate(run, cfg=None):
     root = data.resolve_data(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
     gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch, seed=cfg.seed,
-                  progress=False, autoencoder=sample.checkpoint_autoencoder(ck, run / "ckpt.pt"))
+                  progress=False, autoencoder=sample.checkpoint_autoencoder(ck, run / "ckpt.pt"),
+                  attr_guidance=cfg.attr_guidance)
     M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}", guidance=cfg.guidance,
+             attr_guidance=cfg.attr_guidance,
                        image_size=S, generator_steps=ck["step"], generator_minutes=round(ck["elapsed"] / 60, 1),
                        seconds={}, notes={}))
     sec = M["meta"]["seconds"]
@@ -512,13 +518,16 @@ def evaluate(run, cfg=None):
     real_val_S = data.CocoLayoutDataset(root, "val", size=S, check_files=False, **keep)
     real = [real_val_S.load(i)["image"] for i in range(len(lays))]
     need_modes = MODES if {"easy_hard", "crops"} & set(parts) else ("origin",) if {"fidelity", "fid"} & set(parts) else ()
-    gen = {}
-    for m in tqdm(need_modes, desc=f"generate {len(lays)} val layouts"):
-        gen[m] = sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays, m), S, **gen_kw)
+    n_seeds = cfg.noise_seeds if {"easy_hard", "crops"} & set(parts) else 1
+    gens = [{} for _ in range(n_seeds)]                          # gens[k][mode]: images made with noise seed seed+k
+    for k, m in tqdm([(k, m) for k in range(n_seeds) for m in need_modes], desc=f"generate {len(lays)} val layouts"):
+        gens[k][m] = sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays, m), S,
+                                             **dict(gen_kw, seed=cfg.seed + k))
+    gen = gens[0]
     sec["generate_val"] = round(time.time() - t, 1)
     M["meta"]["n_layouts"] = len(lays)
     if gen:
-        M["meta"]["sec_per_image"] = round(sec["generate_val"] / (len(lays) * len(gen)), 4)
+        M["meta"]["sec_per_image"] = round(sec["generate_val"] / (len(lays) * len(gen) * n_seeds), 4)
     ap_kw = dict(names=names, ids=ids, det_size=tc["det_size"], max_objects=tc["max_objects"])
 
     # -- 1. layout fidelity; 3. easy vs hard
@@ -526,13 +535,21 @@ def evaluate(run, cfg=None):
         t = time.time()
         r = detector_ap(det, real, lays, folder=scratch / "val_real", **ap_kw)
         M.update(real_map=r["mAP"], real_map50=r["AP50"], real_map75=r["AP75"])
-        for m in gen if "easy_hard" in parts else ("origin",):
-            r = detector_ap(det, gen[m], sample.with_difficulty(lays, m), folder=scratch / f"val_{m}", **ap_kw)
-            M[f"{m}_ap50"] = r["AP50"]
-            if m == "origin":
-                M.update(fidelity_map=r["mAP"], fidelity_map50=r["AP50"], fidelity_map75=r["AP75"])
+        per_seed = [{} for _ in gens]
+        for k, g in enumerate(gens if "easy_hard" in parts else gens[:1]):
+            for m in g if "easy_hard" in parts else ("origin",):
+                r = detector_ap(det, g[m], sample.with_difficulty(lays, m), folder=scratch / f"val_{m}", **ap_kw)
+                per_seed[k][m] = r["AP50"]
+                if m == "origin" and k == 0:
+                    M.update(fidelity_map=r["mAP"], fidelity_map50=r["AP50"], fidelity_map75=r["AP75"])
         if "easy_hard" in parts:
+            for m in MODES:
+                M[f"{m}_ap50"] = round(float(np.mean([p[m] for p in per_seed])), 4)
+            M["easy_hard"] = dict(noise_seeds=[cfg.seed + k for k in range(n_seeds)], ap50=per_seed,
+                                  easy_minus_hard=summary_stats([p["easy"] - p["hard"] for p in per_seed]))
             easy_hard_figure(real, gen, lays, names, run / "easy_hard_eval.png")
+        else:
+            M["origin_ap50"] = per_seed[0]["origin"]
         sec["fidelity"] = round(time.time() - t, 1)
         log(f"[fidelity] detector AP50 on {len(lays)} val layouts: real {M['real_map50']:.3f}, generated "
             f"{M['fidelity_map50']:.3f}" + (f"; easy {M['easy_ap50']:.3f} origin {M['origin_ap50']:.3f} hard "
@@ -563,8 +580,9 @@ def evaluate(run, cfg=None):
         clf = train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed)
         save_crop_classifier(clf, scratch / "crop_classifier.pt")
         M["crop_acc_real"] = round(crop_accuracy(clf, real, lays)["overall"]["accuracy"], 4)
-        for m in MODES:
-            M[f"crop_acc_{m}"] = round(crop_accuracy(clf, gen[m], sample.with_difficulty(lays, m))["overall"]["accuracy"], 4)
+        for m in MODES:                                  # the mean over the noise seeds
+            M[f"crop_acc_{m}"] = round(float(np.mean([crop_accuracy(clf, g[m], sample.with_difficulty(lays, m))
+                                                      ["overall"]["accuracy"] for g in gens])), 4)
         sec["crops"] = round(time.time() - t, 1)
         log(f"[crops] crop classifier accuracy: real {M['crop_acc_real']:.3f}, generated easy "
             f"{M['crop_acc_easy']:.3f}, origin {M['crop_acc_origin']:.3f}, hard {M['crop_acc_hard']:.3f}")
@@ -690,6 +708,11 @@ def report(M):
               "The same layouts and noise; only the attribute tokens change. The paper's claim: easy > hard.", "",
               "| attributes | detector AP50 |", "|---|---|"]
         L += [f"| {m} | {fmt(M[m + '_ap50'])} |" for m in ("easy", "origin", "hard")]
+        if "easy_hard" in M:
+            e = M["easy_hard"]
+            L += ["", f"Attribute guidance w_d {meta.get('attr_guidance', 1.0):g}. Noise seeds "
+                      f"{', '.join(map(str, e['noise_seeds']))} (AP50s are their mean): easy - hard "
+                      f"{e['easy_minus_hard']['mean']:+.3f}, std {e['easy_minus_hard']['std']:.3f} over the seeds."]
         L += ["", "![easy / hard](easy_hard_eval.png)", "",
               "Rows: real val images; generated with origin, all-easy and all-hard attributes (easy boxes green, "
               "hard red).", ""]

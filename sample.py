@@ -31,24 +31,39 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from detdiff import Diffusion, extract, load_autoencoder, resolve_dtype, tokenizer_from
+from detdiff import Diffusion, drop_attributes, extract, load_autoencoder, resolve_dtype, tokenizer_from
 from unet import UNet, UNetConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One reverse step each
 
-def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None):
+def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guidance=1.0):
     """Classifier-free guidance: eps = eps(x, null) + s (eps(x, layout) - eps(x, null)) (Ho & Salimans Eq. 6),
-    both halves in one batched forward."""
+    both halves in one batched forward.
+
+    attr_guidance w_d != 1 (beyond the paper) also guides on the attribute alone, with the layout's [none] version
+    (`detdiff.drop_attributes`, which a run trains with --p-uncond-attr) as a third prediction:
+        eps = eps(x, null) + s [(eps(x, layout [none]) - eps(x, null)) + w_d (eps(x, layout d) - eps(x, layout [none]))]
+    InstructPix2Pix's two-condition guidance (Brooks et al., CVPR 2023, Eq. 3) with s_I = s and s_T = s w_d:
+    w_d = 1 is the plain guidance above, w_d = 0 the guidance of the [none] prompt, w_d > 1 pushes every object
+    further towards its [easy] / [hard]. All three predictions in one batched forward."""
     amp = amp or torch.autocast(x_t.device.type, enabled=False)
+    plain = drop_attributes(tokens, 1.0) if attr_guidance != 1.0 else tokens            # layout, every attr [none]
+    if attr_guidance != 1.0 and torch.equal(plain, tokens):                             # nothing to guide on
+        attr_guidance, plain = 1.0, tokens
+    B = x_t.shape[0]
     with amp:
-        if guidance == 1.0:
+        if guidance == 1.0 and attr_guidance == 1.0:
             return model(x_t, t, tokens).float()
-        B = x_t.shape[0]
-        e = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens, null_tokens.expand(B, -1)])).float()
-    e_cond, e_null = e[:B], e[B:]
-    return e_null + guidance * (e_cond - e_null)
+        if attr_guidance == 1.0:
+            e = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens, null_tokens.expand(B, -1)])).float()
+            e_cond, e_null = e[:B], e[B:]
+            return e_null + guidance * (e_cond - e_null)
+        e = model(torch.cat([x_t] * 3), torch.cat([t] * 3),
+                  torch.cat([tokens, plain, null_tokens.expand(B, -1)])).float()
+    e_cond, e_plain, e_null = e[:B], e[B:2 * B], e[2 * B:]
+    return e_null + guidance * ((e_plain - e_null) + attr_guidance * (e_cond - e_plain))
 
 
 def x0_and_eps(diff, x_t, t, eps, clip):
@@ -120,11 +135,12 @@ def logsnr_grid(diff, steps):
 
 
 SAMPLERS = ("ddim", "ddpm", "dpm++2m")
+ATTR_GUIDANCE = 1.0          # --attr-guidance default of sample.py and evaluate.py (issue 14's study)
 
 
 @torch.no_grad()
 def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
-             generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None):
+             generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None, attr_guidance=1.0):
     """Sample images (B, C, S, S) in [-1, 1] for layout tokens (B, L). DDIM uses `steps` evenly spaced
     timesteps from T-1 down to 0, DPM-Solver++ (2M) `steps` timesteps uniform in log-SNR (`logsnr_grid`); DDPM
     always walks all T steps. Noise comes from `generator` (CPU). A latent-space model (`autoencoder`, the frozen
@@ -150,7 +166,7 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
     x0_last = h_last = None                                                                # DPM-Solver++ history
     for i, t_int in enumerate(tqdm(ts, disable=not progress, desc=f"{sampler} x{B}", leave=False)):
         t = torch.full((B,), t_int, dtype=torch.long, device=dev)
-        eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp)
+        eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp, attr_guidance)
         t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
         if sampler == "ddpm":
             x = ddpm_step(diff, x, t, eps, randn(), clip)
@@ -268,7 +284,7 @@ def coco_json(layouts, S, class_names, category_ids):
 
 
 def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
-                     batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None):
+                     batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None, attr_guidance=1.0):
     """Images (uint8 (S, S, 3) arrays) for a list of layouts dict(boxes, labels, difficulty), in batches.
     The noise stream depends only on `seed`, so the same layouts with other difficulty tokens start from the
     same x_T (the easy / hard comparison changes nothing but the prompt)."""
@@ -278,7 +294,7 @@ def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", 
         chunk = layouts[s:s + batch]
         tokens = torch.stack([tok.encode(l["boxes"], l["labels"], l["difficulty"]) for l in chunk]).to(dev)
         x = generate(model, diff, tokens, null, size, steps, sampler, eta, guidance, g, dtype, progress=False,
-                     autoencoder=autoencoder)
+                     autoencoder=autoencoder, attr_guidance=attr_guidance)
         out += [data.from_model_range(img) for img in x.cpu()]
     return out
 
@@ -303,6 +319,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (DDPM always takes T)")
     ap.add_argument("--eta", type=float, default=0.0)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--attr-guidance", type=float, default=ATTR_GUIDANCE,
+                    help="w_d of the attribute guidance (guided_eps): 1 = plain classifier-free guidance, > 1 pushes "
+                    "each object further towards its [easy] / [hard]; wants a checkpoint trained with --p-uncond-attr")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--weights", choices=("ema", "model"), default="ema")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -335,8 +354,11 @@ def run(a):
     t0 = time.time()
     dtype, why = resolve_dtype(a.dtype, a.device)
     print(f"sampling {len(layouts)} layouts with {a.sampler}, dtype {dtype} ({why})")
+    if a.attr_guidance != 1.0 and not ck["train_cfg"].get("p_uncond_attr", 0):
+        print(f"warning: {a.ckpt} was trained without attribute-only dropout (--p-uncond-attr 0), so its [none] "
+              f"prediction, which --attr-guidance {a.attr_guidance:g} steers from, is untrained")
     images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
-                              dtype, autoencoder=ae)
+                              dtype, autoencoder=ae, attr_guidance=a.attr_guidance)
     secs = time.time() - t0
     dropped = ""
     if a.classifier:                                   # class consistency filter (evaluate.py, part 6)

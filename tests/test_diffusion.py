@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import data
 import detdiff
 import sample
 
@@ -111,6 +112,20 @@ def test_drop_condition_rate_and_content():
     assert ((out == tokens).all(1) | dropped).all()
     assert 0.09 < dropped.float().mean().item() < 0.11
     assert (detdiff.drop_condition(tokens[:50], null, 0.0) == tokens[:50]).all()
+
+
+def test_drop_attributes_replaces_only_the_attribute_tokens():
+    tok = data.LayoutTokenizer(["a", "b", "c"], bins=8, max_objects=3)
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]])
+    tokens = torch.stack([tok.encode(boxes, torch.tensor([0, 2]), torch.tensor([1, 2]))] * 20000)  # [easy], [hard]
+    plain = tok.encode(boxes, torch.tensor([0, 2]), torch.tensor([0, 0]))                         # both [none]
+    assert torch.equal(detdiff.drop_attributes(tokens[:3], 1.0), plain.expand(3, -1))
+    assert torch.equal(detdiff.drop_attributes(tokens[:3], 0.0), tokens[:3])
+    out = detdiff.drop_attributes(tokens, 0.3, torch.Generator().manual_seed(0))
+    dropped = (out == plain).all(1)
+    assert ((out == tokens).all(1) | dropped).all()                    # all of a prompt's attributes, or none of them
+    assert 0.29 < dropped.float().mean().item() < 0.31
+    assert tok.decode(out[dropped][0])["labels"].tolist() == [0, 2]    # the layout itself is untouched
 
 
 def test_extract_broadcasts_float32():

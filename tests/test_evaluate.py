@@ -144,3 +144,17 @@ def test_main_job_switch_runs_the_evaluation(run, tiny_data, monkeypatch):
     assert called == [str(out)] and summary["evaluate"] == {"fid": None}
     detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)   # off by default
     assert called == [str(out)]
+
+
+def test_noise_seeds_give_per_seed_ap50s_their_mean_and_spread(run):
+    out, _ = run
+    cfg = evaluate.EvalConfig(quick=True, parts="easy_hard", noise_seeds=2, attr_guidance=2.0)
+    M = evaluate.evaluate(out, cfg)
+    E = M["easy_hard"]
+    assert E["noise_seeds"] == [0, 1] and len(E["ap50"]) == 2 and M["meta"]["attr_guidance"] == 2.0
+    for m in ("easy", "origin", "hard"):
+        assert M[f"{m}_ap50"] == pytest.approx(sum(a[m] for a in E["ap50"]) / 2, abs=1e-4)
+    d = [a["easy"] - a["hard"] for a in E["ap50"]]
+    assert E["easy_minus_hard"]["mean"] == pytest.approx(sum(d) / 2, abs=1e-4)
+    assert E["easy_minus_hard"]["std"] == pytest.approx(abs(d[0] - d[1]) / 2, abs=1e-4)
+    assert "Attribute guidance w_d 2. Noise seeds 0, 1" in (out / "report.md").read_text()

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,6 +32,42 @@ def test_guidance_formula():
     e = sample.guided_eps(Stub(), x, t, tokens, null, 3.0)
     assert torch.allclose(e[:, 0, 0, 0], torch.tensor([1 + 3 * (5 - 1.0), 1 + 3 * (7 - 1.0)]))
     assert torch.equal(sample.guided_eps(Stub(), x, t, tokens, null, 1.0), x * torch.tensor([5.0, 7.0]).view(2, 1, 1, 1))
+
+
+class SumStub(torch.nn.Module):
+    """eps(x, t, tokens) = x * (sum of the token ids): [easy] (5) / [hard] (6) vs [none] (4) changes it by hand."""
+    def forward(self, x, t, tokens):
+        return x * tokens.sum(1)[:, None, None, None].float()
+
+
+def test_attribute_guidance_against_hand_computed_values():
+    tok = data.LayoutTokenizer(["a", "b"], bins=4, max_objects=2)
+    box = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    tokens = torch.stack([tok.encode(box, torch.tensor([1]), torch.tensor([2])),     # one [hard] object
+                          tok.encode(box, torch.tensor([0]), torch.tensor([1]))])    # one [easy] object
+    null = tok.null_prompt()
+    x, t = torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    c, n = tokens.sum(1).float(), null.sum().float()                  # eps(layout d) and eps(null) per image
+    p = c - torch.tensor([6.0 - 4, 5.0 - 4])                          # eps(layout [none]): the attribute id -> 4
+    e = lambda s, w: sample.guided_eps(SumStub(), x, t, tokens, null, s, attr_guidance=w)[:, 0, 0, 0]  # noqa: E731
+    assert torch.allclose(e(3.0, 1.0), n + 3 * (c - n))              # w_d = 1: plain classifier-free guidance
+    assert torch.allclose(e(3.0, 0.0), n + 3 * (p - n))              # w_d = 0: the [none] prompt's guidance
+    assert torch.allclose(e(1.0, 1.0), c)                            # s = w_d = 1: the plain conditional eps
+    assert torch.allclose(e(1.0, 0.0), p)                            # s = 1, w_d = 0: the [none] conditional eps
+    assert torch.allclose(e(3.0, 2.5), n + 3 * ((p - n) + 2.5 * (c - p)))
+    plain = detdiff.drop_attributes(tokens, 1.0)                     # no attribute to guide on: w_d changes nothing
+    assert torch.equal(sample.guided_eps(SumStub(), x, t, plain, null, 3.0, attr_guidance=4.0),
+                       sample.guided_eps(SumStub(), x, t, plain, null, 3.0))
+
+
+def test_sample_cli_attr_guidance_changes_the_images_and_warns(ckpt, tmp_path, capsys):
+    args = ["--ckpt", str(ckpt), "--n", "2", "--steps", "2", "--batch", "2", "--dtype", "fp32", "--difficulty", "hard"]
+    sample.main(args + ["--out", str(tmp_path / "a")])
+    assert "warning" not in capsys.readouterr().out
+    sample.main(args + ["--out", str(tmp_path / "b"), "--attr-guidance", "4"])
+    assert "trained without attribute-only dropout (--p-uncond-attr 0)" in capsys.readouterr().out
+    a, b = (torch.from_numpy(np.asarray(Image.open(tmp_path / d / "train" / "00000.png"))) for d in "ab")
+    assert not torch.equal(a, b)                                     # the [hard] tokens were guided on
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
