@@ -5,8 +5,9 @@
     python detdiff.py --stage generator --steps 200 --out runs/quick   # one stage; --help lists every setting
     python detdiff.py --out runs/shapes --resume        # continue a killed run from its last checkpoint
     python detdiff.py --paper                           # the paper's lambda 0.01, token conditioning, plain
-                                                        # L_simple, linear schedule (PAPER_SETTINGS; the defaults
-                                                        # differ where issue 13's study measured better ones)
+                                                        # L_simple, linear schedule, no attribute guidance
+                                                        # (PAPER_SETTINGS; the defaults differ where issues 13
+                                                        # and 14's studies measured better ones)
     python detdiff.py --evaluate                        # the main job, then evaluate.py's report on the run
     python detdiff.py --space latent --image-size 64    # latent mode: an autoencoder stage, the UNet on its latents
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...   # DDP (gloo on CPU, nccl on CUDA)
@@ -151,6 +152,10 @@ def drop_condition(tokens, null_tokens, p):
     return torch.where(drop[:, None], null_tokens.to(tokens.device)[None], tokens)
 
 
+# w_d of the attribute guidance that sample.py, evaluate.py and the grid stage use by default (issue 14's study,
+# README "Difficulty that shows"): 1 would be plain classifier-free guidance, under which [easy] / [hard] changed
+# nothing measurable.
+ATTR_GUIDANCE = 5.0
 NONE_ID, EASY_ID, HARD_ID = (data.LayoutTokenizer.SPECIALS.index(s) for s in ("[none]", "[easy]", "[hard]"))
 
 
@@ -191,8 +196,8 @@ class TrainConfig:
     timesteps: int = 1000
     schedule: str = "cosine"         # cosine (Nichol & Dhariwal; the default, measured) | linear (DDPM's, the paper's)
     p_uncond: float = 0.1            # GeoDiffusion: 10% of prompts become the null prompt
-    p_uncond_attr: float = 0.0       # attribute-only dropout: this fraction of prompts get [none] for every object's
-                                     # attribute (beyond the paper; trains sample.py's --attr-guidance)
+    p_uncond_attr: float = 0.2       # attribute-only dropout: this fraction of prompts get [none] for every object's
+                                     # attribute (beyond the paper; trains sample.py's --attr-guidance; issue 14)
     fg_reweight: bool = True         # GeoDiffusion's foreground re-weighting of L_simple (issue 13's study: on;
                                      # --no-fg-reweight is the paper's plain L_simple)
     loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma, the default,
@@ -219,7 +224,8 @@ class TrainConfig:
     ckpt_every: int = 250            # periodic checkpoint (always one at the end)
     sample_steps: int = 25           # DDIM steps of the periodic grid
     guidance: float = 3.0            # classifier-free guidance scale of the periodic grid
-    attr_guidance: float = 1.0       # w_d of the grid stage's attribute guidance (sample.guided_eps; 1 = none)
+    attr_guidance: float = -1.0      # w_d of the grid stage's attribute guidance (sample.guided_eps; 1 = none);
+                                     # -1: ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
     n_grid: int = 8                  # validation layouts in the grid
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     # the main job's other stages (python detdiff.py runs them all; perception.py has them as commands too)
@@ -249,7 +255,8 @@ def model_fields():
 # The paper's own settings where the defaults (issue 13's study, README) differ from them; `--paper` sets them all,
 # and any flag given beside it still wins. The schedule is DDPM's linear one (the paper's Stable Diffusion uses a
 # scaled-linear variant of it).
-PAPER_SETTINGS = dict(cond="tokens", pal_weight=0.01, loss_weight="none", fg_reweight=False, schedule="linear")
+PAPER_SETTINGS = dict(cond="tokens", pal_weight=0.01, loss_weight="none", fg_reweight=False, schedule="linear",
+                      p_uncond_attr=0.0)
 
 
 def build_parser():
@@ -938,7 +945,8 @@ def pipeline(cfg, mcfg_overrides=None):
             model, tok, diff, ck = sample.load_checkpoint(ckpt_path)
             S, names = ck["train_cfg"]["image_size"], tok.class_names
             kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False,
-                      autoencoder=sample.checkpoint_autoencoder(ck, ckpt_path), attr_guidance=cfg.attr_guidance)
+                      autoencoder=sample.checkpoint_autoencoder(ck, ckpt_path),
+                      attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
             lays = sample.val_layouts(ck, max(cfg.n_grid, cfg.n_eval))
             real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
             real = [real_ds.load(i)["image"] for i in range(len(lays))]

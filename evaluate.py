@@ -60,7 +60,8 @@ class EvalConfig:
     sampler: str = "dpm++2m"      # sample.SAMPLERS; DPM-Solver++ 20 steps matches DDIM-50's fidelity here
     steps: int = 20
     guidance: float = 3.0
-    attr_guidance: float = sample.ATTR_GUIDANCE  # w_d of sample.guided_eps's attribute guidance (1 = plain guidance)
+    attr_guidance: float = -1.0   # w_d of sample.guided_eps's attribute guidance (1 = plain guidance); -1: detdiff.
+                                  # ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
     noise_seeds: int = 1          # easy_hard, crops: the val layouts generated with this many noise seeds (seed,
                                   # seed+1, ..); each AP50 and crop accuracy is their mean, the per-seed values and
                                   # the spread of easy - hard are in metrics["easy_hard"]
@@ -503,6 +504,7 @@ def evaluate(run, cfg=None):
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
     root = data.resolve_data(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
+    cfg = replace(cfg, attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
     gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch, seed=cfg.seed,
                   progress=False, autoencoder=sample.checkpoint_autoencoder(ck, run / "ckpt.pt"),
                   attr_guidance=cfg.attr_guidance)

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from detdiff import Diffusion, drop_attributes, extract, load_autoencoder, resolve_dtype, tokenizer_from
+from detdiff import ATTR_GUIDANCE, Diffusion, drop_attributes, extract, load_autoencoder, resolve_dtype, tokenizer_from
 from unet import UNet, UNetConfig
 
 
@@ -135,7 +135,6 @@ def logsnr_grid(diff, steps):
 
 
 SAMPLERS = ("ddim", "ddpm", "dpm++2m")
-ATTR_GUIDANCE = 1.0          # --attr-guidance default of sample.py and evaluate.py (issue 14's study)
 
 
 @torch.no_grad()
@@ -178,6 +177,14 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
             x0_last, h_last = x0, h
     model.train(was_training)
     return autoencoder.decode(x.float()) if autoencoder is not None else x
+
+
+def resolve_attr_guidance(w, ck):
+    """w_d to sample a checkpoint with: w itself when >= 0; for -1 (auto) detdiff.ATTR_GUIDANCE when the run trained
+    the [none] prediction (--p-uncond-attr > 0), else 1 (plain guidance)."""
+    if w >= 0:
+        return w
+    return ATTR_GUIDANCE if ck["train_cfg"].get("p_uncond_attr", 0) > 0 else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,9 +326,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (DDPM always takes T)")
     ap.add_argument("--eta", type=float, default=0.0)
     ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--attr-guidance", type=float, default=ATTR_GUIDANCE,
-                    help="w_d of the attribute guidance (guided_eps): 1 = plain classifier-free guidance, > 1 pushes "
-                    "each object further towards its [easy] / [hard]; wants a checkpoint trained with --p-uncond-attr")
+    ap.add_argument("--attr-guidance", type=float, default=-1.0,
+                    help=f"w_d of the attribute guidance (guided_eps): 1 = plain classifier-free guidance, > 1 pushes "
+                    f"each object further towards its [easy] / [hard]; wants a checkpoint trained with --p-uncond-attr. "
+                    f"Default -1: {ATTR_GUIDANCE:g} for such a checkpoint, else 1")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--weights", choices=("ema", "model"), default="ema")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -347,13 +355,15 @@ def run(a):
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
     model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, a.device)
+    a.attr_guidance = resolve_attr_guidance(a.attr_guidance, ck)
     ae = checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, a.device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
     layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
     t0 = time.time()
     dtype, why = resolve_dtype(a.dtype, a.device)
-    print(f"sampling {len(layouts)} layouts with {a.sampler}, dtype {dtype} ({why})")
+    print(f"sampling {len(layouts)} layouts with {a.sampler}, guidance {a.guidance:g}, attribute guidance "
+          f"{a.attr_guidance:g}, dtype {dtype} ({why})")
     if a.attr_guidance != 1.0 and not ck["train_cfg"].get("p_uncond_attr", 0):
         print(f"warning: {a.ckpt} was trained without attribute-only dropout (--p-uncond-attr 0), so its [none] "
               f"prediction, which --attr-guidance {a.attr_guidance:g} steers from, is untrained")

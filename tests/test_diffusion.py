@@ -185,6 +185,7 @@ def test_default_train_step_multiplies_foreground_and_min_snr_weights():
     _, l_simple, _ = detdiff.train_step(model, model, copy.deepcopy(model), opt, scaler, diff,
                                         torch.autocast("cpu", enabled=False), batch, tok.null_prompt(), cfg, 0)
     torch.manual_seed(1)                                                       # the same draws, in train_step's order
+    torch.rand(2)                                  # attribute-only dropout's draw (the prompts hold only [none])
     drop = torch.rand(2) < cfg.p_uncond
     t = torch.randint(0, 50, (2,))
     eps = torch.randn(2, 3, 8, 8)

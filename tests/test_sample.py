@@ -60,14 +60,24 @@ def test_attribute_guidance_against_hand_computed_values():
                        sample.guided_eps(SumStub(), x, t, plain, null, 3.0))
 
 
-def test_sample_cli_attr_guidance_changes_the_images_and_warns(ckpt, tmp_path, capsys):
-    args = ["--ckpt", str(ckpt), "--n", "2", "--steps", "2", "--batch", "2", "--dtype", "fp32", "--difficulty", "hard"]
-    sample.main(args + ["--out", str(tmp_path / "a")])
-    assert "warning" not in capsys.readouterr().out
-    sample.main(args + ["--out", str(tmp_path / "b"), "--attr-guidance", "4"])
+def test_sample_cli_attr_guidance_default_follows_the_checkpoint_and_warns(ckpt, tmp_path, capsys):
+    ck = torch.load(ckpt, weights_only=False)
+    assert ck["train_cfg"]["p_uncond_attr"] == 0.2                   # the default trains the [none] prediction
+    old = dict(ck, train_cfg=dict(ck["train_cfg"], p_uncond_attr=0.0))
+    torch.save(old, tmp_path / "old.pt")
+    assert sample.resolve_attr_guidance(-1, ck) == detdiff.ATTR_GUIDANCE and sample.resolve_attr_guidance(-1, old) == 1
+    assert sample.resolve_attr_guidance(2.5, old) == 2.5
+    args = ["--n", "2", "--steps", "2", "--batch", "2", "--dtype", "fp32", "--difficulty", "hard"]
+    img = lambda d: torch.from_numpy(np.asarray(Image.open(tmp_path / d / "train" / "00000.png")))  # noqa: E731
+    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "plain"), "--attr-guidance", "1"] + args)
+    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "auto")] + args)
+    out = capsys.readouterr().out
+    assert f"attribute guidance {detdiff.ATTR_GUIDANCE:g}," in out and "warning" not in out
+    assert not torch.equal(img("plain"), img("auto"))                # the [hard] tokens were guided on
+    sample.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_auto")] + args)
+    assert "attribute guidance 1," in capsys.readouterr().out         # no trained [none]: plain guidance
+    sample.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_4"), "--attr-guidance", "4"] + args)
     assert "trained without attribute-only dropout (--p-uncond-attr 0)" in capsys.readouterr().out
-    a, b = (torch.from_numpy(np.asarray(Image.open(tmp_path / d / "train" / "00000.png"))) for d in "ab")
-    assert not torch.equal(a, b)                                     # the [hard] tokens were guided on
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

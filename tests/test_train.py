@@ -117,11 +117,12 @@ def test_reduced_precision_runs_finite(tiny_data, tmp_path, dtype):
 
 
 def test_paper_flag_sets_the_papers_settings_under_explicit_flags():
-    """--paper: token conditioning, lambda 0.01, plain L_simple on the linear schedule (each differs from the
-    defaults); a flag given beside it wins; without it nothing is added."""
+    """--paper: token conditioning, lambda 0.01, plain L_simple on the linear schedule, no attribute-only dropout
+    (each differs from the defaults); a flag given beside it wins; without it nothing is added."""
     t, m = detdiff.split_args(detdiff.parse_flags(["--paper", "--schedule", "cosine"]))
     assert m == {"cond": "tokens"}
-    assert t == {"pal_weight": 0.01, "loss_weight": "none", "fg_reweight": False, "schedule": "cosine"}
+    assert t == {"pal_weight": 0.01, "loss_weight": "none", "fg_reweight": False, "schedule": "cosine",
+                 "p_uncond_attr": 0.0}
     t, m = detdiff.split_args(detdiff.parse_flags(["--paper"]))
     assert t["schedule"] == "linear" and not t["fg_reweight"]
     defaults = {**vars(detdiff.TrainConfig()), **vars(detdiff.UNetConfig())}
