@@ -68,7 +68,7 @@ def test_sample_cli_attr_guidance_default_follows_the_checkpoint_and_warns(ckpt,
     assert sample.resolve_attr_guidance(-1, ck) == detdiff.ATTR_GUIDANCE and sample.resolve_attr_guidance(-1, old) == 1
     assert sample.resolve_attr_guidance(2.5, old) == 2.5
     args = ["--n", "2", "--steps", "2", "--batch", "2", "--dtype", "fp32", "--difficulty", "hard"]
-    img = lambda d: torch.from_numpy(np.asarray(Image.open(tmp_path / d / "train" / "00000.png")))  # noqa: E731
+    img = lambda d: torch.from_numpy(np.array(Image.open(tmp_path / d / "train" / "00000.png")))  # noqa: E731
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "plain"), "--attr-guidance", "1"] + args)
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "auto")] + args)
     out = capsys.readouterr().out
