@@ -509,9 +509,8 @@ def evaluate(run, cfg=None):
                   progress=False, autoencoder=sample.checkpoint_autoencoder(ck, run / "ckpt.pt"),
                   attr_guidance=cfg.attr_guidance)
     M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}", guidance=cfg.guidance,
-             attr_guidance=cfg.attr_guidance,
-                       image_size=S, generator_steps=ck["step"], generator_minutes=round(ck["elapsed"] / 60, 1),
-                       seconds={}, notes={}))
+                       attr_guidance=cfg.attr_guidance, image_size=S, generator_steps=ck["step"],
+                       generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={}))
     sec = M["meta"]["seconds"]
 
     # -- val layouts, generated three ways with the same noise (origin, all easy, all hard)
