@@ -10,6 +10,9 @@
                                                         # and 14's studies measured better ones)
     python detdiff.py --evaluate                        # the main job, then evaluate.py's report on the run
     python detdiff.py --space latent --image-size 64    # latent mode: an autoencoder stage, the UNet on its latents
+    python detdiff.py --data DIR --detector torchvision:fasterrcnn_resnet50_fpn --detector-weights FILE
+                                                        # the user's perceptive model for the attribute and the
+                                                        # fidelity metric (also a detdiff .pt or a COCO results json)
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...   # DDP (gloo on CPU, nccl on CUDA)
 
 Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this project, t = 0 is the least noisy):
@@ -230,6 +233,12 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     # the main job's other stages (python detdiff.py runs them all; perception.py has them as commands too)
     stage: str = "all"               # all | data | detector | attributes | autoencoder | generator | grid
+    detector: str = ""               # the perceptive model (attribute and fidelity metric) from the user instead of
+                                     # training one: a detdiff detector .pt, a COCO results .json made on the data
+                                     # set's own images (attribute only), or torchvision:NAME (e.g. torchvision:
+                                     # fasterrcnn_resnet50_fpn) with --detector-weights FILE; nothing is downloaded
+    detector_weights: str = ""       # local weights file of a torchvision:NAME detector
+    detector_classes: str = ""       # data-set class=detector class,... where names differ (every class must map)
     det_steps: int = 1000            # detector (perception metric) optimizer steps, trained from scratch
     det_size: int = 64               # detector input side
     attr_steps: int = 400            # steps of each held-out fold's detector (perception-aware attribute)
@@ -815,7 +824,7 @@ def train_autoencoder(cfg, root, path, log=print):
 
 STAGES = ("data", "detector", "attributes", "autoencoder", "generator", "grid")
 SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
-            "det_steps", "det_size", "attr_steps", "attr_folds", "gamma", "beta", "class_aware", "seed", "space",
+            "detector", "detector_weights", "detector_classes", "det_steps", "det_size", "attr_steps", "attr_folds", "gamma", "beta", "class_aware", "seed", "space",
             "autoencoder", "ae_steps", "ae_factor", "ae_channels", "ae_latent_channels", "ae_edge_weight")
 
 
@@ -860,12 +869,23 @@ def pipeline(cfg, mcfg_overrides=None):
     timing["data"] = time.time() - t
     log(f"[data] {root}: {len(train_ds)} train / {len(val_ds)} val images, classes {', '.join(train_ds.class_names)}")
 
-    # -- detector: trained from scratch on the real training split; the perception metric of every later stage
+    # -- detector: the user's (--detector), or trained from scratch on the real training split; the perception
+    #    metric of every later stage and, with --detector, the attribute's too
     det_path, det_json = out / "detector.pt", out / "detector.json"
+    given = perception.run_detector(out, asdict(cfg), train_ds.class_names, train_ds.category_ids) \
+        if cfg.detector else None                 # classes checked here, before anything is trained
     if "detector" in run:
         t = time.time()
-        if det_path.is_file() and det_json.is_file():
-            log(f"[detector] reusing {det_path}")
+        if det_json.is_file() and (given is not None or det_path.is_file()):
+            log(f"[detector] reusing {det_json}")
+        elif given is not None:
+            val_src = given.subset({r["image_id"] for r in val_ds.records}) \
+                if isinstance(given, perception.ResultsFile) else given
+            r = perception.evaluate(val_src, val_ds, crowd_json=data.split_paths(root, "val")[0])
+            det_json.write_text(json.dumps(dict(mAP=r["mAP"], AP50=r["AP50"], AP75=r["AP75"], seconds=0.0,
+                                                source=perception.describe(given),
+                                                per_category=r["per_category"]), indent=1))
+            log(f"[detector] given: {perception.describe(given)}; val mAP {r['mAP']:.3f} AP50 {r['AP50']:.3f}")
         else:
             det = perception.train(train_ds, perception.DetectorConfig(
                 len(train_ds.class_names), tuple(train_ds.class_names), cfg.det_size),
@@ -890,13 +910,14 @@ def pipeline(cfg, mcfg_overrides=None):
             perception.make_attributes(root, out, perception.AttributeConfig(
                 gamma=cfg.gamma, beta=cfg.beta, class_aware=cfg.class_aware, folds=cfg.attr_folds,
                 image_size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects, steps=cfg.attr_steps,
-                seed=cfg.seed), log=log)
+                seed=cfg.seed), source=given, log=log)      # given=None: held-out folds of our own detector
         timing["attributes"] = time.time() - t
     if attr_path.is_file() and cfg.attributes == "auto":
         s = data.read_json(attr_path)["summary"]["train"]
         summary["attributes"] = dict(hard_fraction=s["hard_fraction"],
                                      per_category={k: v["hard_fraction"] for k, v in s["per_category"].items()},
-                                     per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()})
+                                     per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()},
+                                     warning=s.get("warning"))
 
     # -- autoencoder (--space latent, or asked for by name): trained on the real images, then frozen
     ae_path = autoencoder_path(cfg, out)
@@ -939,7 +960,7 @@ def pipeline(cfg, mcfg_overrides=None):
         if grid_path.is_file() and fid_json.is_file():
             log(f"[grid] reusing {grid_path}")
         else:
-            for need in (ckpt_path, det_path):
+            for need in (ckpt_path,) if given is not None else (ckpt_path, det_path):
                 if not need.is_file():
                     raise SystemExit(f"error: {need}: missing; run the stage that makes it first (--stage all)")
             model, tok, diff, ck = sample.load_checkpoint(ckpt_path)
@@ -958,16 +979,23 @@ def pipeline(cfg, mcfg_overrides=None):
             evaluate.easy_hard_figure(real, gen, lays, names, grid_path, n=cfg.n_grid)
             # layout fidelity (the paper's YOLO score, quick version; evaluate.py has the full one): the
             # real-trained detector on generated images vs on the real val images at the same resolution S
-            det = perception.load_detector(det_path)
+            det = given if given is not None else perception.load_detector(det_path)
             fid = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
                        sec_per_img=round(sec_per_img, 4))
-            for name, ims in (("real", real), ("generated", origin)):
-                fid[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
-                                                 out / f"fidelity_{name}", cfg.det_size, cfg.max_objects)
+            if isinstance(det, perception.ResultsFile):   # a results json has not seen the generated images
+                sample.write_coco(out / "fidelity_generated", "val", origin, lays, names, ck["tokenizer"]["category_ids"])
+                fid["note"] = (f"no fidelity score: {cfg.detector} is a results json; run that detector on "
+                               f"{out / 'fidelity_generated'} and score it with `python perception.py eval --data "
+                               f"{out / 'fidelity_generated'} --results YOURS.json`")
+                log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); {fid['note']}")
+            else:
+                for name, ims in (("real", real), ("generated", origin)):
+                    fid[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
+                                                     out / f"fidelity_{name}", cfg.det_size, cfg.max_objects)
+                log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val "
+                    f"layouts at {S}px: real {fid['real']['AP50']:.3f}, generated {fid['generated']['AP50']:.3f}; "
+                    f"{sec_per_img:.3f} s per generated image")
             fid_json.write_text(json.dumps(fid, indent=1))
-            log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val "
-                f"layouts at {S}px: real {fid['real']['AP50']:.3f}, generated {fid['generated']['AP50']:.3f}; "
-                f"{sec_per_img:.3f} s per generated image")
         timing["grid"] = time.time() - t
         if fid_json.is_file():
             summary["fidelity"] = data.read_json(fid_json)
@@ -979,7 +1007,9 @@ def pipeline(cfg, mcfg_overrides=None):
     log(summary_text(summary))
     logf.close()
     if cfg.evaluate:                              # the paper's experiments on this run (evaluate.py)
-        summary["evaluate"] = evaluate.evaluate(out)
+        blind = ("fidelity", "easy_hard") if isinstance(given, perception.ResultsFile) else ()   # see evaluate.py
+        summary["evaluate"] = evaluate.evaluate(out, evaluate.EvalConfig(
+            parts=",".join(p for p in evaluate.PARTS if p not in blind)))
     return summary
 
 
@@ -988,12 +1018,14 @@ def summary_text(s):
     if "detector" in s:
         d = s["detector"]
         lines.append(f"detector   val mAP {d['mAP']:.3f}  AP50 {d['AP50']:.3f}  AP75 {d['AP75']:.3f}  "
-                     f"(trained in {d['seconds']:.0f}s)")
+                     + (f"(given: {d['source']})" if d.get("source") else f"(trained in {d['seconds']:.0f}s)"))
     if "attributes" in s:
         a = s["attributes"]
         per = a["per_nuisance"] or a["per_category"]
         lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per {'nuisance' if a['per_nuisance'] else 'category'}"
                      ": " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items()))
+        if a.get("warning"):
+            lines.append(f"           {a['warning']}")
     if "autoencoder" in s:
         a = s["autoencoder"]
         lines.append(f"autoencoder latents {a['latent_shape']}, val PSNR {a['psnr_val']:.2f} dB, scale {a['scale']}, "
@@ -1004,7 +1036,9 @@ def summary_text(s):
                      + (f", {g['dtype']}" if g.get("dtype") else "") + "), "
                      f"loss {g['loss_last100']}" + (f" (L_p {g['l_p_last100']})" if g["l_p_last100"] is not None
                                                      else " (no perception loss)") + " over the last 100 steps")
-    if "fidelity" in s:
+    if "fidelity" in s and "generated" not in s["fidelity"]:
+        lines.append(f"fidelity   {s['fidelity']['note']}")
+    elif "fidelity" in s:
         f = s["fidelity"]
         lines.append(f"fidelity   detector AP50 on {f['n_layouts']} val layouts: generated "
                      f"{f['generated']['AP50']:.3f} vs real {f['real']['AP50']:.3f} (mAP {f['generated']['mAP']:.3f}"

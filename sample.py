@@ -10,8 +10,15 @@ alone (its config, tokenizer and schedule settings travel inside it).
 
 Outputs in a new --out folder (default: <checkpoint folder>/samples_<difficulty>), a COCO-format folder that
 `--data OUT` and any detector read: OUT/train/NNNNN.png, OUT/annotations/instances_train.json (bbox [x, y, w, h]
-in pixels of the generated S x S image, the filled box as segmentation, each object's "difficulty"; --split
-renames the split), and grid.png (the first 64 images with their boxes drawn, easy green and hard red).
+in pixels of the generated S x S image, each object's "difficulty"; --split renames the split), the same images
+for YOLO-family trainers in OUT/yolo/ (labels/train/NNNNN.txt "class cx cy w h" normalised, data.yaml), and
+grid.png (the first 64 images with their boxes drawn, easy green and hard red).
+Instance masks (`--masks head`, the default for a checkpoint with a perception head): each object's segmentation
+is the perception head's mask, read off the same forward passes that draw the image: its sigmoid probability
+averaged over the last --mask-steps sampling steps (small t, where x_t is nearly the finished image), above
+--mask-threshold, inside the object's box; written as compressed COCO RLE (pycocotools decodes it), with
+"mask": "head" on the annotation; masks.png shows them. An object whose mask comes out empty, and every object
+with `--masks box`, gets its filled box as segmentation ("mask": "box").
 
 Layout json (`--layouts`), COCO-style boxes in pixels of an image of the given size, category names as in the
 training data; "difficulty" is optional ("none" | "easy" | "hard") and --difficulty easy|hard overrides it:
@@ -23,10 +30,12 @@ training data; "difficulty" is optional ("none" | "easy" | "hard") and --difficu
 """
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -38,7 +47,7 @@ from unet import UNet, UNetConfig
 # ----------------------------------------------------------------------------------------------------------------
 # One reverse step each
 
-def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guidance=1.0):
+def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guidance=1.0, masks=False):
     """Classifier-free guidance: eps = eps(x, null) + s (eps(x, layout) - eps(x, null)) (Ho & Salimans Eq. 6),
     both halves in one batched forward.
 
@@ -47,23 +56,34 @@ def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guid
         eps = eps(x, null) + s [(eps(x, layout [none]) - eps(x, null)) + w_d (eps(x, layout d) - eps(x, layout [none]))]
     InstructPix2Pix's two-condition guidance (Brooks et al., CVPR 2023, Eq. 3) with s_I = s and s_T = s w_d:
     w_d = 1 is the plain guidance above, w_d = 0 the guidance of the [none] prompt, w_d > 1 pushes every object
-    further towards its [easy] / [hard]. All three predictions in one batched forward."""
+    further towards its [easy] / [hard]. All three predictions in one batched forward.
+    masks=True also returns the perception head's mask probabilities of the layout's objects (B, M, h, w), read
+    off the same forward (its conditional half)."""
     amp = amp or torch.autocast(x_t.device.type, enabled=False)
     plain = drop_attributes(tokens, 1.0) if attr_guidance != 1.0 else tokens            # layout, every attr [none]
     if attr_guidance != 1.0 and torch.equal(plain, tokens):                             # nothing to guide on
         attr_guidance, plain = 1.0, tokens
     B = x_t.shape[0]
+    if guidance == 1.0 and attr_guidance == 1.0:
+        halves = [tokens]
+    elif attr_guidance == 1.0:
+        halves = [tokens, null_tokens.expand(B, -1)]
+    else:
+        halves = [tokens, plain, null_tokens.expand(B, -1)]
+    n = len(halves)
     with amp:
-        if guidance == 1.0 and attr_guidance == 1.0:
-            return model(x_t, t, tokens).float()
-        if attr_guidance == 1.0:
-            e = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([tokens, null_tokens.expand(B, -1)])).float()
-            e_cond, e_null = e[:B], e[B:]
-            return e_null + guidance * (e_cond - e_null)
-        e = model(torch.cat([x_t] * 3), torch.cat([t] * 3),
-                  torch.cat([tokens, plain, null_tokens.expand(B, -1)])).float()
-    e_cond, e_plain, e_null = e[:B], e[B:2 * B], e[2 * B:]
-    return e_null + guidance * ((e_plain - e_null) + attr_guidance * (e_cond - e_plain))
+        args = (torch.cat([x_t] * n), torch.cat([t] * n), torch.cat(halves))
+        out = model(*args, return_features=True) if masks else model(*args)
+    e, aux = (out[0].float(), out[1]) if masks else (out.float(), None)
+    if n == 1:
+        eps = e
+    elif n == 2:
+        e_cond, e_null = e[:B], e[B:]
+        eps = e_null + guidance * (e_cond - e_null)
+    else:
+        e_cond, e_plain, e_null = e[:B], e[B:2 * B], e[2 * B:]
+        eps = e_null + guidance * ((e_plain - e_null) + attr_guidance * (e_cond - e_plain))
+    return (eps, aux["mask_logits"][:B].float().sigmoid()) if masks else eps
 
 
 def x0_and_eps(diff, x_t, t, eps, clip):
@@ -135,16 +155,22 @@ def logsnr_grid(diff, steps):
 
 
 SAMPLERS = ("ddim", "ddpm", "dpm++2m")
+MASK_STEPS = 3          # exported masks: the head's probability averaged over the last 3 sampling steps (README:
+                        # 1, 3 and 5 measured against the objects the images drew)
 
 
 @torch.no_grad()
 def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
-             generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None, attr_guidance=1.0):
+             generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None, attr_guidance=1.0,
+             mask_steps=0):
     """Sample images (B, C, S, S) in [-1, 1] for layout tokens (B, L). DDIM uses `steps` evenly spaced
     timesteps from T-1 down to 0, DPM-Solver++ (2M) `steps` timesteps uniform in log-SNR (`logsnr_grid`); DDPM
     always walks all T steps. Noise comes from `generator` (CPU). A latent-space model (`autoencoder`, the frozen
     one it learned with) samples latents of side S / f without the [-1, 1] clipping of x_0 (latents are not
-    bounded) and returns them decoded."""
+    bounded) and returns them decoded.
+    mask_steps=k > 0: also the perception head's mask probability of every layout object (B, M, S, S), the mean
+    over the last k sampling steps (small t, where x_t is nearly the finished image), upsampled from the latent
+    side in latent mode: returns (images, masks)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     cfg, dev = model.cfg, tokens.device
@@ -162,10 +188,16 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
         ts = torch.linspace(diff.T - 1, 0, steps).round().long().unique_consecutive().tolist()
     else:
         ts = logsnr_grid(diff, steps)
-    x0_last = h_last = None                                                                # DPM-Solver++ history
+    x0_last = h_last = mask_sum = None                                                     # DPM-Solver++ history
+    if mask_steps and model.mask_head is None:
+        raise ValueError("mask_steps needs a model with a perception head (it was trained with --pal-weight 0)")
     for i, t_int in enumerate(tqdm(ts, disable=not progress, desc=f"{sampler} x{B}", leave=False)):
         t = torch.full((B,), t_int, dtype=torch.long, device=dev)
-        eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp, attr_guidance)
+        if i >= len(ts) - mask_steps:                                                  # the last k steps
+            eps, m = guided_eps(model, x, t, tokens, null_tokens, guidance, amp, attr_guidance, masks=True)
+            mask_sum = m if mask_sum is None else mask_sum + m
+        else:
+            eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp, attr_guidance)
         t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
         if sampler == "ddpm":
             x = ddpm_step(diff, x, t, eps, randn(), clip)
@@ -176,7 +208,13 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
             x, h = dpm2m_step(diff, x, t, t_prev, x0, x0_last, h_last)
             x0_last, h_last = x0, h
     model.train(was_training)
-    return autoencoder.decode(x.float()) if autoencoder is not None else x
+    x = autoencoder.decode(x.float()) if autoencoder is not None else x
+    if not mask_steps:
+        return x
+    masks = mask_sum / min(mask_steps, len(ts))
+    if masks.shape[-1] != x.shape[-1]:
+        masks = F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x, masks
 
 
 def resolve_attr_guidance(w, ck):
@@ -266,44 +304,101 @@ def val_layouts(ck, n, split="val"):
     return [{k: ds[i][k] for k in ("boxes", "labels", "difficulty")} for i in range(min(n, len(ds)))]
 
 
-def write_coco(out, split, images, layouts, class_names, category_ids):
+def write_coco(out, split, images, layouts, class_names, category_ids, masks=None):
     """A COCO-format folder any detector (and data.py's `--data OUT`) reads: OUT/SPLIT/NNNNN.png and
-    OUT/annotations/instances_SPLIT.json. images: uint8 (S, S, 3) arrays, one per layout."""
+    OUT/annotations/instances_SPLIT.json. images: uint8 (S, S, 3) arrays, one per layout; masks (optional): one
+    bool (n_objects, S, S) array per layout, written as compressed RLE (an empty mask falls back to the box)."""
     out = Path(out)
     (out / split).mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
     for i, arr in enumerate(images):
         Image.fromarray(arr).save(out / split / f"{i:05d}.png")
-    js = coco_json(layouts, images[0].shape[0], class_names, category_ids)
+    js = coco_json(layouts, images[0].shape[0], class_names, category_ids, masks)
     (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(js))
+    return js
 
 
-def coco_json(layouts, S, class_names, category_ids):
+def coco_json(layouts, S, class_names, category_ids, masks=None):
     images, anns = [], []
     for i, lay in enumerate(layouts):
         images.append(dict(id=i + 1, file_name=f"{i:05d}.png", width=S, height=S))
-        for (x0, y0, x1, y1), c, d in zip((lay["boxes"] * S).tolist(), lay["labels"].tolist(), lay["difficulty"].tolist()):
-            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=category_ids[c], iscrowd=0,
-                             bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
-                             segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]], difficulty=data.DIFFICULTY[d]))
+        for k, ((x0, y0, x1, y1), c, d) in enumerate(zip((lay["boxes"] * S).tolist(), lay["labels"].tolist(),
+                                                          lay["difficulty"].tolist())):
+            a = dict(id=len(anns) + 1, image_id=i + 1, category_id=category_ids[c], iscrowd=0,
+                     bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
+                     segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]], difficulty=data.DIFFICULTY[d])
+            if masks is not None and masks[i][k].any():          # the perception head's mask of this object
+                a.update(segmentation=data.mask_to_rle(masks[i][k]), area=float(masks[i][k].sum()), mask="head")
+            elif masks is not None:
+                a["mask"] = "box"                                   # the head found nothing above the threshold
+            anns.append(a)
     cats = [dict(id=i, name=n) for i, n in zip(category_ids, class_names)]
     return dict(images=images, annotations=anns, categories=cats)
 
 
+def write_yolo(out, split, layouts, class_names):
+    """The same images for YOLO-family trainers (ultralytics, YOLOv5/8 and kin): OUT/yolo/images/SPLIT/NNNNN.png
+    (hard links to OUT/SPLIT's, copies where links fail), OUT/yolo/labels/SPLIT/NNNNN.txt with one line per
+    object, "class cx cy w h", normalised to [0, 1], and OUT/yolo/data.yaml. Call after write_coco."""
+    out, y = Path(out), Path(out) / "yolo"
+    for sub in ("images", "labels"):
+        (y / sub / split).mkdir(parents=True, exist_ok=True)
+    for i, lay in enumerate(layouts):
+        src, dst = out / split / f"{i:05d}.png", y / "images" / split / f"{i:05d}.png"
+        try:
+            dst.hardlink_to(src)
+        except OSError:
+            shutil.copyfile(src, dst)
+        rows = [f"{c} {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} {x1 - x0:.6f} {y1 - y0:.6f}"
+                for (x0, y0, x1, y1), c in zip(lay["boxes"].tolist(), lay["labels"].tolist())]
+        (y / "labels" / split / f"{i:05d}.txt").write_text("".join(r + "\n" for r in rows))
+    names = "".join(f"  {k}: {json.dumps(n)}\n" for k, n in enumerate(class_names))
+    (y / "data.yaml").write_text(f"# generated by detdiff's sample.py; point val at your real validation images\n"
+                                 f"path: {y.resolve()}\ntrain: images/{split}\nval: images/{split}\n"
+                                 f"names:\n{names}")
+
+
+def object_masks(probs, layouts, threshold=0.5):
+    """Exported instance masks: the perception head's probability (from `generate(mask_steps=k)`) above
+    `threshold`, kept inside the object's box (a pixel belongs to the box when its centre does). probs: list of
+    (M, S, S) tensors -> one bool (n_objects, S, S) numpy array per layout."""
+    out = []
+    for p, lay in zip(probs, layouts):
+        n, S = len(lay["labels"]), p.shape[-1]
+        c = (torch.arange(S, dtype=torch.float64) + 0.5) / S
+        b = lay["boxes"].to(torch.float64)[:, :, None]
+        inside = ((c >= b[:, 0]) & (c <= b[:, 2]))[:, None, :] & ((c >= b[:, 1]) & (c <= b[:, 3]))[:, :, None]
+        out.append(((p[:n] > threshold) & inside).numpy())
+    return out
+
+
+def overlay_masks(image, masks, alpha=0.5):
+    """uint8 (S, S, 3) image with each object's mask (bool (n, S, S)) tinted in its own colour (masks.png)."""
+    out = image.astype("float32")
+    for k, m in enumerate(masks):
+        out[m] = (1 - alpha) * out[m] + alpha * torch.tensor(data.PALETTE[k % len(data.PALETTE)]).numpy()
+    return out.round().astype("uint8")
+
+
 def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
-                     batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None, attr_guidance=1.0):
+                     batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None, attr_guidance=1.0,
+                     mask_steps=0, mask_threshold=0.5):
     """Images (uint8 (S, S, 3) arrays) for a list of layouts dict(boxes, labels, difficulty), in batches.
     The noise stream depends only on `seed`, so the same layouts with other difficulty tokens start from the
-    same x_T (the easy / hard comparison changes nothing but the prompt)."""
+    same x_T (the easy / hard comparison changes nothing but the prompt). mask_steps=k > 0: (images, masks),
+    masks from `object_masks` over the last k sampling steps."""
     dev = next(model.parameters()).device
-    g, null, out = torch.Generator().manual_seed(seed), tok.null_prompt().to(dev), []
+    g, null, out, probs = torch.Generator().manual_seed(seed), tok.null_prompt().to(dev), [], []
     for s in tqdm(range(0, len(layouts), batch), desc="batches", disable=not progress):
         chunk = layouts[s:s + batch]
         tokens = torch.stack([tok.encode(l["boxes"], l["labels"], l["difficulty"]) for l in chunk]).to(dev)
         x = generate(model, diff, tokens, null, size, steps, sampler, eta, guidance, g, dtype, progress=False,
-                     autoencoder=autoencoder, attr_guidance=attr_guidance)
+                     autoencoder=autoencoder, attr_guidance=attr_guidance, mask_steps=mask_steps)
+        if mask_steps:
+            x, m = x
+            probs += list(m.cpu())
         out += [data.from_model_range(img) for img in x.cpu()]
-    return out
+    return (out, object_masks(probs, layouts, mask_threshold)) if mask_steps else out
 
 
 def with_difficulty(layouts, difficulty):
@@ -343,6 +438,13 @@ def main(argv=None):
                     "class (an object left in the image without its label would teach a detector it is background)")
     ap.add_argument("--min-prob", type=float, default=0.5, help="--classifier: keep an object when the "
                     "classifier gives its layout class at least this probability")
+    ap.add_argument("--masks", choices=("auto", "head", "box"), default="auto", help="instance masks in the COCO "
+                    "json: the perception head's (head), or the filled box (box); auto: head when the checkpoint has "
+                    "a perception head")
+    ap.add_argument("--mask-steps", type=int, default=MASK_STEPS, help="--masks head: average the head's mask "
+                    "probability over this many last sampling steps")
+    ap.add_argument("--mask-threshold", type=float, default=0.5, help="--masks head: a pixel belongs to the "
+                    "object when the averaged probability is above this")
     a = ap.parse_args(argv)
     try:
         run(a)
@@ -360,6 +462,13 @@ def run(a):
     S, names = ck["train_cfg"]["image_size"], tok.class_names
     layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
+    has_head = model.mask_head is not None
+    if a.masks == "head" and not has_head:
+        raise SystemExit(f"error: {a.ckpt}: --masks head needs a perception head, and this checkpoint has none "
+                         f"(trained with --pal-weight 0); use --masks box")
+    mask_steps = a.mask_steps if (a.masks == "head" or (a.masks == "auto" and has_head)) else 0
+    if mask_steps < 0 or (a.masks == "head" and mask_steps == 0):
+        raise SystemExit(f"error: --mask-steps must be >= 1 with --masks head, got {a.mask_steps}")
     t0 = time.time()
     dtype, why = resolve_dtype(a.dtype, a.device)
     print(f"sampling {len(layouts)} layouts with {a.sampler}, guidance {a.guidance:g}, attribute guidance "
@@ -368,7 +477,9 @@ def run(a):
         print(f"warning: {a.ckpt} was trained without attribute-only dropout (--p-uncond-attr 0), so its [none] "
               f"prediction, which --attr-guidance {a.attr_guidance:g} steers from, is untrained")
     images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
-                              dtype, autoencoder=ae, attr_guidance=a.attr_guidance)
+                              dtype, autoencoder=ae, attr_guidance=a.attr_guidance, mask_steps=mask_steps,
+                              mask_threshold=a.mask_threshold)
+    images, masks = images if mask_steps else (images, None)
     secs = time.time() - t0
     dropped = ""
     if a.classifier:                                   # class consistency filter (evaluate.py, part 6)
@@ -380,15 +491,25 @@ def run(a):
         ok = [bool(k.all()) for k in evaluate.accept_objects(clf, images, layouts, a.min_prob)]
         dropped = f" ({ok.count(False)} of {len(ok)} dropped by the class filter)"
         images, layouts = [i for i, k in zip(images, ok) if k], [lay for lay, k in zip(layouts, ok) if k]
+        masks = [m for m, k in zip(masks, ok) if k] if masks is not None else None
         if not images:
             raise SystemExit(f"error: the class filter ({a.classifier}, --min-prob {a.min_prob}) dropped every "
                              f"image; nothing written")
     ids = ck["tokenizer"].get("category_ids") or list(range(1, len(names) + 1))
-    write_coco(out, a.split, images, layouts, names, ids)
+    js = write_coco(out, a.split, images, layouts, names, ids, masks)
+    write_yolo(out, a.split, layouts, names)
     tiles = [data.draw_layout(im, l["boxes"], l["labels"], names, l["difficulty"]) for im, l in zip(images[:64], layouts)]
     data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
+    how = "filled boxes as masks"
+    if masks is not None:
+        tiles = [data.draw_layout(overlay_masks(im, m), l["boxes"], l["labels"], names)
+                 for im, m, l in zip(images[:64], masks, layouts)]
+        data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "masks.png")
+        n_box = sum(x.get("mask") == "box" for x in js["annotations"])
+        how = (f"the perception head's masks (last {mask_steps} steps, > {a.mask_threshold:g}; {n_box} of "
+               f"{len(js['annotations'])} empty, given their box) in masks.png")
     print(f"wrote {len(images)} images ({secs / len(ok if a.classifier else images):.3f} s each){dropped} as a COCO "
-          f"folder ({a.split} split) and grid.png to {out}")
+          f"folder ({a.split} split, {how}), a YOLO folder (yolo/data.yaml) and grid.png to {out}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ AP through the COCO round trip against hand-made detections, the training layout
 The FID and crop-classifier pieces have their own files (test_fid.py, test_crops.py)."""
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -84,7 +86,6 @@ class BoxDetector(torch.nn.Module):
 
 
 def test_detector_ap_against_hand_made_detections(tmp_path):
-    import numpy as np
     images = [np.zeros((32, 32, 3), np.uint8)] * 3
     lay = dict(boxes=torch.tensor([[0.25, 0.25, 0.75, 0.75]]), labels=torch.tensor([1]), difficulty=torch.tensor([0]))
     kw = dict(names=["a", "b"], ids=[1, 2], det_size=32, max_objects=4)
@@ -168,3 +169,53 @@ def test_ablation_budget_is_the_runs_step_count_by_default():
     assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_steps=500), ck) == dict(minutes=0, steps=500)
     assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_steps=0), ck) == {}          # the run's --minutes
     assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_minutes=2.5), ck) == dict(minutes=2.5)
+
+
+# ---- exported masks against the drawn objects (issue 15) --------------------------------------------------------
+
+def test_otsu_threshold_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = np.concatenate([rng.normal(0, 1, rng.integers(2, 30)), rng.normal(4, 1, rng.integers(2, 30))]).round(1)
+        best, best_t = -1.0, None
+        for t in np.unique(v)[:-1]:                        # every split between distinct values, by hand
+            lo, hi = v[v <= t], v[v > t]
+            between = len(lo) * len(hi) * (lo.mean() - hi.mean()) ** 2
+            if between > best:
+                best, best_t = between, t
+        assert evaluate.otsu_threshold(v) == best_t
+
+
+def test_drawn_masks_recover_a_disc_on_a_textured_background():
+    S = 32
+    yy, xx = np.mgrid[:S, :S] + 0.5
+    disc = (yy - 12) ** 2 + (xx - 20) ** 2 <= 6 ** 2             # centre (20, 12), radius 6
+    rng = np.random.default_rng(0)
+    im = (np.array([40, 60, 200]) + rng.integers(-15, 16, (S, S, 3))).astype(np.uint8)   # noisy blue background
+    im[disc] = (230, 200, 30)
+    box = np.array([[14, 6, 26, 18]]) / S                          # the disc's tight box
+    lay = dict(boxes=torch.tensor(box, dtype=torch.float32), labels=torch.tensor([0]))
+    (d,) = evaluate.drawn_masks([im], [lay])[0]
+    assert np.array_equal(d, disc)
+    fit = evaluate.mask_fit([im], [lay], [disc[None]])
+    assert fit["iou"] == 1.0 and fit["n"] == 1 and fit["box_iou"] == pytest.approx(disc.sum() / 144, abs=1e-4)
+    # a box that fills the image leaves no ring to compare with: not judged
+    full = dict(boxes=torch.tensor([[0.0, 0.0, 1.0, 1.0]]), labels=torch.tensor([0]))
+    assert evaluate.drawn_masks([im], [full])[0] == [None] and evaluate.mask_fit([im], [full], [disc[None]])["n"] == 0
+
+
+def test_masks_part_in_the_report(run):
+    out, M = run
+    assert 0 <= M["mask_iou_head"] <= 1 and 0 <= M["mask_iou_real_gt"] <= 1 and 0 <= M["mask_iou_box"] <= 1
+    assert "7. Exported instance masks" in (out / "report.md").read_text()
+
+
+def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_ones(run):
+    out, first = run
+    with pytest.raises(SystemExit, match="--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", ablations=True,
+                                                   ablation_rows="loss off,lambda 7"))
+    evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", ablations=True, ablation_rows="loss off",
+                                               inception=str(out / "none.pt")))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["ablations"]) == set(first["ablations"])              # the other rows are kept

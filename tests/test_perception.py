@@ -303,7 +303,7 @@ def test_torchvision_detector_from_a_local_weights_file(tmp_path):
     from torchvision.models import detection
     net = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91)
     torch.save(net.state_dict(), tmp_path / "w.pth")
-    det = P.TorchvisionDetector("ssdlite320_mobilenet_v3_large", ["cat", "dog", "unicorn"], tmp_path / "w.pth")
+    det = P.TorchvisionDetector("ssdlite320_mobilenet_v3_large", ["cat", "dog"], tmp_path / "w.pth")
     assert set(det.label_map.values()) == {0, 1}
     out = P.predict(det, torch.rand(2, 3, 64, 64) * 2 - 1, score_threshold=0.0)
     assert len(out) == 2 and all(((o["boxes"] >= 0) & (o["boxes"] <= 1)).all() for o in out)
@@ -349,3 +349,85 @@ def test_attributes_from_a_results_json_of_both_splits(shapes32, tmp_path):
         P.make_attributes(shapes32, tmp_path / "run2", P.AttributeConfig(image_size=32),
                           source=P.ResultsFile(tmp_path / "bad.json"), log=lambda m: None)
     assert one_line_naming(e, tmp_path / "bad.json") and "999" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- a detector the user brings (issue 15)
+
+def test_class_mapping_by_name_and_through_a_map():
+    det = ["person", "bicycle", "car", "couch", "dog"]
+    assert P.class_mapping(det, ["dog", "car"]) == {4: 0, 2: 1}              # detector index -> data-set index
+    assert P.class_mapping(det, ["sofa", "dog"], "sofa=couch") == {3: 0, 4: 1}
+    assert P.parse_class_map(" sofa = couch , tv=car") == {"sofa": "couch", "tv": "car"}
+
+
+@pytest.mark.parametrize("names, cmap, words", [
+    (["sofa", "dog"], "", ["'sofa'", "data set's sofa", "--detector-classes sofa=<its class>"]),
+    (["dog"], "cat=dog", ["maps cat, which the data set does not have"]),
+    (["dog"], "dog", ["expected data-set class=detector class"]),
+])
+def test_class_mapping_errors_name_the_class_and_the_fix(names, cmap, words):
+    with pytest.raises(data.DataError) as e:
+        P.class_mapping(["person", "car", "dog"], names, cmap, "det.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_a_detector_of_other_classes_is_relabelled(tmp_path):
+    # a detdiff detector saved with classes (b, a, z) serves a data set whose classes are (a, b): labels swap,
+    # predictions of z are dropped
+    torch.manual_seed(0)
+    model = P.Detector(P.DetectorConfig(num_classes=3, class_names=("b", "a", "z"), image_size=32, **TINY)).eval()
+    P.save_detector(model, tmp_path / "det.pt")
+    src = P.open_source(str(tmp_path / "det.pt"), ["a", "b"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for own, mapped in zip(P.predict(model, x, 0.0), P.predict(src, x, 0.0)):
+        keep = own["labels"] != 2
+        assert keep.any() and not keep.all()                   # the untrained detector predicts all three classes
+        assert torch.equal(mapped["labels"], 1 - own["labels"][keep])
+        assert torch.equal(mapped["boxes"], own["boxes"][keep])
+    assert P.open_source(str(tmp_path / "det.pt"), ["b", "a", "z"]) is not src    # same classes: the model itself
+    with pytest.raises(data.DataError, match="no class 'c'"):
+        P.open_source(str(tmp_path / "det.pt"), ["a", "c"])
+
+
+def test_torchvision_detector_class_map_and_a_class_it_lacks(tmp_path):
+    from torchvision.models import detection
+    net = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    det = P.open_source("torchvision:ssdlite320_mobilenet_v3_large", ["sofa", "dog"], str(tmp_path / "w.pth"),
+                        "sofa=couch")
+    cats = detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.meta["categories"]
+    assert det.label_map == {cats.index("couch"): 0, cats.index("dog"): 1}
+    with pytest.raises(data.DataError, match="no class 'sofa'.*--detector-classes sofa="):
+        P.open_source("torchvision:ssdlite320_mobilenet_v3_large", ["sofa", "dog"], str(tmp_path / "w.pth"))
+
+
+def test_results_json_with_category_ids_the_data_set_lacks(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps([dict(image_id=1, category_id=91, bbox=[0, 0, 4, 4], score=0.9)]))
+    with pytest.raises(data.DataError) as e:
+        P.open_source(str(tmp_path / "r.json"), ["a", "b"], category_ids=[1, 3])
+    assert one_line_naming(e, tmp_path / "r.json") and "category_id 91" in str(e.value)
+
+
+def test_degenerate_attribute_warning():
+    assert P.attribute_warning(0.5, "d") is None and P.attribute_warning(0.9, "d") is None
+    assert P.attribute_warning(0.05, "d") is None
+    high, low = P.attribute_warning(0.992, "from-scratch"), P.attribute_warning(0.01, "d")
+    assert high.startswith("warning: 99.2% of the training objects are hard") and "from-scratch" in high
+    assert "--detector torchvision:NAME --detector-weights FILE" in high and "--attr-steps" in high
+    assert low.startswith("warning: only 1.0% of the training objects are hard") and "--gamma" in low
+
+
+def test_attribute_stage_warns_when_the_detector_finds_nothing(shapes32, tmp_path):
+    # detections for the val images only: every training object is hard, and the summary and the log say why
+    res = [dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"], score=0.9)
+           for a in json.loads((Path(shapes32) / "annotations" / "instances_val.json").read_text())["annotations"]]
+    (tmp_path / "res.json").write_text(json.dumps(res))
+    logged = []
+    summary = P.make_attributes(shapes32, tmp_path / "run", P.AttributeConfig(image_size=32),
+                                source=P.ResultsFile(tmp_path / "res.json"), log=logged.append)
+    assert summary["train"]["hard_fraction"] == 1.0 and summary["val"]["hard_fraction"] == 0.0
+    assert summary["train"]["warning"].startswith("warning: 100.0% of the training objects are hard")
+    assert logged[-1] == summary["train"]["warning"]
+    side = json.loads((tmp_path / "run" / "attributes.json").read_text())
+    assert side["summary"]["train"]["warning"] == summary["train"]["warning"]

@@ -2,12 +2,14 @@
 overwritten, and the perception-aware attributes reach the generator's prompts."""
 import json
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 import detdiff
+import evaluate
 import perception
 import sample
 from conftest import TINY_MODEL, tiny_train_cfg
@@ -82,3 +84,116 @@ def test_missing_data_is_one_error_line_and_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*nowhere: no such data folder"):
         detdiff.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)])
     assert not out.exists()
+
+
+# ---- real COCO as a practitioner brings it, with an external detector's results json (issue 15) ----------------
+
+@pytest.fixture(scope="module")
+def coco_like(tmp_path_factory):
+    """A COCO 2017-style folder with real COCO's quirks: train2017/ and val2017/ with instances_*2017.json,
+    12-digit JPEG names, non-square images, a grayscale one, non-contiguous category ids listed out of order (one
+    with no objects), a crowd region, polygon and RLE masks, an image without annotations. Beside it a results
+    json of "another detector" that finds every object but each third one (those must come out [hard])."""
+    root = tmp_path_factory.mktemp("c") / "coco"
+    cats = [dict(id=18, name="dog"), dict(id=1, name="person"), dict(id=3, name="car"), dict(id=90, name="toothbrush")]
+    colours = {18: (230, 40, 40), 1: (40, 230, 40), 3: (40, 40, 230)}
+    rng = np.random.default_rng(0)
+    results, missed, n = [], set(), 0
+    for split, n_images, first_id in (("train", 12, 100), ("val", 4, 900)):
+        (root / f"{split}2017").mkdir(parents=True)
+        images, anns = [], []
+        for k in range(n_images):
+            image_id, W, H = first_id + k, 64, 48
+            im = Image.new("RGB", (W, H), tuple(int(v) for v in rng.integers(90, 160, 3)))
+            draw = ImageDraw.Draw(im)
+            for j in range(0 if k == 3 else 2):                      # image 3 has no annotations
+                cid = (18, 1, 3)[(k + j) % 3]
+                x, y = 4 + 30 * j, int(rng.integers(2, 14))
+                w, h = 24, int(rng.integers(16, 30))
+                draw.ellipse([x, y, x + w - 1, y + h - 1], fill=colours[cid])
+                n += 1
+                a = dict(id=1000 * image_id + j, image_id=image_id, category_id=cid, bbox=[x, y, w, h], iscrowd=0,
+                         area=w * h * 0.78, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
+                if j == 1:                                           # a compressed RLE mask instead of a polygon
+                    m = np.zeros((H, W), bool)
+                    m[y:y + h, x:x + w] = True
+                    a["segmentation"] = data.mask_to_rle(m)
+                anns.append(a)
+                if n % 3:
+                    results.append(dict(image_id=image_id, category_id=cid, score=0.8,
+                                        bbox=[x + 1, y, w - 1, h]))          # IoU > 0.9 with the box
+                else:
+                    missed.add(a["id"])
+            if k == 5:                                                   # a crowd region: not an object
+                anns.append(dict(id=1000 * image_id + 9, image_id=image_id, category_id=1, bbox=[0, 0, W, H],
+                                 iscrowd=1, area=W * H, segmentation={"size": [H, W], "counts": [0, W * H]}))
+            if k == 7:
+                im = im.convert("L")                                     # a grayscale JPEG
+            name = f"{image_id:012d}.jpg"
+            im.save(root / f"{split}2017" / name, quality=95)
+            images.append(dict(id=image_id, file_name=name, width=W, height=H))
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(dict(images=images, annotations=anns, categories=cats)))
+    (root.parent / "dets.json").write_text(json.dumps(results))
+    return root, root.parent / "dets.json", missed
+
+
+def test_the_main_job_on_real_coco_files_with_an_external_detectors_results(coco_like, tmp_path, monkeypatch):
+    root, dets, missed = coco_like
+    out = tmp_path / "run"
+    cfg = tiny_train_cfg(str(root), out, **TINY_STAGES, detector=str(dets))
+    summary = detdiff.pipeline(cfg, TINY_MODEL)
+    assert summary["data"]["classes"] == ["person", "car", "dog", "toothbrush"]    # by category id
+    assert not (out / "detector.pt").exists()                                     # nothing trained in its place
+    det = json.loads((out / "detector.json").read_text())
+    assert det["source"] == f"COCO results json {dets}" and 0 < det["AP50"] < 1
+    side = json.loads((out / "attributes.json").read_text())
+    for split in ("train", "val"):                                 # the results decide easy / hard, object by object
+        got = side["attributes"][split]
+        assert got and {int(a) for a, d in got.items() if d == "hard"} == {int(a) for a in got} & missed
+    fid = json.loads((out / "fidelity.json").read_text())
+    assert "generated" not in fid and "is a results json" in fid["note"]          # it has not seen generated images
+    text = detdiff.summary_text(summary)
+    assert f"(given: COCO results json {dets})" in text and "fidelity   no fidelity score" in text
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["train_cfg"]["detector"] == str(dets) and ck["tokenizer"]["category_ids"] == [1, 3, 18, 90]
+    with pytest.raises(SystemExit, match="a results json cannot score generated images"):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity"))
+    asked = []                                     # --evaluate runs every part a results json can serve
+    monkeypatch.setattr(evaluate, "evaluate", lambda run, cfg: asked.append(cfg.parts))
+    detdiff.pipeline(tiny_train_cfg(str(root), out, **TINY_STAGES, detector=str(dets), evaluate=True), TINY_MODEL)
+    assert asked == ["fid,crops,trainability,masks"]
+
+
+def test_a_results_json_of_another_data_set_stops_before_anything_is_trained(coco_like, tmp_path):
+    root, dets, _ = coco_like
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps([dict(image_id=100, category_id=44, bbox=[0, 0, 5, 5], score=0.9)]))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"^error: .*other.json: category_id 44 of the results are not the data set's"):
+        detdiff.main(["--data", str(root), "--out", str(out), "--detector", str(bad)])
+    assert not (out / "ckpt.pt").exists() and not (out / "detector.json").exists()
+
+
+def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_data, tmp_path):
+    # an untrained COCO-shaped torchvision model stands in for the user's weights file: it finds no shape, so
+    # the attribute is degenerate and the log and the summary say so and how to fix it
+    from torchvision.models import detection
+    torch.manual_seed(0)
+    net = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    flags = dict(detector="torchvision:ssdlite320_mobilenet_v3_large", detector_weights=str(tmp_path / "w.pth"))
+    with pytest.raises(SystemExit, match=r"^error: .*no class 'circle'.*--detector-classes circle=<its class>"):
+        detdiff.main(["--data", tiny_data, "--out", str(tmp_path / "r0"), "--detector", flags["detector"],
+                      "--detector-weights", flags["detector_weights"]])
+    out = tmp_path / "run"
+    cmap = "circle=person,square=car,triangle=dog,cross=cat,star=bird"
+    summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, **flags, detector_classes=cmap), TINY_MODEL)
+    assert not (out / "detector.pt").exists()
+    assert "torchvision ssdlite320_mobilenet_v3_large" in json.loads((out / "detector.json").read_text())["source"]
+    fid = json.loads((out / "fidelity.json").read_text())
+    assert 0 <= fid["generated"]["AP50"] <= 1 and 0 <= fid["real"]["AP50"] <= 1     # it scores generated images
+    a = summary["attributes"]
+    assert a["hard_fraction"] > 0.9 and a["warning"].startswith(f"warning: {100 * a['hard_fraction']:.1f}% of the")
+    assert a["warning"] in detdiff.summary_text(summary) and a["warning"] in (out / "log.txt").read_text()

@@ -246,3 +246,80 @@ def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"other.pt: classes cat, dog are not the checkpoint's"):
         sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o2"), "--layouts", str(tmp_path / "l.json"),
                      "--steps", "2", "--classifier", str(tmp_path / "other.pt")])
+
+
+# ---- exported instance masks and the YOLO folder (issue 15) ----------------------------------------------------
+
+def test_object_masks_threshold_inside_the_box_by_hand():
+    p = torch.zeros(2, 4, 4)                            # two slots; the layout has one object
+    p[0, 0, :] = 0.9                                    # row 0: above 0.5, but only x < 0.5 is in the box
+    p[0, 1, 1] = 0.6
+    p[0, 2, 1] = 0.4                                    # below the threshold
+    p[1] = 1.0                                          # the padding slot is not exported
+    lay = dict(boxes=torch.tensor([[0.0, 0.0, 0.5, 0.75]]), labels=torch.tensor([3]))
+    (m,) = sample.object_masks([p], [lay], threshold=0.5)
+    want = np.zeros((1, 4, 4), bool)
+    want[0, 0, :2] = want[0, 1, 1] = True               # pixel centres 0.125, 0.375 in x; 0.125..0.625 in y
+    assert m.dtype == bool and np.array_equal(m, want)
+
+
+def test_masks_round_trip_through_the_readers_rle(tmp_path):
+    S = 16
+    rng = np.random.default_rng(0)
+    lays = [dict(boxes=torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.5, 1.0, 1.0]]), labels=torch.tensor([0, 1]),
+                 difficulty=torch.tensor([1, 2]))]
+    masks = [np.zeros((2, S, S), bool)]
+    masks[0][0, 1:7, 2:8] = rng.random((6, 6)) > 0.3   # an irregular blob
+    images = [np.zeros((S, S, 3), np.uint8)]           # object 1's mask is empty: it falls back to its box
+    js = sample.write_coco(tmp_path, "train", images, lays, ["a", "b"], [3, 9], masks)
+    a0, a1 = js["annotations"]
+    assert a0["mask"] == "head" and isinstance(a0["segmentation"], dict) and a0["area"] == masks[0][0].sum()
+    assert a1["mask"] == "box" and a1["segmentation"] == [[4.0, 8.0, 16.0, 8.0, 16.0, 16.0, 4.0, 16.0]]
+    got = data.CocoLayoutDataset(tmp_path, "train", size=S, min_area=0).load(0)["masks"]
+    assert np.array_equal(got[0], masks[0][0])                          # data.py's own RLE reader, bit for bit
+    assert got[1].sum() == 12 * 8 and got[1][8:, 4:].all()               # the filled box
+
+
+def test_yolo_labels_against_hand_made_boxes(tmp_path):
+    lays = [dict(boxes=torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.5, 1.0, 1.0]]), labels=torch.tensor([2, 0]),
+                 difficulty=torch.tensor([1, 1])),
+            dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long), difficulty=torch.zeros(0))]
+    images = [np.full((8, 8, 3), k, np.uint8) for k in (10, 20)]
+    sample.write_coco(tmp_path, "train", images, lays, ["a", "b", "c d"], [1, 2, 5])
+    sample.write_yolo(tmp_path, "train", lays, ["a", "b", "c d"])
+    y = tmp_path / "yolo"
+    assert (y / "labels" / "train" / "00000.txt").read_text() == \
+        "2 0.300000 0.400000 0.400000 0.400000\n0 0.500000 0.750000 1.000000 0.500000\n"
+    assert (y / "labels" / "train" / "00001.txt").read_text() == ""    # an image without objects: an empty file
+    assert np.array_equal(np.array(Image.open(y / "images" / "train" / "00001.png")), images[1])
+    yaml = (y / "data.yaml").read_text()
+    assert "train: images/train" in yaml and 'names:\n  0: "a"\n  1: "b"\n  2: "c d"\n' in yaml
+
+
+def test_sample_cli_exports_head_masks_yolo_and_box_masks(ckpt, tmp_path, capsys):
+    args = ["--ckpt", str(ckpt), "--n", "3", "--steps", "3", "--batch", "2", "--dtype", "fp32"]
+    sample.main(args + ["--out", str(tmp_path / "head"), "--mask-threshold", "0.0"])   # every in-box pixel
+    assert "the perception head's masks (last 3 steps" in capsys.readouterr().out
+    coco = json.loads((tmp_path / "head" / "annotations" / "instances_train.json").read_text())
+    assert coco["annotations"] and all(a["mask"] == "head" for a in coco["annotations"])
+    ds = data.CocoLayoutDataset(tmp_path / "head", "train", size=16, min_area=0)
+    for i in range(len(ds)):                          # threshold 0 keeps the whole box: mask = box pixels
+        it = ds.load(i)
+        for box, m in zip(it["boxes"], it["masks"]):
+            c = (np.arange(16) + 0.5) / 16
+            inbox = ((c >= box[1]) & (c <= box[3]))[:, None] & ((c >= box[0]) & (c <= box[2]))[None, :]
+            assert np.array_equal(m, inbox)
+    assert (tmp_path / "head" / "masks.png").is_file() and (tmp_path / "head" / "yolo" / "data.yaml").is_file()
+    assert len(list((tmp_path / "head" / "yolo" / "labels" / "train").glob("*.txt"))) == 3
+    sample.main(args + ["--out", str(tmp_path / "box"), "--masks", "box"])
+    coco_box = json.loads((tmp_path / "box" / "annotations" / "instances_train.json").read_text())
+    assert all(isinstance(a["segmentation"], list) and "mask" not in a for a in coco_box["annotations"])
+    assert not (tmp_path / "box" / "masks.png").exists()
+    same = lambda d: np.array(Image.open(tmp_path / d / "train" / "00000.png"))  # noqa: E731
+    assert np.array_equal(same("head"), same("box"))                   # reading the masks changes no pixel
+    ck = torch.load(ckpt, weights_only=False)
+    nohead = dict(ck, model_cfg=dict(ck["model_cfg"], mask_dim=0),
+                  ema={k: v for k, v in ck["ema"].items() if not k.startswith("mask_head.")})
+    torch.save(nohead, tmp_path / "nohead.pt")
+    with pytest.raises(SystemExit, match="nohead.pt: --masks head needs a perception head"):
+        sample.main(["--ckpt", str(tmp_path / "nohead.pt"), "--out", str(tmp_path / "x"), "--masks", "head"])
