@@ -824,7 +824,8 @@ def train_autoencoder(cfg, root, path, log=print):
 
 STAGES = ("data", "detector", "attributes", "autoencoder", "generator", "grid")
 SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
-            "detector", "detector_weights", "detector_classes", "det_steps", "det_size", "attr_steps", "attr_folds", "gamma", "beta", "class_aware", "seed", "space",
+            "detector", "detector_weights", "detector_classes", "det_steps", "det_size", "attr_steps", "attr_folds",
+            "gamma", "beta", "class_aware", "seed", "space",
             "autoencoder", "ae_steps", "ae_factor", "ae_channels", "ae_latent_channels", "ae_edge_weight")
 
 
@@ -983,7 +984,8 @@ def pipeline(cfg, mcfg_overrides=None):
             fid = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
                        sec_per_img=round(sec_per_img, 4))
             if isinstance(det, perception.ResultsFile):   # a results json has not seen the generated images
-                sample.write_coco(out / "fidelity_generated", "val", origin, lays, names, ck["tokenizer"]["category_ids"])
+                sample.write_coco(out / "fidelity_generated", "val", origin, lays, names,
+                                  ck["tokenizer"]["category_ids"])
                 fid["note"] = (f"no fidelity score: {cfg.detector} is a results json; run that detector on "
                                f"{out / 'fidelity_generated'} and score it with `python perception.py eval --data "
                                f"{out / 'fidelity_generated'} --results YOURS.json`")

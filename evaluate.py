@@ -598,7 +598,8 @@ def evaluate(run, cfg=None):
     det = perception.run_detector(run, tc, names, ids)     # the run's own, or the one given with --detector
     blind = [p for p in ("fidelity", "easy_hard") if p in parts] if isinstance(det, perception.ResultsFile) else []
     if blind or (cfg.ablations and isinstance(det, perception.ResultsFile)):
-        raise SystemExit(f"error: {tc['detector']}: a results json cannot score generated images ({', '.join(blind) or 'ablations'}); "
+        raise SystemExit(f"error: {tc['detector']}: a results json cannot score generated images "
+                         f"({', '.join(blind) or 'ablations'}); "
                          f"pass --parts {','.join(p for p in parts if p not in blind) or 'crops'} or train the run "
                          f"with a detector checkpoint or torchvision:NAME")
     rows = ablation_settings(tc)

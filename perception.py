@@ -403,7 +403,8 @@ def class_mapping(detector_names, data_names, class_map=None, where="detector"):
         shown = ", ".join(det[:12]) + (f", ... ({len(det)} in all)" if len(det) > 12 else "")
         raise data.DataError(f"{where}: the detector has no class {', '.join(repr(want[c]) for c in missing)} for the "
                              f"data set's {', '.join(missing)} (its classes: {shown}); map them with "
-                             f"--detector-classes {missing[0]}=<its class>,... or use a detector trained on these classes")
+                             f"--detector-classes {missing[0]}=<its class>,... or use a detector trained on these "
+                             f"classes")
     return {det.index(want[c]): k for k, c in enumerate(data_names)}
 
 
@@ -741,8 +742,9 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
     with open(out / "attributes.json", "w") as fh:
         json.dump(sidecar, fh, indent=1)
     draw_attributes(ds, attrs["train"], range(min(24, len(ds)))).save(out / "attributes.png")
+    how = f"{folds_used} folds" if folds_used else "the given detector, no folds"
     log(f"attributes: {len(attrs['train'])} training objects, {100 * summary['train']['hard_fraction']:.1f}% hard "
-        f"(gamma {cfg.gamma}, beta {cfg.beta}, {'class-aware, ' if cfg.class_aware else ''}{folds_used} folds) "
+        f"(gamma {cfg.gamma}, beta {cfg.beta}, {'class-aware, ' if cfg.class_aware else ''}{how}) "
         f"in {time.time() - t0:.0f}s -> {out / 'attributes.json'}")
     if summary["train"].get("warning"):
         log(summary["train"]["warning"])

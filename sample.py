@@ -17,7 +17,7 @@ Instance masks (`--masks head`, the default for a checkpoint with a perception h
 is the perception head's mask, read off the same forward passes that draw the image: its sigmoid probability
 averaged over the last --mask-steps sampling steps (small t, where x_t is nearly the finished image), above
 --mask-threshold, inside the object's box; written as compressed COCO RLE (pycocotools decodes it), with
-"mask": "head" on the annotation; masks.png shows them. An object whose mask comes out empty, and every object
+"mask": "head" on the annotation; masks.png shows the first 32 images beside their masks. An object whose mask comes out empty, and every object
 with `--masks box`, gets its filled box as segmentation ("mask": "box").
 
 Layout json (`--layouts`), COCO-style boxes in pixels of an image of the given size, category names as in the
@@ -372,12 +372,12 @@ def object_masks(probs, layouts, threshold=0.5):
     return out
 
 
-def overlay_masks(image, masks, alpha=0.5):
-    """uint8 (S, S, 3) image with each object's mask (bool (n, S, S)) tinted in its own colour (masks.png)."""
-    out = image.astype("float32")
+def mask_picture(masks, S):
+    """Each object's mask (bool (n, S, S)) in its own colour on black, later objects on top: uint8 (S, S, 3)."""
+    out = torch.zeros(S, S, 3, dtype=torch.uint8)
     for k, m in enumerate(masks):
-        out[m] = (1 - alpha) * out[m] + alpha * torch.tensor(data.PALETTE[k % len(data.PALETTE)]).numpy()
-    return out.round().astype("uint8")
+        out[torch.from_numpy(m)] = torch.tensor(data.PALETTE[k % len(data.PALETTE)], dtype=torch.uint8)
+    return out.numpy()
 
 
 def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
@@ -502,9 +502,10 @@ def run(a):
     data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
     how = "filled boxes as masks"
     if masks is not None:
-        tiles = [data.draw_layout(overlay_masks(im, m), l["boxes"], l["labels"], names)
-                 for im, m, l in zip(images[:64], masks, layouts)]
-        data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "masks.png")
+        tiles = [data.image_grid([data.draw_layout(im, l["boxes"], l["labels"], names),
+                                  data.draw_layout(mask_picture(m, im.shape[0]), l["boxes"], l["labels"], names)],
+                                 ncol=2, pad=0) for im, m, l in zip(images[:32], masks, layouts)]
+        data.image_grid(tiles, ncol=min(4, len(tiles)), pad=4).save(out / "masks.png")   # image | its masks
         n_box = sum(x.get("mask") == "box" for x in js["annotations"])
         how = (f"the perception head's masks (last {mask_steps} steps, > {a.mask_threshold:g}; {n_box} of "
                f"{len(js['annotations'])} empty, given their box) in masks.png")
