@@ -674,12 +674,14 @@ def evaluate(run, cfg=None):
         t = time.time()
         path, why = find_inception(cfg.inception or None)
         if path is None:
-            M["fid"] = None
-            M["meta"]["notes"]["fid"] = f"skipped: {why}"
+            if "fid" in parts:
+                M["fid"] = None
+                M["meta"]["notes"]["fid"] = f"skipped: {why}"
             log(f"[fid] skipped: {why}")
         else:
             net = load_inception(path)
             real_feats = inception_features(net, real)
+        if net is not None and "fid" in parts:    # (--ablations alone needs only the real features)
             M["fid"] = round(fid_from_features(real_feats, inception_features(net, gen["origin"])), 3)
             M["meta"]["notes"]["fid"] = f"{path}; {len(real)} real vs {len(real)} generated val images at {S}px"
             log(f"[fid] {M['fid']:.2f} ({len(real)} generated vs {len(real)} real val images)")
