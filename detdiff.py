@@ -840,15 +840,22 @@ def pipeline(cfg, mcfg_overrides=None):
     if cfg.space not in ("pixel", "latent"):
         raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
     root = data.resolve_data(cfg.data)               # a missing or bad data set stops before anything is written
+    if cfg.detector and not cfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
+        cfg.detector = str(Path(cfg.detector).resolve())
+    if cfg.detector_weights:
+        cfg.detector_weights = str(Path(cfg.detector_weights).resolve())
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in SAME_RUN}
     saved = out / "pipeline.json"
     if saved.is_file():   # reusing a stage is only right if it was made with the same settings
         old = data.read_json(saved)
-        diff = sorted(k for k in SAME_RUN if k in old and old[k] != settings[k])
+        default = {f.name: f.default for f in fields(TrainConfig)}     # a setting added since: its default then
+        diff = sorted(k for k in SAME_RUN if old.get(k, default[k]) != settings[k])
         if diff:
             raise SystemExit(f"error: {out} holds a run made with other settings ({', '.join(diff)}); "
                              f"choose a new --out")
+        if set(SAME_RUN) - set(old):
+            saved.write_text(json.dumps(settings, indent=1))
     else:
         saved.write_text(json.dumps(settings, indent=1))
     logf = open(out / "log.txt", "a")

@@ -544,7 +544,13 @@ def train_ablation(run, ck, name, overrides, cfg, log):
         return run / "ckpt.pt"                    # 'both on' at the run's own budget is the run itself
     out = run / "ablations" / name.replace(" ", "_")
     path = out / "ckpt.pt"
-    if path.is_file() and torch.load(path, map_location="cpu", weights_only=False).get("finished"):
+    done = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
+    if done.get("finished"):
+        had = done["train_cfg"]
+        if not cfg.quick and any(had.get(k) != v for k, v in budget.items()):
+            raise SystemExit(f"error: {path}: trained with another budget ({', '.join(f'{k} {had.get(k)}' for k in budget)}"
+                             f" instead of {', '.join(f'{k} {v}' for k, v in budget.items())}); remove that folder "
+                             f"to retrain it, or pass the budget it had (--ablation-steps / --ablation-minutes)")
         log(f"[ablations] reusing {path}")
         return path
     attrs = str(run / "attributes.json") if tc["attributes"] == "auto" else tc["attributes"]
@@ -710,7 +716,10 @@ def evaluate(run, cfg=None):
         else:
             g = mask_fit(gen["origin"], lays, head_masks)
             truth = [real_val_S.load(i) for i in range(len(lays))]
-            assert all(np.allclose(r["boxes"], lay["boxes"].numpy()) for r, lay in zip(truth, lays))
+            if not all(r["boxes"].shape == tuple(lay["boxes"].shape) and np.allclose(r["boxes"], lay["boxes"].numpy())
+                       for r, lay in zip(truth, lays)):
+                raise SystemExit(f"error: {data.split_paths(root, 'val')[0]}: the val objects no longer match the "
+                                 f"layouts the run was given (was the data set changed?)")
             r = mask_fit(real, lays, [x["masks"] for x in truth])
             M.update(mask_iou_head=g["iou"], mask_iou_box=g["box_iou"], mask_iou_real_gt=r["iou"],
                      mask_iou_real_box=r["box_iou"])

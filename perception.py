@@ -419,8 +419,9 @@ class Relabelled(nn.Module):
     def predict(self, images, score_threshold=0.01, max_dets=100):
         out = []
         for d in self.detector.predict(images, score_threshold, max_dets):
-            keep = torch.tensor([int(k) in self.label_map for k in d["labels"]], dtype=torch.bool)
-            labels = torch.tensor([self.label_map[int(k)] for k in d["labels"][keep]], dtype=torch.long)
+            dev = d["labels"].device
+            keep = torch.tensor([int(k) in self.label_map for k in d["labels"]], dtype=torch.bool, device=dev)
+            labels = torch.tensor([self.label_map[int(k)] for k in d["labels"][keep]], dtype=torch.long, device=dev)
             out.append(dict(boxes=d["boxes"][keep], scores=d["scores"][keep], labels=labels))
         return out
 

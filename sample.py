@@ -468,7 +468,7 @@ def run(a):
                          f"(trained with --pal-weight 0); use --masks box")
     mask_steps = a.mask_steps if (a.masks == "head" or (a.masks == "auto" and has_head)) else 0
     if mask_steps < 0 or (a.masks == "head" and mask_steps == 0):
-        raise SystemExit(f"error: --mask-steps must be >= 1 with --masks head, got {a.mask_steps}")
+        raise SystemExit(f"error: --mask-steps must be >= 1 for the perception head's masks, got {a.mask_steps}")
     t0 = time.time()
     dtype, why = resolve_dtype(a.dtype, a.device)
     print(f"sampling {len(layouts)} layouts with {a.sampler}, guidance {a.guidance:g}, attribute guidance "

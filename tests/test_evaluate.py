@@ -226,3 +226,11 @@ def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_o
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["ablations"]) == set(first["ablations"])              # the other rows are kept
     assert saved["fid"] == before["fid"] and saved["ablations"]["loss off"]["fid"] >= 0
+
+
+def test_a_finished_ablation_of_another_budget_is_not_reused(run):
+    out, _ = run                                   # the quick ablations trained 3 steps; the run itself 4
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    with pytest.raises(SystemExit, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
+                                         r"instead of minutes 0, steps 4\)"):
+        evaluate.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)

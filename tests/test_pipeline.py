@@ -72,6 +72,16 @@ def test_other_settings_in_the_same_folder_are_refused(run, tiny_data):
         detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, pal_weight=0.0), TINY_MODEL)
 
 
+def test_a_run_made_before_a_setting_existed_compares_it_with_its_default(run, tiny_data, tmp_path):
+    out, _ = run
+    saved = json.loads((out / "pipeline.json").read_text())
+    (out / "pipeline.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "detector"}))
+    with pytest.raises(SystemExit, match="holds a run made with other settings \\(detector\\)"):
+        detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, detector=str(tmp_path / "det.pt")), TINY_MODEL)
+    detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)       # the default: reused
+    assert json.loads((out / "pipeline.json").read_text())["detector"] == ""          # and now recorded
+
+
 def test_one_stage_needs_its_inputs(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="ckpt.pt: missing; run the stage that makes it first"):
         detdiff.pipeline(tiny_train_cfg(tiny_data, tmp_path / "r", **TINY_STAGES, stage="grid"), TINY_MODEL)
@@ -176,7 +186,7 @@ def test_a_results_json_of_another_data_set_stops_before_anything_is_trained(coc
     assert not (out / "ckpt.pt").exists() and not (out / "detector.json").exists()
 
 
-def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_data, tmp_path):
+def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_data, tmp_path, monkeypatch):
     # an untrained COCO-shaped torchvision model stands in for the user's weights file: it finds no shape, so
     # the attribute is degenerate and the log and the summary say so and how to fix it
     from torchvision.models import detection
@@ -189,7 +199,10 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_dat
                       "--detector-weights", flags["detector_weights"]])
     out = tmp_path / "run"
     cmap = "circle=person,square=car,triangle=dog,cross=cat,star=bird"
+    monkeypatch.chdir(tmp_path)                    # a relative weights path is kept absolute for evaluate.py
+    flags["detector_weights"] = "w.pth"
     summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, **flags, detector_classes=cmap), TINY_MODEL)
+    assert json.loads((out / "pipeline.json").read_text())["detector_weights"] == str(tmp_path / "w.pth")
     assert not (out / "detector.pt").exists()
     assert "torchvision ssdlite320_mobilenet_v3_large" in json.loads((out / "detector.json").read_text())["source"]
     fid = json.loads((out / "fidelity.json").read_text())
