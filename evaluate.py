@@ -423,15 +423,6 @@ def otsu_threshold(values):
     return v[int(np.argmax(between))]
 
 
-def box_pixels(box, S, grow=0):
-    """bool (S, S): pixels whose centre lies in `box` ([0, 1] xyxy) grown by `grow` pixels on every side."""
-    c = (np.arange(S) + 0.5) / S
-    g = grow / S
-    x = (c >= box[0] - g) & (c <= box[2] + g)
-    y = (c >= box[1] - g) & (c <= box[3] + g)
-    return y[:, None] & x[None, :]
-
-
 def drawn_masks(images, layouts, ring=2):
     """The object each image actually drew, segmented without any model: inside the object's box, the pixels
     whose RGB distance to the median colour of a `ring`-pixel band just outside the box is above Otsu's
@@ -442,8 +433,8 @@ def drawn_masks(images, layouts, ring=2):
         S, im = im.shape[0], np.asarray(im, np.float64)
         row = []
         for box in np.asarray(lay["boxes"], np.float64).reshape(-1, 4):
-            inside = box_pixels(box, S)
-            band = box_pixels(box, S, ring) & ~inside
+            inside = sample.box_pixels(box, S)
+            band = sample.box_pixels(box, S, ring) & ~inside
             if band.sum() < 4 or inside.sum() < 4:
                 row.append(None)
                 continue
@@ -468,7 +459,7 @@ def mask_fit(images, layouts, masks):
         for box, m, d in zip(np.asarray(lay["boxes"], np.float64).reshape(-1, 4), ms, drawn):
             if d is not None:
                 ious.append(mask_iou(m, d))
-                box_ious.append(mask_iou(box_pixels(box, S), d))
+                box_ious.append(mask_iou(sample.box_pixels(box, S), d))
     return dict(iou=round(float(np.mean(ious)), 4) if ious else None,
                 box_iou=round(float(np.mean(box_ious)), 4) if box_ious else None, n=len(ious),
                 of=sum(len(lay["labels"]) for lay in layouts))

@@ -34,6 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -358,17 +359,25 @@ def write_yolo(out, split, layouts, class_names):
                                  f"names:\n{names}")
 
 
+def box_pixels(box, S, grow=0):
+    """bool (S, S): the pixels whose centre lies in `box` ([0, 1] xyxy, edges included) grown by `grow` pixels on
+    every side. (unet.box_masks paints the same test with the right and bottom edges excluded.)"""
+    c = (np.arange(S) + 0.5) / S
+    g = grow / S
+    x = (c >= box[0] - g) & (c <= box[2] + g)
+    y = (c >= box[1] - g) & (c <= box[3] + g)
+    return y[:, None] & x[None, :]
+
+
 def object_masks(probs, layouts, threshold=0.5):
     """Exported instance masks: the perception head's probability (from `generate(mask_steps=k)`) above
-    `threshold`, kept inside the object's box (a pixel belongs to the box when its centre does). probs: list of
-    (M, S, S) tensors -> one bool (n_objects, S, S) numpy array per layout."""
+    `threshold`, kept inside the object's box (`box_pixels`). probs: list of (M, S, S) tensors -> one bool
+    (n_objects, S, S) numpy array per layout."""
     out = []
     for p, lay in zip(probs, layouts):
         n, S = len(lay["labels"]), p.shape[-1]
-        c = (torch.arange(S, dtype=torch.float64) + 0.5) / S
-        b = lay["boxes"].to(torch.float64)[:, :, None]
-        inside = ((c >= b[:, 0]) & (c <= b[:, 2]))[:, None, :] & ((c >= b[:, 1]) & (c <= b[:, 3]))[:, :, None]
-        out.append(((p[:n] > threshold) & inside).numpy())
+        inside = np.array([box_pixels(b, S) for b in lay["boxes"].double().numpy()], bool).reshape(n, S, S)
+        out.append((p[:n] > threshold).numpy() & inside)
     return out
 
 
