@@ -9,7 +9,7 @@ default training run.
     python bench.py --profile        # torch.profiler's top ops of the default step (docs/performance.md)
 
 What each number includes:
-- train img/s: one full step of detdiff.train's loop body on a fixed synthetic batch (B=32; every layout slot holds
+- train img/s: one full step of train.train's loop body on a fixed synthetic batch (B=32; every layout slot holds
   an object, its mask the filled box; `latent`: --space latent at 64 px, a 4 x 16 x 16 latent x_0 with 64 px
   masks, the autoencoder not included because a run encodes its images once): condition dropout, q_sample,
   forward under autocast (with the perception head when the model has one), L_simple + lambda L_p, backward,
@@ -19,9 +19,9 @@ What each number includes:
 - GFLOPs: the UNet's forward per image, and the whole training step per image (forward and backward as executed:
   the first convolution needs no input gradient, attention's backward recomputes its scores), as
   torch.utils.flop_counter.FlopCounterMode counts them (matmuls, convolutions, attention; its table lacks the CPU
-  flash-attention kernels, which `count_flops` adds).
+  flash-attention kernels, which `flops.count_flops` adds).
   MFU = step FLOPs per image x img/s / the peak of the same dtype: the best FLOP/s of a set of dense kernels
-  (torch.matmul at three sizes, 1x1 and 3x3 convolutions; `dense_kernels`), timed at the start and at the end.
+  (torch.matmul at three sizes, 1x1 and 3x3 convolutions; `flops.dense_kernels`), timed at the start and at the end.
 - peer: diffusers' UNet2DConditionModel sized to our forward FLOPs (within 10%), fed by our LayoutEncoder, both
   without the perception head (L_simple only), same step and optimizer. `pip install -r requirements-bench.txt`.
 - sampling s/img: sample.generate for 32 layouts with classifier-free guidance 3 (a batch of 64 per forward),
@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,15 +45,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import data
-import detdiff
-import perception
+import diffusion
+import flops
+import optim
 import sample
+import shapes
+import train
 from unet import UNet, UNetConfig
 
-DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
 WIDE = dict(base_channels=128)       # the "GPU-sized" config: 16x the default's FLOPs at the same depth
 ROOT = Path(__file__).resolve().parent
 
@@ -78,43 +78,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure helpers (tests/test_bench.py)
-
-def mfu(step_flops_per_img, img_s, peak_flops):
-    """Model FLOPs utilisation: the FLOPs a training step executes per image (forward and backward, as counted by
-    count_flops(grad=True)) times images per second, over the peak FLOP/s of the same dtype."""
-    return step_flops_per_img * img_s / peak_flops
-
-
-def _cpu_sdpa(q, k, v, *args, out_shape=None, **kw):              # FlopCounterMode passes shapes, not tensors
-    return sdpa_flop_count(q, k, v)
-
-
-def _cpu_sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kw):
-    return sdpa_backward_flop_count(grad_out, q, k, v)          # dq, dk, dv and the recomputed scores
-
-
-def count_flops(fn, grad=False):
-    """FLOPs of fn() as FlopCounterMode counts them, plus the CPU flash-attention kernels its table lacks.
-    grad=False runs fn under no_grad (a forward); grad=True counts what fn executes, backward included."""
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
-               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
-    with torch.set_grad_enabled(grad), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-        fn()
-    return fc.get_total_flops()
-
-
-def growth(values):
-    """Ratios to the first entry, e.g. the cost per image as S doubles: [1.0, 3.9, 16.2]."""
-    return [round(v / values[0], 2) for v in values]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Batches, the training step, timing
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# Batches and the training step (the FLOP counting and timing are in flops.py)
 
 
 def make_batch(tok, B, S, n_objects, device, seed=0):
@@ -146,80 +110,26 @@ class PeerUNet(nn.Module):
                          return_dict=False)[0]
 
 
-def make_step(raw, batch, null, dtype, device, compile=False, tc=detdiff.TrainConfig()):
-    """A step() that calls detdiff.train_step on one fixed batch with its own optimizer and EMA."""
+def make_step(raw, batch, null, dtype, device, compile=False, tc=train.TrainConfig()):
+    """A step() that calls train.train_step on one fixed batch with its own optimizer and EMA."""
     if device.type == "cuda":                    # channels_last: the layout cuDNN's convolutions prefer
         raw = raw.to(memory_format=torch.channels_last)
         batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last))
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    diff = detdiff.Diffusion(tc.timesteps, tc.schedule).to(device)
-    opt = detdiff.make_optimizer(raw, tc)
+    diff = diffusion.Diffusion(tc.timesteps, tc.schedule).to(device)
+    opt = optim.make_optimizer(raw, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     model = torch.compile(raw) if compile else raw
-    amp = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    amp = torch.autocast(device.type, dtype=flops.DTYPES[dtype], enabled=dtype != "fp32")
     if getattr(raw, "mask_head", None) is None:   # the peer has no perception head: L_simple alone
         tc = dataclasses.replace(tc, pal_weight=0.0)
     count = [0]
 
     def step():                                    # the training loop's own step function
-        loss, _, _ = detdiff.train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, tc, count[0])
+        loss, _, _ = train.train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, tc, count[0])
         count[0] += 1
         return loss.item()                         # the loop's log line reads the loss every step
     return step
-
-
-def time_rounds(fns, device, rounds, round_s=1.5):
-    """Median seconds per call of each function in fns {name: fn}. A warm-up call first (its time is returned: the
-    compile cost where there is one), a second call sizes the rounds (about round_s; 3 rounds at most for calls over
-    2 s), then rounds that alternate between the functions. Returns {name: (median s per call, warm-up s)}."""
-    def timed(fn, n=1):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync(device)
-        return (time.perf_counter() - t0) / n
-    warm = {k: timed(fn) for k, fn in fns.items()}
-    est = {k: timed(fn) for k, fn in fns.items()}
-    calls = {k: max(1, round(round_s / s)) for k, s in est.items()}
-    times = {k: [] for k in fns}
-    for _ in range(rounds if max(est.values()) < 2 else min(rounds, 3)):
-        for k, fn in fns.items():
-            times[k].append(timed(fn, calls[k]))
-    return {k: (statistics.median(v), warm[k]) for k, v in times.items()}
-
-
-def dense_kernels(dtype, device):
-    """The dense kernels the peak is taken over, name -> (fn, FLOPs): torch.matmul (MKL / cuBLAS) at three sizes and
-    convolutions (oneDNN / cuDNN, which need not be as fast or as slow as the matmul library: on one AMD CPU here
-    the UNet's 3x3 convolutions ran faster than MKL's 2048 x 2048 matmul, and an MFU of 122% came out) as a 1x1 and
-    a 3x3 kernel at the wide config's shapes."""
-    dt, out = DTYPES[dtype], {}
-    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)):
-        a, b = (torch.randn(n, n, device=device).to(dt) for _ in range(2))
-        out[f"matmul {n}"] = ((lambda a=a, b=b: torch.matmul(a, b)), 2 * n ** 3)
-    for k, (B, C, S) in ((1, (8, 512, 32)), (3, (32, 128, 32))):
-        x = torch.randn(B, C, S, S, device=device).to(dt)
-        w = torch.randn(C, C, k, k, device=device).to(dt)
-        out[f"conv{k}x{k} {C}ch {S}px B{B}"] = ((lambda x=x, w=w, k=k: nn.functional.conv2d(x, w, padding=k // 2)),
-                                                2 * B * S * S * C * C * k * k)
-    return out
-
-
-def dense_peak(dtype, device, reps=4):
-    """The peak FLOP/s that MFU is measured against: the best of `reps` timed calls (after a warm-up) of every
-    dense kernel of dense_kernels, the best kernel counts. -> (peak FLOP/s, {kernel: FLOP/s})"""
-    rates = {}
-    for name, (fn, flops) in dense_kernels(dtype, device).items():
-        best = float("inf")
-        for _ in range(reps + 1):                # the first call is a warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-        rates[name] = flops / best
-    return max(rates.values()), rates
 
 
 def diffusers_config(encoder, target, S, device):
@@ -227,8 +137,8 @@ def diffusers_config(encoder, target, S, device):
     `target`, in our shape (3 levels, cross-attention at levels 1-2 and the middle, 4 heads, cross_attention_dim =
     the encoder's width): a grid over widths and depths, counted on the meta device (no weights). -> (kwargs, FLOPs)"""
     from diffusers import UNet2DConditionModel
-    tokens = torch.stack([data.LayoutTokenizer(data.SHAPES).null_prompt()] * 2).to(device)
-    c, f_enc = encoder(tokens), count_flops(lambda: encoder(tokens)) / 2
+    tokens = torch.stack([data.LayoutTokenizer(shapes.SHAPES).null_prompt()] * 2).to(device)
+    c, f_enc = encoder(tokens), flops.count_flops(lambda: encoder(tokens)) / 2
     x, t = torch.zeros(2, 3, S, S, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
     best = None
     for layers in (1, 2):
@@ -241,7 +151,7 @@ def diffusers_config(encoder, target, S, device):
                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
                 with torch.device("meta"):
                     m = UNet2DConditionModel(**kw)
-                f = f_enc + count_flops(lambda: m(x, t, encoder_hidden_states=c["context"].to("meta"),
+                f = f_enc + flops.count_flops(lambda: m(x, t, encoder_hidden_states=c["context"].to("meta"),
                                                   encoder_attention_mask=c["context_mask"].to("meta"))) / 2
                 if best is None or abs(f / target - 1) < abs(best[1] / target - 1):
                     best = (kw, f)
@@ -268,7 +178,7 @@ class Bench:
     def __init__(self, a):
         self.a, self.dev, self.t0, self.res = a, a.device, time.time(), {}
         self.dtypes = ["fp32", "bf16"] + (["fp16"] if self.dev.type == "cuda" else [])
-        self.tok = {M: data.LayoutTokenizer(data.SHAPES, max_objects=M) for M in (1, 8, 16)}
+        self.tok = {M: data.LayoutTokenizer(shapes.SHAPES, max_objects=M) for M in (1, 8, 16)}
 
     def log(self, msg):
         print(f"[{time.time() - self.t0:4.0f}s] {msg}", flush=True)
@@ -286,16 +196,16 @@ class Bench:
         (b, _), t = self.batch(2, S, M), torch.zeros(2, dtype=torch.long, device=self.dev)
         x = torch.randn(2, in_channels, S, S, device=self.dev)
         kw = dict(return_features=True) if getattr(model, "mask_head", None) is not None else {}
-        return count_flops(lambda: model(x, t, b["tokens"], **kw)) / 2
+        return flops.count_flops(lambda: model(x, t, b["tokens"], **kw)) / 2
 
     def step_flops(self, model, S, M=8, in_channels=3, masks_S=None):
-        """FLOPs per image of one whole training step (detdiff.train_step: forward, losses, backward) as executed,
+        """FLOPs per image of one whole training step (train.train_step: forward, losses, backward) as executed,
         counted on a copy of the model with a batch of 2."""
         b, null = self.batch(2, masks_S or S, M)
         if in_channels != 3 or masks_S:
             b["image"] = torch.randn(2, in_channels, S, S, device=self.dev)
         step = make_step(copy.deepcopy(model), b, null, "fp32", self.dev)
-        return count_flops(step, grad=True) / 2
+        return flops.count_flops(step, grad=True) / 2
 
     def train(self, name, S=32, M=8, dtype="fp32", compile=False, latent=0, **mkw):
         """One row of the training table: img/s and forward GFLOPs (MFU follows at the end, from the peaks).
@@ -307,7 +217,7 @@ class Bench:
             g = torch.Generator().manual_seed(0)
             b["image"] = torch.randn(B, 4, S // latent, S // latent, generator=g).to(self.dev)
         f_step = self.step_flops(m, S // latent if latent else S, M, 4 if latent else 3, S if latent else None)
-        (s, warm), = time_rounds({name: make_step(m, b, null, dtype, self.dev, compile)}, self.dev,
+        (s, warm), = flops.time_rounds({name: make_step(m, b, null, dtype, self.dev, compile)}, self.dev,
                                  self.a.rounds, self.a.round_s).values()
         f = self.fwd_flops(m, S // latent if latent else S, M, 4 if latent else 3)
         row = self.res.setdefault("train", {})[name] = dict(
@@ -333,7 +243,7 @@ class Bench:
         fns = {f"{who} {dt}": make_step(copy.deepcopy(m), *self.batch(self.a.batch, S), dt, self.dev)
                for dt in self.dtypes for who, m in (("ours", ours), ("peer", theirs))}
         img_s = {k: round(self.a.batch / s, 2)
-                 for k, (s, _) in time_rounds(fns, self.dev, self.a.rounds, self.a.round_s).items()}
+                 for k, (s, _) in flops.time_rounds(fns, self.dev, self.a.rounds, self.a.round_s).items()}
         n_params = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)  # noqa: E731
         p = self.res["peer"] = dict(
             name=name, config=config, gflops_ours=round(target / 1e9, 4), gflops_peer=round(f / 1e9, 4),
@@ -344,14 +254,14 @@ class Bench:
     def sampling(self, S=32, guidance=3.0):
         """Seconds per image of sample.generate (B layouts, guidance doubles the batch) per sampler, steps, dtype."""
         m, B = self.model().eval(), self.a.batch
-        (b, null), diff, rows = self.batch(B, S), detdiff.Diffusion().to(self.dev), {}
+        (b, null), diff, rows = self.batch(B, S), diffusion.Diffusion().to(self.dev), {}
 
         def s_per_img(d, sampler, steps, dtype):
-            sync(self.dev)
+            flops.sync(self.dev)
             t0 = time.perf_counter()
             sample.generate(m, d, b["tokens"], null, S, steps, sampler, guidance=guidance,
                             generator=torch.Generator().manual_seed(0), dtype=dtype, progress=False)
-            sync(self.dev)
+            flops.sync(self.dev)
             return (time.perf_counter() - t0) / B
         n_ddpm = 4 if self.a.quick else 10
         for dtype in self.dtypes:
@@ -361,7 +271,7 @@ class Bench:
                     rows[f"{sampler}-{n} {dtype}"] = round(s_per_img(diff, sampler, n, dtype), 4)
             # DDPM walks all T steps: a schedule with T = n_ddpm walks n_ddpm of them, each at the same cost
             rows[f"ddpm-1000 {dtype} (extrapolated from {n_ddpm} steps)"] = round(
-                s_per_img(detdiff.Diffusion(n_ddpm).to(self.dev), "ddpm", None, dtype) * 1000 / n_ddpm, 3)
+                s_per_img(diffusion.Diffusion(n_ddpm).to(self.dev), "ddpm", None, dtype) * 1000 / n_ddpm, 3)
             self.log(f"sampling {dtype}: " + ", ".join(f"{k.split()[0]} {v}" for k, v in rows.items() if dtype in k))
         self.res["sampling_s_per_img"] = rows
 
@@ -455,7 +365,7 @@ def main(argv=None):
         bn.log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other "
                f"processes share the CPU, timings will be low and noisy")
     bn.peak_rss(3 if a.quick else 20)              # first: a child process, before this one has grown
-    peaks = [{dt: dense_peak(dt, dev)[1] for dt in bn.dtypes}]       # at the start and at the end: the best counts
+    peaks = [{dt: flops.dense_peak(dt, dev)[1] for dt in bn.dtypes}]       # at the start and at the end: the best counts
     for S, mkw, name in ((32, {}, "default"), (64, {}, "default"), (64, dict(latent=4), "default"), (32, WIDE, "wide")):
         for dt in bn.dtypes:
             bn.train(f"{name} {S}px{' latent' if mkw.get('latent') else ''} {dt}", S=S, dtype=dt, **mkw)
@@ -466,20 +376,20 @@ def main(argv=None):
         bn.train(f"default 32px fp32 {M} objects", M=M)
     bn.peer()
     bn.sampling()
-    peaks.append({dt: dense_peak(dt, dev)[1] for dt in bn.dtypes})
+    peaks.append({dt: flops.dense_peak(dt, dev)[1] for dt in bn.dtypes})
     r["peak_flops_measured"] = {dt: {k: round(max(p[dt][k] for p in peaks) / 1e9, 1) for k in peaks[0][dt]}
                                 for dt in bn.dtypes}                     # GFLOP/s per kernel, best of both passes
     r["peak_kernel"] = {dt: max(v, key=v.get) for dt, v in r["peak_flops_measured"].items()}
     r["peak_flops"] = {dt: 1e9 * r["peak_flops_measured"][dt][r["peak_kernel"][dt]] for dt in bn.dtypes}
     bn.log("peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s ({r['peak_kernel'][k]})" for k, v in r["peak_flops"].items()))
     for row in r["train"].values():
-        row["mfu"] = round(mfu(row["gflops_step"] * 1e9, row["img_s"], r["peak_flops"][row["dtype"]]), 4)
+        row["mfu"] = round(flops.mfu(row["gflops_step"] * 1e9, row["img_s"], r["peak_flops"][row["dtype"]]), 4)
     # scaling: the cost per image as S doubles and as the layouts hold more objects (fp32 rows)
     tr = r["train"]
     rows = dict(image_size=(["32px", "64px", "128px"], [tr[f"default {S}px fp32"] for S in (32, 64, 128)]),
                 objects=(["1", "8", "16"], [tr[f"default 32px fp32{s}"] for s in (" 1 objects", "", " 16 objects")]))
-    r["scaling"] = {k: dict(at=at, img_s=[x["img_s"] for x in v], cost_ratio=growth([1 / x["img_s"] for x in v]),
-                            flop_ratio=growth([x["gflops_fwd"] for x in v])) for k, (at, v) in rows.items()}
+    r["scaling"] = {k: dict(at=at, img_s=[x["img_s"] for x in v], cost_ratio=flops.growth([1 / x["img_s"] for x in v]),
+                            flop_ratio=flops.growth([x["gflops_fwd"] for x in v])) for k, (at, v) in rows.items()}
     # the headline keys
     d = tr["default 32px bf16"]
     r.update(train_img_s_bf16=d["img_s"], mfu_bf16=d["mfu"], mfu_fp32=tr["default 32px fp32"]["mfu"],

@@ -1,8 +1,8 @@
-"""Samplers for the layout-conditioned generator: DDPM ancestral sampling, DDIM and DPM-Solver++ (2M), with
-classifier-free guidance.
+"""Generating images and labelled data sets from a checkpoint: the sampling loop (DDPM ancestral sampling, DDIM,
+DPM-Solver++ (2M); their update rules are diffusion.py's) with classifier-free guidance and the attribute guidance
+that makes [easy] / [hard] show, and the COCO and YOLO folders a detector trains on.
 
-All three reuse `detdiff.Diffusion` (the one schedule; t is an index 0..T-1). The model is rebuilt from a checkpoint
-alone (its config, tokenizer and schedule settings travel inside it).
+The model is rebuilt from a checkpoint alone (its config, tokenizer and schedule settings travel inside it).
 
     python sample.py --ckpt runs/shapes/ckpt.pt                        # 16 val layouts, DDIM 50 steps, cfg 3
     python sample.py --ckpt runs/shapes/ckpt.pt --difficulty hard --n 64 --out runs/shapes/hard
@@ -34,26 +34,32 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import autoencoder
+import coco
+import crops
 import data
-from detdiff import ATTR_GUIDANCE, Diffusion, drop_attributes, extract, load_autoencoder, resolve_dtype, tokenizer_from
+import diffusion
+import figures
+import masks
+from config import resolve_dtype
+from diffusion import ATTR_GUIDANCE, Diffusion, drop_attributes
 from unet import UNet, UNetConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One reverse step each
+# Guidance and the sampling loop
 
 def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guidance=1.0, masks=False):
     """Classifier-free guidance: eps = eps(x, null) + s (eps(x, layout) - eps(x, null)) (Ho & Salimans Eq. 6),
     both halves in one batched forward.
 
     attr_guidance w_d != 1 (beyond the paper) also guides on the attribute alone, with the layout's [none] version
-    (`detdiff.drop_attributes`, which a run trains with --p-uncond-attr) as a third prediction:
+    (`diffusion.drop_attributes`, which a run trains with --p-uncond-attr) as a third prediction:
         eps = eps(x, null) + s [(eps(x, layout [none]) - eps(x, null)) + w_d (eps(x, layout d) - eps(x, layout [none]))]
     InstructPix2Pix's two-condition guidance (Brooks et al., CVPR 2023, Eq. 3) with s_I = s and s_T = s w_d:
     w_d = 1 is the plain guidance above, w_d = 0 the guidance of the [none] prompt, w_d > 1 pushes every object
@@ -87,74 +93,6 @@ def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guid
     return (eps, aux["mask_logits"][:B].float().sigmoid()) if masks else eps
 
 
-def x0_and_eps(diff, x_t, t, eps, clip):
-    """x_0 predicted from eps (Eq. 4 solved for x_0), clipped to the data range [-1, 1]; eps made consistent."""
-    x0 = diff.predict_x0(x_t, t, eps)
-    if clip:
-        x0 = x0.clamp(-1, 1)
-        ab = extract(diff.alpha_bar, t, x_t)
-        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
-    return x0, eps
-
-
-def ddpm_step(diff, x_t, t, eps, noise, clip=True):
-    """x_{t-1} = mu~_t(x_0_pred, x_t) + sigma_t z with sigma_t^2 = beta~_t (DDPM Algorithm 2 with the posterior
-    variance); no noise at the last step (t = 0)."""
-    x0, _ = x0_and_eps(diff, x_t, t, eps, clip)
-    mean, var = diff.posterior(x0, x_t, t)                                  # DDPM Eq. (6)-(7)
-    nonzero = (t > 0).float().view(-1, *([1] * (x_t.dim() - 1)))
-    return mean + nonzero * var.sqrt() * noise
-
-
-def ddim_step(diff, x_t, t, t_prev, eps, noise, eta=0.0, clip=True):
-    """DDIM (Song et al. Eq. 12): x_{t'} = sqrt(ab') x0 + sqrt(1 - ab' - sigma^2) eps + sigma z, with
-    sigma = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab') (Eq. 16). t_prev = -1 means ab' = 1 (the end)."""
-    x0, eps = x0_and_eps(diff, x_t, t, eps, clip)
-    ab = extract(diff.alpha_bar, t, x_t)
-    ab_prev = torch.where(t_prev >= 0, diff.alpha_bar.to(x_t.device)[t_prev.clamp(min=0)], torch.ones(()).to(x_t.device))
-    ab_prev = ab_prev.float().view_as(ab)
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
-    return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
-
-
-def log_snr(diff, t, x):
-    """lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
-    (DPM-Solver's half log-SNR), shaped to broadcast against x."""
-    ab = extract(diff.alpha_bar, t, x).double()
-    return 0.5 * (ab.log() - (1 - ab).log())
-
-
-def dpm2m_step(diff, x_t, t, t_prev, x0, x0_last=None, h_last=None):
-    """One step of DPM-Solver++ (2M) (Lu et al. 2022, Algorithm 2), the data-prediction multistep ODE solver that
-    GeoDiffusion samples COCO with. With h = lambda_{t'} - lambda_t and D the x_0 estimate:
-        x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D,
-        D = x0                                          on the first step (this is exactly DDIM with eta = 0),
-        D = (1 + 1/(2r)) x0 - 1/(2r) x0_last, r = h_last / h   after it (the 2nd-order multistep correction).
-    t_prev = -1 is the end (alpha = 1, sigma = 0): the last step returns the x_0 estimate itself (first order).
-    Returns (x_{t'}, h) so that the caller can pass h on as h_last."""
-    if int(t_prev[0]) < 0:
-        return x0, None
-    lam, lam_prev = log_snr(diff, t, x_t), log_snr(diff, t_prev, x_t)
-    ab, ab_prev = extract(diff.alpha_bar, t, x_t).double(), extract(diff.alpha_bar, t_prev, x_t).double()
-    h = lam_prev - lam
-    D = x0.double()
-    if x0_last is not None:
-        r = h_last / h
-        D = (1 + 1 / (2 * r)) * D - 1 / (2 * r) * x0_last.double()
-    x = ((1 - ab_prev) / (1 - ab)).sqrt() * x_t.double() - ab_prev.sqrt() * torch.expm1(-h) * D
-    return x.to(x_t.dtype), h
-
-
-def logsnr_grid(diff, steps):
-    """DPM-Solver's timestep grid for low-resolution pixel models: lambda_t uniform between lambda_{T-1} and
-    lambda_0, each rounded to the nearest of the T discrete timesteps (repeats dropped, so a long grid may hold a
-    few fewer than `steps`). On the Gaussian test problem of tests/test_sample.py this grid converges at second
-    order where the DDIM grid (uniform in t) does not: its last steps are too long in lambda."""
-    lam = log_snr(diff, torch.arange(diff.T), torch.zeros(diff.T)).flatten()       # increasing as t decreases
-    want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
-    return (lam[None, :] - want[:, None]).abs().argmin(1).unique_consecutive().tolist()
-
-
 SAMPLERS = ("ddim", "ddpm", "dpm++2m")
 MASK_STEPS = 3          # exported masks: the head's probability averaged over the last 3 sampling steps (README:
                         # 1, 3 and 5 measured against the objects the images drew)
@@ -165,7 +103,7 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
              generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None, attr_guidance=1.0,
              mask_steps=0):
     """Sample images (B, C, S, S) in [-1, 1] for layout tokens (B, L). DDIM uses `steps` evenly spaced
-    timesteps from T-1 down to 0, DPM-Solver++ (2M) `steps` timesteps uniform in log-SNR (`logsnr_grid`); DDPM
+    timesteps from T-1 down to 0, DPM-Solver++ (2M) `steps` timesteps uniform in log-SNR (`diffusion.logsnr_grid`); DDPM
     always walks all T steps. Noise comes from `generator` (CPU). A latent-space model (`autoencoder`, the frozen
     one it learned with) samples latents of side S / f without the [-1, 1] clipping of x_0 (latents are not
     bounded) and returns them decoded.
@@ -188,7 +126,7 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
     elif sampler == "ddim":
         ts = torch.linspace(diff.T - 1, 0, steps).round().long().unique_consecutive().tolist()
     else:
-        ts = logsnr_grid(diff, steps)
+        ts = diffusion.logsnr_grid(diff, steps)
     x0_last = h_last = mask_sum = None                                                     # DPM-Solver++ history
     if mask_steps and model.mask_head is None:
         raise ValueError("mask_steps needs a model with a perception head (it was trained with --pal-weight 0)")
@@ -201,12 +139,12 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
             eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp, attr_guidance)
         t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
         if sampler == "ddpm":
-            x = ddpm_step(diff, x, t, eps, randn(), clip)
+            x = diffusion.ddpm_step(diff, x, t, eps, randn(), clip)
         elif sampler == "ddim":
-            x = ddim_step(diff, x, t, t_prev, eps, randn() if eta > 0 else torch.zeros_like(x), eta, clip)
+            x = diffusion.ddim_step(diff, x, t, t_prev, eps, randn() if eta > 0 else torch.zeros_like(x), eta, clip)
         else:
-            x0, _ = x0_and_eps(diff, x, t, eps, clip)
-            x, h = dpm2m_step(diff, x, t, t_prev, x0, x0_last, h_last)
+            x0, _ = diffusion.x0_and_eps(diff, x, t, eps, clip)
+            x, h = diffusion.dpm2m_step(diff, x, t, t_prev, x0, x0_last, h_last)
             x0_last, h_last = x0, h
     model.train(was_training)
     x = autoencoder.decode(x.float()) if autoencoder is not None else x
@@ -219,7 +157,7 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
 
 
 def resolve_attr_guidance(w, ck):
-    """w_d to sample a checkpoint with: w itself when >= 0; for -1 (auto) detdiff.ATTR_GUIDANCE when the run trained
+    """w_d to sample a checkpoint with: w itself when >= 0; for -1 (auto) diffusion.ATTR_GUIDANCE when the run trained
     the [none] prediction (--p-uncond-attr > 0), else 1 (plain guidance)."""
     if w >= 0:
         return w
@@ -240,25 +178,12 @@ def load_checkpoint(path, weights="ema", device="cpu"):
     except (KeyError, RuntimeError, EOFError, TypeError) as e:
         raise SystemExit(f"error: {path}: not a detdiff checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
-    return model.to(device).eval(), tokenizer_from(ck["tokenizer"]), diff, ck
-
-
-def checkpoint_autoencoder(ck, ckpt_path, path="", device="cpu"):
-    """The frozen autoencoder a latent-space checkpoint learned with, None for a pixel-space one: `path` if given,
-    else the one the checkpoint recorded, else autoencoder.pt beside it. Another autoencoder is an error."""
-    if ck.get("space", "pixel") == "pixel":
-        if path:
-            raise SystemExit(f"error: {ckpt_path}: a pixel-space checkpoint takes no --autoencoder")
-        return None
-    info = ck["autoencoder"]
-    options = [Path(path)] if path else [Path(info["path"]), Path(ckpt_path).parent / "autoencoder.pt"]
-    found = next((o for o in options if o.is_file()), options[0])
-    return load_autoencoder(found, info["fingerprint"], ckpt_path)[0].to(device)
+    return model.to(device).eval(), data.tokenizer_from(ck["tokenizer"]), diff, ck
 
 
 def read_layouts(path, class_names, max_objects):
     """The user layout json (format in the module docstring) -> list of dict(boxes (N,4) in [0,1], labels, difficulty)."""
-    js = data.read_json(path)
+    js = coco.read_json(path)
     items = js.get("layouts") if isinstance(js, dict) else None
     if not isinstance(items, list):
         raise SystemExit(f"error: {path}: expected {{\"layouts\": [...]}}")
@@ -298,7 +223,7 @@ def val_layouts(ck, n, split="val"):
         if not Path(ck["attributes_used"]).is_file():
             raise SystemExit(f"error: {ck['attributes_used']}: the attribute sidecar this run trained with is "
                              f"missing (restore it, or sample from a --layouts json)")
-        side = data.read_json(ck["attributes_used"])["attributes"]
+        side = coco.read_json(ck["attributes_used"])["attributes"]
         attrs = load_attributes(ck["attributes_used"], split) if split in side else None
     ds = data.CocoLayoutDataset(data.resolve_data(c["data"]), split, size=c["image_size"], min_area=c["min_area"],
                                 max_objects=c["max_objects"], attributes=attrs)
@@ -329,7 +254,7 @@ def coco_json(layouts, S, class_names, category_ids, masks=None):
                      bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
                      segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]], difficulty=data.DIFFICULTY[d])
             if masks is not None and masks[i][k].any():          # the perception head's mask of this object
-                a.update(segmentation=data.mask_to_rle(masks[i][k]), area=float(masks[i][k].sum()), mask="head")
+                a.update(segmentation=coco.mask_to_rle(masks[i][k]), area=float(masks[i][k].sum()), mask="head")
             elif masks is not None:
                 a["mask"] = "box"                                   # the head found nothing above the threshold
             anns.append(a)
@@ -359,43 +284,13 @@ def write_yolo(out, split, layouts, class_names):
                                  f"names:\n{names}")
 
 
-def box_pixels(box, S, grow=0):
-    """bool (S, S): the pixels whose centre lies in `box` ([0, 1] xyxy, edges included) grown by `grow` pixels on
-    every side. (unet.box_masks paints the same test with the right and bottom edges excluded.)"""
-    c = (np.arange(S) + 0.5) / S
-    g = grow / S
-    x = (c >= box[0] - g) & (c <= box[2] + g)
-    y = (c >= box[1] - g) & (c <= box[3] + g)
-    return y[:, None] & x[None, :]
-
-
-def object_masks(probs, layouts, threshold=0.5):
-    """Exported instance masks: the perception head's probability (from `generate(mask_steps=k)`) above
-    `threshold`, kept inside the object's box (`box_pixels`). probs: list of (M, S, S) tensors -> one bool
-    (n_objects, S, S) numpy array per layout."""
-    out = []
-    for p, lay in zip(probs, layouts):
-        n, S = len(lay["labels"]), p.shape[-1]
-        inside = np.array([box_pixels(b, S) for b in lay["boxes"].double().numpy()], bool).reshape(n, S, S)
-        out.append((p[:n] > threshold).numpy() & inside)
-    return out
-
-
-def mask_picture(masks, S):
-    """Each object's mask (bool (n, S, S)) in its own colour on black, later objects on top: uint8 (S, S, 3)."""
-    out = torch.zeros(S, S, 3, dtype=torch.uint8)
-    for k, m in enumerate(masks):
-        out[torch.from_numpy(m)] = torch.tensor(data.PALETTE[k % len(data.PALETTE)], dtype=torch.uint8)
-    return out.numpy()
-
-
 def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
                      batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None, attr_guidance=1.0,
                      mask_steps=0, mask_threshold=0.5):
     """Images (uint8 (S, S, 3) arrays) for a list of layouts dict(boxes, labels, difficulty), in batches.
     The noise stream depends only on `seed`, so the same layouts with other difficulty tokens start from the
     same x_T (the easy / hard comparison changes nothing but the prompt). mask_steps=k > 0: (images, masks),
-    masks from `object_masks` over the last k sampling steps."""
+    masks from `masks.object_masks` over the last k sampling steps."""
     dev = next(model.parameters()).device
     g, null, out, probs = torch.Generator().manual_seed(seed), tok.null_prompt().to(dev), [], []
     for s in tqdm(range(0, len(layouts), batch), desc="batches", disable=not progress):
@@ -407,7 +302,10 @@ def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", 
             x, m = x
             probs += list(m.cpu())
         out += [data.from_model_range(img) for img in x.cpu()]
-    return (out, object_masks(probs, layouts, mask_threshold)) if mask_steps else out
+    return (out, masks.object_masks(probs, layouts, mask_threshold)) if mask_steps else out
+
+
+MODES = ("origin", "easy", "hard")    # a layout with its own attributes, every object [easy], every object [hard]
 
 
 def with_difficulty(layouts, difficulty):
@@ -424,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="a new folder (default: <checkpoint folder>/samples_<difficulty>)")
     ap.add_argument("--layouts", default="val", help="'val' (the run's validation split) or a layout json")
     ap.add_argument("--n", type=int, default=16, help="number of val layouts")
-    ap.add_argument("--difficulty", choices=("origin", "easy", "hard"), default="origin")
+    ap.add_argument("--difficulty", choices=MODES, default="origin")
     ap.add_argument("--split", default="train", help="split name of the written COCO folder")
     ap.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     ap.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (DDPM always takes T)")
@@ -437,7 +335,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--weights", choices=("ema", "model"), default="ema")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                    help="autocast dtype; auto: bf16 where the hardware has it (detdiff.resolve_dtype), else fp32")
+                    help="autocast dtype; auto: bf16 where the hardware has it (config.resolve_dtype), else fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--autoencoder", default="", help="latent-space checkpoints: the autoencoder it learned with "
                     "(default: the path the checkpoint recorded, else autoencoder.pt beside it)")
@@ -457,7 +355,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         run(a)
-    except data.DataError as err:
+    except coco.DataError as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -467,7 +365,7 @@ def run(a):
         raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
     model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, a.device)
     a.attr_guidance = resolve_attr_guidance(a.attr_guidance, ck)
-    ae = checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, a.device)
+    ae = autoencoder.checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, a.device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
     layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
@@ -488,33 +386,32 @@ def run(a):
     images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
                               dtype, autoencoder=ae, attr_guidance=a.attr_guidance, mask_steps=mask_steps,
                               mask_threshold=a.mask_threshold)
-    images, masks = images if mask_steps else (images, None)
+    images, obj_masks = images if mask_steps else (images, None)
     secs = time.time() - t0
     dropped = ""
     if a.classifier:                                   # class consistency filter (evaluate.py, part 6)
-        import evaluate
-        clf = evaluate.load_crop_classifier(a.classifier)
+        clf = crops.load_crop_classifier(a.classifier)
         if tuple(clf.class_names) != tuple(names):
             raise SystemExit(f"error: {a.classifier}: classes {', '.join(clf.class_names)} are not the "
                              f"checkpoint's ({', '.join(names)})")
-        ok = [bool(k.all()) for k in evaluate.accept_objects(clf, images, layouts, a.min_prob)]
+        ok = [bool(k.all()) for k in crops.accept_objects(clf, images, layouts, a.min_prob)]
         dropped = f" ({ok.count(False)} of {len(ok)} dropped by the class filter)"
         images, layouts = [i for i, k in zip(images, ok) if k], [lay for lay, k in zip(layouts, ok) if k]
-        masks = [m for m, k in zip(masks, ok) if k] if masks is not None else None
+        obj_masks = [m for m, k in zip(obj_masks, ok) if k] if obj_masks is not None else None
         if not images:
             raise SystemExit(f"error: the class filter ({a.classifier}, --min-prob {a.min_prob}) dropped every "
                              f"image; nothing written")
     ids = ck["tokenizer"].get("category_ids") or list(range(1, len(names) + 1))
-    js = write_coco(out, a.split, images, layouts, names, ids, masks)
+    js = write_coco(out, a.split, images, layouts, names, ids, obj_masks)
     write_yolo(out, a.split, layouts, names)
-    tiles = [data.draw_layout(im, l["boxes"], l["labels"], names, l["difficulty"]) for im, l in zip(images[:64], layouts)]
-    data.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
+    tiles = [figures.draw_layout(im, l["boxes"], l["labels"], names, l["difficulty"]) for im, l in zip(images[:64], layouts)]
+    figures.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
     how = "filled boxes as masks"
-    if masks is not None:
-        tiles = [data.image_grid([data.draw_layout(im, l["boxes"], l["labels"], names),
-                                  data.draw_layout(mask_picture(m, im.shape[0]), l["boxes"], l["labels"], names)],
-                                 ncol=2, pad=0) for im, m, l in zip(images[:32], masks, layouts)]
-        data.image_grid(tiles, ncol=min(4, len(tiles)), pad=4).save(out / "masks.png")   # image | its masks
+    if obj_masks is not None:
+        tiles = [figures.image_grid([figures.draw_layout(im, l["boxes"], l["labels"], names),
+                                  figures.draw_layout(masks.mask_picture(m, im.shape[0]), l["boxes"], l["labels"], names)],
+                                 ncol=2, pad=0) for im, m, l in zip(images[:32], obj_masks, layouts)]
+        figures.image_grid(tiles, ncol=min(4, len(tiles)), pad=4).save(out / "masks.png")   # image | its masks
         n_box = sum(x.get("mask") == "box" for x in js["annotations"])
         how = (f"the perception head's masks (last {mask_steps} steps, > {a.mask_threshold:g}; {n_box} of "
                f"{len(js['annotations'])} empty, given their box) in masks.png")

@@ -1,6 +1,6 @@
 """The layout-conditioned UNet eps_theta(x_t, t, layout tokens) and its layout encoder.
 
-PAPER.md section 1 (GeoDiffusion-style layout-as-text conditioning). The diffusion code in detdiff.py and
+PAPER.md section 1 (GeoDiffusion-style layout-as-text conditioning). The diffusion code in train.py and
 sample.py only ever calls `model(x_t, t, tokens)`; everything about how the layout tokens reach the image lives
 here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
 
@@ -23,8 +23,8 @@ here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
 - `model(x_t, t, tokens, return_features=True)` also returns the decoder features at every resolution, the
   per-object embeddings and, when `mask_dim > 0`, the perception head's per-object mask logits (perception.py;
   the head lives in the same module so that DDP, EMA and checkpoints carry it without special cases).
-- Autoencoder (`--space latent`): the frozen first stage the UNet learns in, as the paper's Stable Diffusion
-  backbone does (L_LDM = L_simple on its scaled latents); trained by detdiff.py's `autoencoder` stage.
+- The autoencoder of `--space latent` (the frozen first stage the UNet learns in) is in autoencoder.py; it reuses
+  `ResBlock` and `norm` from here.
 
 Quick check: python -c "import unet; m = unet.UNet(unet.UNetConfig()); print(sum(p.numel() for p in m.parameters()))"
 """
@@ -385,58 +385,3 @@ class UNet(nn.Module):
                 aux["mask_logits"] = self.mask_head(feats, cond["objects"])    # (B, M, S, S)
             return eps_pred, aux
         return eps_pred
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The latent space's autoencoder (the paper's frozen Stable Diffusion first stage, at CPU scale; issue 6)
-
-@dataclass
-class AutoencoderConfig:
-    in_channels: int = 3
-    channels: int = 16                   # width at full resolution; x2 at every halving
-    latent_channels: int = 4             # Stable Diffusion's 4
-    factor: int = 4                      # downsampling factor, a power of 2 (SD: 8)
-
-
-class Autoencoder(nn.Module):
-    """x (B, 3, S, S) in [-1, 1] <-> z (B, c, S/f, S/f). A plain (deterministic) convolutional autoencoder with a
-    latent scale factor, where Stable Diffusion's is KL-regularised: SD's KL weight (1e-6) leaves its posterior
-    all but deterministic and the diffusion model only ever sees the posterior mean times a scale (0.18215) that
-    gives the latents unit variance; here that scale, `scale = 1 / std(E(x))` over training images, is measured
-    after training (detdiff.train_autoencoder). `encode` returns scaled latents and `decode` takes them, so the
-    diffusion code sees unit-variance x_0 in latent space as it sees [-1, 1] images in pixel space. L_LDM
-    (PAPER.md s.1) is L_simple on these z."""
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg, n = cfg, int(math.log2(cfg.factor))
-        if 2 ** n != cfg.factor:
-            raise ValueError(f"autoencoder factor must be a power of 2, got {cfg.factor}")
-        ch = [cfg.channels * 2 ** i for i in range(n + 1)]                       # 16, 32, 64: width x2 per halving
-        enc = [nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)]
-        for i in range(n):                                                        # ResBlock, downsample by 2
-            enc += [ResBlock(ch[i], ch[i], 0, 0.0), nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1)]
-        enc += [ResBlock(ch[n], ch[n], 0, 0.0), norm(ch[n]), nn.SiLU(),
-                nn.Conv2d(ch[n], cfg.latent_channels, 3, padding=1)]
-        dec = [nn.Conv2d(cfg.latent_channels, ch[n], 3, padding=1)]
-        for i in reversed(range(n)):                                              # ResBlock, upsample by 2
-            dec += [ResBlock(ch[i + 1], ch[i + 1], 0, 0.0), nn.Upsample(scale_factor=2, mode="nearest"),
-                    nn.Conv2d(ch[i + 1], ch[i], 3, padding=1)]
-        dec += [ResBlock(ch[0], ch[0], 0, 0.0), norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], cfg.in_channels, 3, padding=1)]
-        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
-        self.register_buffer("scale", torch.ones(()))                            # saved with the weights
-
-    def forward(self, x):
-        """The raw reconstruction (training: the loss needs the unclamped output)."""
-        return self.decoder(self.encoder(x))
-
-    def encode(self, x):
-        """Images (B, 3, S, S) in [-1, 1] -> scaled latents (B, c, S/f, S/f), unit variance over the data."""
-        if x.shape[-1] % self.cfg.factor or x.shape[-2] % self.cfg.factor:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's factor "
-                             f"{self.cfg.factor}")
-        return self.encoder(x) * self.scale
-
-    def decode(self, z):
-        """Scaled latents -> images in [-1, 1]."""
-        return self.decoder(z / self.scale).clamp(-1, 1)
-

@@ -1,5 +1,4 @@
-"""Shared fixtures for the generator tests (issue 3): a tiny shapes data set and tiny model/run settings."""
-import os
+"""Shared fixtures: tiny shapes data sets, tiny model / run / detector settings, and the one-line error check."""
 import sys
 from pathlib import Path
 
@@ -7,7 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import data  # noqa: E402
+import shapes  # noqa: E402
+import train  # noqa: E402
 
 
 def pytest_configure(config):
@@ -17,7 +17,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A 16 + 4 image shapes data set at 32 px (written once per session)."""
-    return str(data.make_shapes(tmp_path_factory.mktemp("d") / "shapes", n_train=16, n_val=4, image_size=32,
+    return str(shapes.make_shapes(tmp_path_factory.mktemp("d") / "shapes", n_train=16, n_val=4, image_size=32,
                                 progress=False))
 
 
@@ -26,9 +26,34 @@ TINY_MODEL = dict(base_channels=8, channel_mults=(1, 2), self_attn_levels=(1,), 
 
 
 def tiny_train_cfg(data_root, out, **kw):
-    import detdiff
     base = dict(data=data_root, out=str(out), steps=4, minutes=0.0, batch_size=4, warmup=2, image_size=16, bins=8,
                 max_objects=4, log_every=1, sample_every=2, ckpt_every=2, sample_steps=2, n_grid=2,
                 dtype="fp32", timesteps=50, device="cpu")
     base.update(kw)
-    return detdiff.TrainConfig(**base)
+    return train.TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def shapes32(tmp_path_factory):
+    """32 training + 8 validation shapes images at 32 px."""
+    return shapes.make_shapes(tmp_path_factory.mktemp("p") / "shapes", n_train=32, n_val=8, image_size=32,
+                            progress=False)
+
+
+TINY_DETECTOR = dict(width=16, dilations=(1, 2))
+
+
+def one_line_naming(err, path):
+    msg = str(err.value)
+    return str(path) in msg and "\n" not in msg
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_data, tmp_path_factory):
+    """A generator checkpoint of 2 steps on tiny_data (TINY_MODEL)."""
+    out = tmp_path_factory.mktemp("s") / "run"
+    train.train(tiny_train_cfg(tiny_data, out, steps=2, sample_every=0), TINY_MODEL)
+    return out / "ckpt.pt"
+
+
+TINY_STAGES = dict(det_steps=6, det_size=32, attr_steps=3, attr_folds=2, n_eval=4, n_grid=3)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import evaluate as cd
-import data
+import crops
+import coco
 
 
 def to_range(a):  # the reference's own [-1, 1] mapping: (H, W, 3) uint8 -> (3, H, W) float
@@ -33,15 +33,15 @@ def layout(boxes_px, labels, S, difficulty=None):
 ])
 def test_crop_equals_numpy_slice(box, context, size, y, x):
     img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
-    crops, *_ = cd.object_crops([img], [layout([box], [0], 12)], size=size, context=context)
-    torch.testing.assert_close(crops[0], to_range(img[y, x]), atol=1e-5, rtol=0)
+    got, *_ = crops.object_crops([img], [layout([box], [0], 12)], size=size, context=context)
+    torch.testing.assert_close(got[0], to_range(img[y, x]), atol=1e-5, rtol=0)
 
 
 def test_crop_downsampled_is_block_mean():
     img = np.random.default_rng(1).integers(0, 256, (12, 12, 3), dtype=np.uint8)
-    crops, *_ = cd.object_crops([img], [layout([(2, 2, 10, 10)], [0], 12)], size=4, context=0.0)
+    got, *_ = crops.object_crops([img], [layout([(2, 2, 10, 10)], [0], 12)], size=4, context=0.0)
     ref = to_range(img[2:10, 2:10]).reshape(3, 4, 2, 4, 2).mean((2, 4))
-    torch.testing.assert_close(crops[0], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[0], ref, atol=1e-5, rtol=0)
 
 
 def test_crop_bookkeeping_several_layouts():
@@ -50,13 +50,13 @@ def test_crop_bookkeeping_several_layouts():
     layouts = [layout([(0, 0, 8, 8), (4, 4, 12, 12)], [3, 1], S, [1, 2]),
                layout(np.zeros((0, 4)), [], S, []),
                layout([(1, 1, 5, 5), (8, 2, 16, 10), (2, 8, 10, 16)], [0, 2, 4], S)]  # no difficulty -> none
-    crops, labels, diff, index = cd.object_crops(images, layouts, size=8, context=0.0)
-    assert crops.shape == (5, 3, 8, 8)
+    got, labels, diff, index = crops.object_crops(images, layouts, size=8, context=0.0)
+    assert got.shape == (5, 3, 8, 8)
     assert labels.tolist() == [3, 1, 0, 2, 4]
     assert diff.tolist() == [1, 2, 0, 0, 0]
     assert index.tolist() == [0, 0, 2, 2, 2]
-    torch.testing.assert_close(crops.mean((1, 2, 3)), torch.tensor([-1.0, -1.0] + [80 / 127.5 - 1] * 3))
-    empty = cd.object_crops(images[:1], layouts[1:2], size=8)
+    torch.testing.assert_close(got.mean((1, 2, 3)), torch.tensor([-1.0, -1.0] + [80 / 127.5 - 1] * 3))
+    empty = crops.object_crops(images[:1], layouts[1:2], size=8)
     assert empty[0].shape == (0, 3, 8, 8) and empty[1].shape == empty[3].shape == (0,)
 
 
@@ -91,18 +91,18 @@ class StripesDataset:
 
 
 def test_train_reaches_high_accuracy():
-    clf = cd.train_crop_classifier(StripesDataset(32, seed=0), steps=60, batch=32, log=lambda s: None)
+    clf = crops.train_crop_classifier(StripesDataset(32, seed=0), steps=60, batch=32, log=lambda s: None)
     test = StripesDataset(20, seed=1)
     images = [it["image"] for it in test.items]
     layouts = [dict(boxes=torch.from_numpy(it["boxes"]), labels=torch.from_numpy(it["labels"])) for it in test.items]
-    acc = cd.crop_accuracy(clf, images, layouts)
+    acc = crops.crop_accuracy(clf, images, layouts)
     assert acc["overall"]["count"] == 40 and acc["overall"]["accuracy"] >= 0.9
     assert clf.class_names == StripesDataset.class_names
 
 
 def test_train_is_deterministic():
     ds = StripesDataset(8, seed=0)
-    a, b = (cd.train_crop_classifier(ds, steps=3, batch=8, seed=5, log=lambda s: None) for _ in range(2))
+    a, b = (crops.train_crop_classifier(ds, steps=3, batch=8, seed=5, log=lambda s: None) for _ in range(2))
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 
@@ -118,8 +118,8 @@ class Stub(nn.Module):
         super().__init__()
         self.table = torch.tensor(table, dtype=torch.float32)
 
-    def forward(self, crops):
-        return self.table[crops.mean((2, 3)).argmax(1)]
+    def forward(self, x):
+        return self.table[x.mean((2, 3)).argmax(1)]
 
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -141,12 +141,12 @@ def test_crop_accuracy_per_difficulty_by_hand():
     layouts = [layout(b0, [0, 1, 0], 16, [1, 2, 2]),       # easy right, hard right, hard wrong
                layout(b1, [2, 1], 16, [1, 0]),             # easy wrong, none right
                layout(np.zeros((0, 4)), [], 16, [])]
-    acc = cd.crop_accuracy(stub, [im0, im1, im2], layouts)
+    acc = crops.crop_accuracy(stub, [im0, im1, im2], layouts)
     assert acc["overall"] == dict(accuracy=pytest.approx(3 / 5), count=5)
     assert acc["easy"] == dict(accuracy=pytest.approx(1 / 2), count=2)
     assert acc["hard"] == dict(accuracy=pytest.approx(1 / 2), count=2)
     assert acc["none"] == dict(accuracy=pytest.approx(1.0), count=1)
-    assert cd.crop_accuracy(stub, [im2], layouts[2:])["hard"] == dict(accuracy=None, count=0)
+    assert crops.crop_accuracy(stub, [im2], layouts[2:])["hard"] == dict(accuracy=None, count=0)
 
 
 def test_accept_objects_threshold():
@@ -156,7 +156,7 @@ def test_accept_objects_threshold():
     im1, _ = painted(16, [])
     layouts = [layout(b0, [0, 1, 1], 16), layout(np.zeros((0, 4)), [], 16)]  # p of the layout class: .7, .2, .5
     for min_prob, want in ((0.5, [True, False, True]), (0.6, [True, False, False]), (0.1, [True, True, True])):
-        keep = cd.accept_objects(stub, [im0, im1], layouts, min_prob=min_prob)
+        keep = crops.accept_objects(stub, [im0, im1], layouts, min_prob=min_prob)
         assert len(keep) == 2 and keep[0].tolist() == want and keep[1].shape == (0,) and keep[0].dtype == torch.bool
 
 
@@ -164,9 +164,9 @@ def test_accept_objects_threshold():
 # Files.
 
 def test_save_load_round_trip(tmp_path):
-    clf = cd.CropClassifier(3, ("a", "b", "c"), width=4, size=8, context=0.2).eval()
-    cd.save_crop_classifier(clf, tmp_path / "clf.pt")
-    back = cd.load_crop_classifier(tmp_path / "clf.pt")
+    clf = crops.CropClassifier(3, ("a", "b", "c"), width=4, size=8, context=0.2).eval()
+    crops.save_crop_classifier(clf, tmp_path / "clf.pt")
+    back = crops.load_crop_classifier(tmp_path / "clf.pt")
     x = torch.randn(2, 3, 8, 8)
     assert back.class_names == ("a", "b", "c") and (back.size, back.context) == (8, 0.2)
     torch.testing.assert_close(back(x), clf(x))
@@ -179,5 +179,5 @@ def test_load_bad_file_names_it(tmp_path, content):
         path.write_text("not a checkpoint")
     elif content == "other dict":
         torch.save(dict(kind="detdiff-centernet", state_dict={}), path)
-    with pytest.raises(data.DataError, match="bad.pt"):
-        cd.load_crop_classifier(path)
+    with pytest.raises(coco.DataError, match="bad.pt"):
+        crops.load_crop_classifier(path)

@@ -1,5 +1,5 @@
-"""data.py: masks against hand-computed and pycocotools values, the COCO reader on every awkward case
-real files have, resize consistency, the layout tokens, `shapes` determinism, collate and loaders."""
+"""data.py: the COCO reader on every awkward case real files have, resize consistency, the layout tokens, collate
+and loaders, data sets by name, and the commands."""
 import json
 import subprocess
 import sys
@@ -10,81 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+import coco
 import data
+import shapes
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# ---------------------------------------------------------------------------------------------- masks
-
-def test_polygon_rectangle_by_hand():
-    # pixel (x, y) is in when its centre (x + .5, y + .5) is inside: x in 1..3, y in 1..2
-    m = data.polygon_to_mask([[1, 1, 4, 1, 4, 3, 1, 3]], 5, 6)
-    want = np.zeros((5, 6), bool)
-    want[1:3, 1:4] = True
-    assert (m == want).all()
-
-
-def test_polygon_triangle_by_hand_and_union():
-    # right triangle (0,0) (4,0) (0,4): centre inside iff (x + .5) + (y + .5) < 4, i.e. x + y <= 2
-    tri = [0, 0, 4, 0, 0, 4]
-    ys, xs = np.mgrid[0:4, 0:4]
-    assert (data.polygon_to_mask([tri], 4, 4) == (xs + ys <= 2)).all()
-    two = data.polygon_to_mask([tri, [3, 3, 4, 3, 4, 4, 3, 4]], 4, 4)
-    assert two[3, 3] and two.sum() == 7  # union of both polygons
-
-
-def test_polygon_matches_pycocotools_value():
-    # reference printed by pycocotools 2.0.11 (mask.decode(mask.merge(mask.frPyObjects(poly, 7, 9))))
-    want = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0, 0],
-                     [0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0],
-                     [0, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
-    assert (data.polygon_to_mask([[1.5, 0.5, 7.2, 2.0, 4.0, 6.3]], 7, 9) == want).all()
-
-
-def test_uncompressed_rle_by_hand():
-    # 3 x 2 image, column-major runs: 1 zero, 3 ones, 2 zeros -> column 0 = [0,1,1], column 1 = [1,0,0]
-    m = data.rle_to_mask({"size": [3, 2], "counts": [1, 3, 2]})
-    assert (m == np.array([[0, 1], [1, 0], [1, 0]], bool)).all()
-
-
-def _fixture_mask():
-    m = np.zeros((7, 9), bool)
-    m[1:5, 2:7] = True
-    m[6, 0] = m[0, 8] = True
-    return m
-
-
-def test_compressed_rle_matches_pycocotools_string():
-    # the string pycocotools 2.0.11 mask.encode gives for _fixture_mask()
-    ref = "6183K00000006MM"
-    assert (data.rle_to_mask({"size": [7, 9], "counts": ref}) == _fixture_mask()).all()
-    assert data.mask_to_rle(_fixture_mask())["counts"] == ref
-
-
-def test_rle_round_trip_random_masks():
-    rng = np.random.default_rng(0)
-    for h, w in [(1, 1), (5, 3), (17, 31), (64, 64)]:
-        for p in (0.0, 0.1, 0.5, 1.0):
-            m = rng.random((h, w)) < p
-            assert (data.rle_to_mask(data.mask_to_rle(m)) == m).all()
-
-
-def test_masks_against_pycocotools_if_installed():
-    mask_util = pytest.importorskip("pycocotools.mask")
-    rng = np.random.default_rng(1)
-    for _ in range(5):  # RLE: identical strings
-        m = rng.random((23, 17)) < 0.3
-        ref = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-        assert data.mask_to_rle(m)["counts"] == ref["counts"].decode()
-    differ = total = 0
-    for i in range(100):  # polygons: pycocotools rasterises on a 5x finer grid, so only boundary pixels differ
-        poly = (data.shape_polygon(data.SHAPES[i % 5], rng) * rng.uniform(3, 10) + rng.uniform(10, 20, 2)).ravel()
-        want = mask_util.decode(mask_util.merge(mask_util.frPyObjects([poly.tolist()], 30, 30))).astype(bool)
-        got = data.polygon_to_mask([poly], 30, 30)
-        assert (got & want).sum() / (got | want).sum() > 0.8
-        differ, total = differ + (got != want).sum(), total + want.sum()
-    assert differ / total < 0.03
 
 
 # ---------------------------------------------------------------------------------------------- reader
@@ -118,13 +48,13 @@ def awkward(tmp_path):
     images = [(1, "rgb.png", rgb, (40, 30)), (2, "gray.png", Image.new("L", (40, 30), 77), (40, 30)),
               (3, "pal.png", rgb.convert("P"), (40, 30)), (4, "rgba.png", Image.new("RGBA", (40, 30), (0, 0, 255, 255)), (40, 30)),
               (5, "cmyk.jpg", cmyk, (40, 30)), (6, "empty.png", rgb, (40, 30))]
-    rle = data.mask_to_rle(np.pad(np.ones((10, 10), bool), ((5, 15), (10, 20))))
+    rle = coco.mask_to_rle(np.pad(np.ones((10, 10), bool), ((5, 15), (10, 20))))
     anns = [ann(1, 1, [10, 5, 20, 10], segmentation=[[10, 5, 30, 5, 30, 15, 10, 15]]),
             ann(2, 1, [30, 20, 20, 20], cat=7),                                   # runs past the border: clipped
             ann(3, 2, [5, 5, 0, 10]),                                             # zero area: dropped
             ann(4, 2, [0, 0, 40, 30], segmentation={"size": [30, 40], "counts": [0, 1200]}, iscrowd=1),
             ann(5, 3, [10, 5, 10, 10], cat=3, segmentation=rle),                  # compressed RLE
-            ann(6, 4, [10, 5, 10, 10], segmentation={"size": [30, 40], "counts": data.rle_string_to_counts(rle["counts"])}),
+            ann(6, 4, [10, 5, 10, 10], segmentation={"size": [30, 40], "counts": coco.rle_string_to_counts(rle["counts"])}),
             ann(7, 5, [0, 0, 20, 20], segmentation=[[1, 2, 3, 4]])]               # polygon of 2 points: skipped
     write_coco(tmp_path, images, anns)
     return tmp_path
@@ -162,7 +92,7 @@ def test_reader_never_writes_into_the_data_folder(awkward):
 
 
 def one_line_error(fn, *args, **kw):
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(coco.DataError) as e:
         fn(*args, **kw)
     msg = str(e.value)
     assert "\n" not in msg
@@ -171,7 +101,7 @@ def one_line_error(fn, *args, **kw):
 
 def test_bad_json(tmp_path):
     (tmp_path / "annotations").mkdir()
-    assert "file not found" in one_line_error(data.load_coco, tmp_path / "nope.json", tmp_path)
+    assert "file not found" in one_line_error(coco.load_coco, tmp_path / "nope.json", tmp_path)
     bad = tmp_path / "annotations" / "instances_train.json"
     bad.write_text('{"images": [')
     assert "instances_train.json: malformed json" in one_line_error(data.CocoLayoutDataset, tmp_path)
@@ -221,7 +151,7 @@ def test_resize_keeps_boxes_and_masks_together(tmp_path):
     full[8:28, 12:42] = True
     write_coco(tmp_path, [(1, "a.png", Image.fromarray(img), (W, H))],
                [ann(1, 1, [12, 8, 30, 20], segmentation=[[12, 8, 42, 8, 42, 28, 12, 28]]),
-                ann(2, 1, [12, 8, 30, 20], segmentation=data.mask_to_rle(full))])
+                ann(2, 1, [12, 8, 30, 20], segmentation=coco.mask_to_rle(full))])
     it = data.CocoLayoutDataset(tmp_path, size=S, min_area=0.0)[0]
     bright = data.from_model_range(it["image"]).mean(-1) > 127  # the resized pixels
     for k in range(2):
@@ -272,34 +202,6 @@ def test_render_null_budget_and_slots():
     assert slots.shape == (2, 2, 4) and valid.tolist() == [[True, False], [False, False]]
 
 
-# ---------------------------------------------------------------------------------------------- shapes
-
-def test_shapes_is_deterministic_by_seed(tmp_path):
-    a = data.make_shapes(tmp_path / "a", seed=0, n_train=6, n_val=3, progress=False)
-    b = data.make_shapes(tmp_path / "b", seed=0, n_train=6, n_val=3, progress=False)
-    c = data.make_shapes(tmp_path / "c", seed=1, n_train=6, n_val=3, progress=False)
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 6 + 3 + 2
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
-    with pytest.raises(data.DataError, match="already exists"):
-        data.make_shapes(tmp_path / "a", n_train=1, n_val=1, progress=False)
-
-
-def test_shapes_labels_are_inside_and_loadable(tmp_path):
-    root = data.make_shapes(tmp_path / "s", seed=3, n_train=40, n_val=2, progress=False)
-    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
-    assert [c["name"] for c in coco["categories"]] == list(data.SHAPES)
-    for a in coco["annotations"]:
-        x, y, w, h = a["bbox"]
-        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w * h >= 0.02 * 64 * 64
-        assert a["nuisance"] in ("none",) + data.NUISANCES
-    ds = data.CocoLayoutDataset(root, "train", size=32)
-    assert ds.stats["dropped_small"] == 0 and len(ds) == 40
-    it = ds[0]
-    assert (it["masks"].sum((1, 2)) > 0).all()
-
-
 # ---------------------------------------------------------------------------------------------- batches
 
 def test_pixel_range_round_trip():
@@ -313,11 +215,11 @@ def test_pixel_range_round_trip():
 
 @pytest.fixture(scope="module")
 def tiny_shapes(tmp_path_factory):
-    return data.make_shapes(tmp_path_factory.mktemp("d") / "shapes", seed=0, n_train=16, n_val=4, progress=False)
+    return shapes.make_shapes(tmp_path_factory.mktemp("d") / "shapes", seed=0, n_train=16, n_val=4, progress=False)
 
 
 def test_collate_pads_with_a_mask(tiny_shapes):
-    tok = data.LayoutTokenizer(data.SHAPES, max_objects=8)
+    tok = data.LayoutTokenizer(shapes.SHAPES, max_objects=8)
     ds = data.CocoLayoutDataset(tiny_shapes, size=16, tokenizer=tok, attributes={1: "easy", 2: "hard"})
     b = data.collate([ds[i] for i in range(4)], max_objects=8)
     n = [len(ds[i]["labels"]) for i in range(4)]
@@ -330,7 +232,7 @@ def test_collate_pads_with_a_mask(tiny_shapes):
 
 
 def test_shuffled_objects_stay_with_their_masks_and_tokens(tiny_shapes):
-    tok = data.LayoutTokenizer(data.SHAPES, max_objects=8)
+    tok = data.LayoutTokenizer(shapes.SHAPES, max_objects=8)
     ds = data.CocoLayoutDataset(tiny_shapes, size=16, tokenizer=tok, shuffle_objects=True)
     torch.manual_seed(0)
     ref = ds.load(0)
@@ -346,34 +248,13 @@ def test_shuffled_objects_stay_with_their_masks_and_tokens(tiny_shapes):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_with_workers(tiny_shapes, workers):
-    ds = data.CocoLayoutDataset(tiny_shapes, size=16, tokenizer=data.LayoutTokenizer(data.SHAPES, max_objects=8))
+    ds = data.CocoLayoutDataset(tiny_shapes, size=16, tokenizer=data.LayoutTokenizer(shapes.SHAPES, max_objects=8))
     batches = list(data.make_loader(ds, batch_size=5, shuffle=False, num_workers=workers))
     assert len(batches) == 3 and batches[0]["masks"].shape == (5, 8, 16, 16)
     assert torch.equal(batches[1]["image"], torch.stack([ds[i]["image"] for i in range(5, 10)]))
 
 
-# ---------------------------------------------------------------------------------------------- coco_subset, commands
-
-def test_coco_subset_from_one_json(tmp_path):
-    src = tmp_path / "src"
-    im = Image.new("RGB", (80, 40), (9, 9, 9))
-    images = [(i, f"{i}.png", im, (80, 40)) for i in range(1, 31)]
-    anns = [ann(i, i, [8, 4, 40, 20], cat=7, segmentation=[[8, 4, 48, 4, 48, 24, 8, 24]]) for i in range(1, 31)]
-    anns += [ann(100 + i, i, [50, 20, 20, 20], cat=1) for i in range(1, 31)]  # persons: not chosen
-    js = write_coco(src, images, anns)
-    out = data.build_coco_subset(tmp_path / "sub", json_path=js, images=src / "train", categories=["dog"], size=32)
-    tr = data.CocoLayoutDataset(out, "train", size=32)
-    va = data.CocoLayoutDataset(out, "val", size=32)
-    assert len(tr) + len(va) == 30 and len(va) > 0 and tr.class_names == va.class_names == ["dog"]
-    ids = {r["image_id"] for r in va.records}
-    assert not ids & {r["image_id"] for r in tr.records}
-    again = data.build_coco_subset(tmp_path / "sub2", json_path=js, images=src / "train", categories=["dog"], size=32)
-    assert ids == {r["image_id"] for r in data.CocoLayoutDataset(again, "val").records}  # deterministic split
-    it = tr[0]
-    assert torch.allclose(it["boxes"][0], torch.tensor([0.1, 0.1, 0.6, 0.6]), atol=1e-5)
-    assert it["masks"][0].sum() == 16 * 16
-    assert "no categories named ['zebra']" in one_line_error(
-        data.build_coco_subset, tmp_path / "sub3", json_path=js, images=src / "train", categories=["zebra"])
+# ---------------------------------------------------------------------------------------------- data sets by name, commands
 
 
 def test_missing_coco_subset_says_how_to_build_it(tmp_path, monkeypatch):
@@ -398,15 +279,3 @@ def test_cli_show_writes_a_grid(tiny_shapes, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (4 * (16 * 4 + 2) + 2, 16 * 4 + 4)
     assert "objects per category" in r.stdout
-
-
-def test_concurrent_builds_do_not_share_a_temp_folder_and_the_second_is_refused(tmp_path):
-    out = tmp_path / "shapes"
-    a, b = data.private_tmp(out), data.private_tmp(out)
-    assert a != b and a.parent == b.parent == tmp_path                   # each build writes only its own folder
-    (a / "x.txt").write_text("first")
-    (b / "x.txt").write_text("second")
-    assert data.publish(a, out) == out
-    with pytest.raises(data.DataError, match="shapes: was written by another process"):
-        data.publish(b, out)
-    assert (out / "x.txt").read_text() == "first" and not b.exists()

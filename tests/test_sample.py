@@ -1,23 +1,16 @@
 """sample.py: guidance, the sampling loops, rebuilding from a checkpoint, layouts in and COCO json out."""
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import crops
 import data
-import detdiff
+import diffusion
 import sample
-from conftest import TINY_MODEL, tiny_train_cfg
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("s") / "run"
-    detdiff.train(tiny_train_cfg(tiny_data, out, steps=2, sample_every=0), TINY_MODEL)
-    return out / "ckpt.pt"
+from test_diffusion import GaussianEps
 
 
 class Stub(torch.nn.Module):
@@ -55,7 +48,7 @@ def test_attribute_guidance_against_hand_computed_values():
     assert torch.allclose(e(1.0, 1.0), c)                            # s = w_d = 1: the plain conditional eps
     assert torch.allclose(e(1.0, 0.0), p)                            # s = 1, w_d = 0: the [none] conditional eps
     assert torch.allclose(e(3.0, 2.5), n + 3 * ((p - n) + 2.5 * (c - p)))
-    plain = detdiff.drop_attributes(tokens, 1.0)                     # no attribute to guide on: w_d changes nothing
+    plain = diffusion.drop_attributes(tokens, 1.0)                     # no attribute to guide on: w_d changes nothing
     assert torch.equal(sample.guided_eps(SumStub(), x, t, plain, null, 3.0, attr_guidance=4.0),
                        sample.guided_eps(SumStub(), x, t, plain, null, 3.0))
 
@@ -65,14 +58,14 @@ def test_sample_cli_attr_guidance_default_follows_the_checkpoint_and_warns(ckpt,
     assert ck["train_cfg"]["p_uncond_attr"] == 0.2                   # the default trains the [none] prediction
     old = dict(ck, train_cfg=dict(ck["train_cfg"], p_uncond_attr=0.0))
     torch.save(old, tmp_path / "old.pt")
-    assert sample.resolve_attr_guidance(-1, ck) == detdiff.ATTR_GUIDANCE and sample.resolve_attr_guidance(-1, old) == 1
+    assert sample.resolve_attr_guidance(-1, ck) == diffusion.ATTR_GUIDANCE and sample.resolve_attr_guidance(-1, old) == 1
     assert sample.resolve_attr_guidance(2.5, old) == 2.5
     args = ["--n", "2", "--steps", "2", "--batch", "2", "--dtype", "fp32", "--difficulty", "hard"]
     img = lambda d: torch.from_numpy(np.array(Image.open(tmp_path / d / "train" / "00000.png")))  # noqa: E731
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "plain"), "--attr-guidance", "1"] + args)
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "auto")] + args)
     out = capsys.readouterr().out
-    assert f"attribute guidance {detdiff.ATTR_GUIDANCE:g}," in out and "warning" not in out
+    assert f"attribute guidance {diffusion.ATTR_GUIDANCE:g}," in out and "warning" not in out
     assert not torch.equal(img("plain"), img("auto"))                # the [hard] tokens were guided on
     sample.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_auto")] + args)
     assert "attribute guidance 1," in capsys.readouterr().out         # no trained [none]: plain guidance
@@ -142,96 +135,21 @@ def test_bad_inputs_give_one_line_errors(ckpt, tmp_path):
         sample.load_checkpoint(notck)
 
 
-# ---- DPM-Solver++ (2M) ----------------------------------------------------------------------------------------
-
-class GaussianEps(torch.nn.Module):
-    """The exact eps for data x_0 ~ N(0, s^2 I): E[eps | x_t] = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab). Its
-    probability-flow ODE has a closed-form solution: x_t / sqrt(ab_t s^2 + 1 - ab_t) stays constant."""
-    def __init__(self, diff, s=0.5):
-        super().__init__()
-        self.diff, self.s, self.cfg = diff, s, type("Cfg", (), {"in_channels": 1})()
-
-    def forward(self, x, t, tokens):
-        ab = detdiff.extract(self.diff.alpha_bar, t, x)
-        return (1 - ab).sqrt() * x / (ab * self.s ** 2 + 1 - ab)
-
-
-def ode_solution(diff, x_T, s):
-    ab = diff.alpha_bar[-1].double()
-    return s * x_T.double() / (ab * s ** 2 + 1 - ab).sqrt()
-
-
-def test_dpm2m_first_step_is_ddim():
-    diff, g = detdiff.Diffusion(1000), torch.Generator().manual_seed(0)
-    x, x0 = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g).clamp(-1, 1)
-    t, t_prev = torch.tensor([900, 900]), torch.tensor([700, 700])
-    eps = (x - diff.alpha_bar[900].sqrt() * x0) / (1 - diff.alpha_bar[900]).sqrt()
-    dpm, _ = sample.dpm2m_step(diff, x, t, t_prev, x0)
-    ddim = sample.ddim_step(diff, x, t, t_prev, eps, torch.zeros_like(x), eta=0.0, clip=False)
-    assert torch.allclose(dpm, ddim, atol=1e-5)
-
-
-def test_dpm2m_second_order_step_against_hand_computed_values():
-    diff = detdiff.Diffusion(1000)
-    ab = {t: float(diff.alpha_bar[t]) for t in (900, 800, 700)}
-    lam = {t: 0.5 * math.log(ab[t] / (1 - ab[t])) for t in ab}       # lambda = log(alpha / sigma)
-    x, x0, x0_last = 0.7, 0.3, -0.2                                  # scalars, by hand
-    h_last, h = lam[800] - lam[900], lam[700] - lam[800]
-    r = h_last / h
-    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
-    want = math.sqrt(1 - ab[700]) / math.sqrt(1 - ab[800]) * x - math.sqrt(ab[700]) * (math.exp(-h) - 1) * D
-    got, h_got = sample.dpm2m_step(diff, torch.full((1, 1, 1, 1), x), torch.tensor([800]), torch.tensor([700]),
-                                   torch.full((1, 1, 1, 1), x0), torch.full((1, 1, 1, 1), x0_last),
-                                   torch.full((1, 1, 1, 1), h_last, dtype=torch.float64))
-    assert float(got) == pytest.approx(want, rel=1e-5)
-    assert float(h_got) == pytest.approx(h, rel=1e-5)
-
-
-def test_dpm2m_converges_to_the_ode_solution_and_to_ddim():
-    diff = detdiff.Diffusion(1000)
-    model, tokens, null = GaussianEps(diff), torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
-
-    def run(sampler, steps):
-        x = sample.generate(model, diff, tokens, null, 4, steps, sampler, guidance=1.0,
-                            generator=torch.Generator().manual_seed(0), clip=False, progress=False)
-        return x.double()
-
-    x_T = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    exact = ode_solution(diff, x_T, model.s)
-    err = {n: (run("dpm++2m", n) - exact).abs().max().item() for n in (10, 20, 40, 100)}
-    assert err[10] > err[20] > err[40] > err[100] and err[100] < 2e-3
-    assert err[40] / err[100] > 4                               # about second order: 2.5x the steps, > 4x smaller
-    assert err[20] < 0.25 * (run("ddim", 20) - exact).abs().max().item()    # and well ahead of DDIM (first order)
-    ddim_fine = run("ddim", 1000)
-    gap = [(run("dpm++2m", n) - ddim_fine).abs().max().item() for n in (10, 40, 100)]
-    assert gap[0] > gap[1] > gap[2]
-
-
-def test_logsnr_grid_is_uniform_in_lambda():
-    diff = detdiff.Diffusion(1000)
-    ts = sample.logsnr_grid(diff, 10)
-    assert ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
-    lam = [0.5 * math.log(float(diff.alpha_bar[t]) / (1 - float(diff.alpha_bar[t]))) for t in ts]
-    steps = [b - a for a, b in zip(lam, lam[1:])]
-    assert max(steps) - min(steps) < 0.15 * (sum(steps) / len(steps))   # equal in lambda up to rounding t
-
-
 def test_unknown_sampler_is_refused():
-    diff = detdiff.Diffusion(10)
+    diff = diffusion.Diffusion(10)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         sample.generate(GaussianEps(diff), diff, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                         4, 2, "euler", progress=False)
 
 
 def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
-    import evaluate
     _, tok, _, _ = sample.load_checkpoint(ckpt)
     names = list(tok.class_names)
-    clf = evaluate.CropClassifier(len(names), names, width=4, size=8)
+    clf = crops.CropClassifier(len(names), names, width=4, size=8)
     torch.nn.init.zeros_(clf.head.weight)
     with torch.no_grad():
         clf.head.bias.copy_(torch.tensor([10.0] + [0.0] * (len(names) - 1)))   # every crop: class 0, p ~ 1
-    evaluate.save_crop_classifier(clf, tmp_path / "clf.pt")
+    crops.save_crop_classifier(clf, tmp_path / "clf.pt")
     objs = lambda *cs: [dict(category=names[c], bbox=[2 + 5 * i, 2, 6, 6]) for i, c in enumerate(cs)]  # noqa: E731
     lays = dict(layouts=[dict(width=16, height=16, objects=o) for o in (objs(0), objs(1), objs(0, 0), objs(0, 2))])
     (tmp_path / "l.json").write_text(json.dumps(lays))
@@ -241,26 +159,14 @@ def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
     coco = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert len(coco["images"]) == 2 and len(coco["annotations"]) == 3      # layouts 0 and 2 kept
     assert {a["category_id"] for a in coco["annotations"]} == {coco["categories"][0]["id"]}
-    other = evaluate.CropClassifier(2, ["cat", "dog"], width=4, size=8)
-    evaluate.save_crop_classifier(other, tmp_path / "other.pt")
+    other = crops.CropClassifier(2, ["cat", "dog"], width=4, size=8)
+    crops.save_crop_classifier(other, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=r"other.pt: classes cat, dog are not the checkpoint's"):
         sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o2"), "--layouts", str(tmp_path / "l.json"),
                      "--steps", "2", "--classifier", str(tmp_path / "other.pt")])
 
 
 # ---- exported instance masks and the YOLO folder (issue 15) ----------------------------------------------------
-
-def test_object_masks_threshold_inside_the_box_by_hand():
-    p = torch.zeros(2, 4, 4)                            # two slots; the layout has one object
-    p[0, 0, :] = 0.9                                    # row 0: above 0.5, but only x < 0.5 is in the box
-    p[0, 1, 1] = 0.6
-    p[0, 2, 1] = 0.4                                    # below the threshold
-    p[1] = 1.0                                          # the padding slot is not exported
-    lay = dict(boxes=torch.tensor([[0.0, 0.0, 0.5, 0.75]]), labels=torch.tensor([3]))
-    (m,) = sample.object_masks([p], [lay], threshold=0.5)
-    want = np.zeros((1, 4, 4), bool)
-    want[0, 0, :2] = want[0, 1, 1] = True               # pixel centres 0.125, 0.375 in x; 0.125..0.625 in y
-    assert m.dtype == bool and np.array_equal(m, want)
 
 
 def test_masks_round_trip_through_the_readers_rle(tmp_path):

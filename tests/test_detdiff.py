@@ -1,5 +1,6 @@
-"""The main job of detdiff.py end to end on a tiny config: every stage runs, outputs are reused, nothing is
-overwritten, and the perception-aware attributes reach the generator's prompts."""
+"""detdiff.py: the main job end to end on a tiny config (every stage runs, outputs are reused, nothing is
+overwritten, the perception-aware attributes reach the generator's prompts, real COCO files and a user's detector),
+and the command line (--paper, unknown flags, the resume guard)."""
 import json
 
 import numpy as np
@@ -7,14 +8,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import coco
 import data
 import detdiff
 import evaluate
 import perception
 import sample
-from conftest import TINY_MODEL, tiny_train_cfg
-
-TINY_STAGES = dict(det_steps=6, det_size=32, attr_steps=3, attr_folds=2, n_eval=4, n_grid=3)
+import train
+import unet
+from conftest import TINY_MODEL, TINY_STAGES, tiny_train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def coco_like(tmp_path_factory):
                 if j == 1:                                           # a compressed RLE mask instead of a polygon
                     m = np.zeros((H, W), bool)
                     m[y:y + h, x:x + w] = True
-                    a["segmentation"] = data.mask_to_rle(m)
+                    a["segmentation"] = coco.mask_to_rle(m)
                 anns.append(a)
                 if n % 3:
                     results.append(dict(image_id=image_id, category_id=cid, score=0.8,
@@ -210,3 +212,37 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_dat
     a = summary["attributes"]
     assert a["hard_fraction"] > 0.9 and a["warning"].startswith(f"warning: {100 * a['hard_fraction']:.1f}% of the")
     assert a["warning"] in detdiff.summary_text(summary) and a["warning"] in (out / "log.txt").read_text()
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+
+
+def test_paper_flag_sets_the_papers_settings_under_explicit_flags():
+    """--paper: token conditioning, lambda 0.01, plain L_simple on the linear schedule, no attribute-only dropout
+    (each differs from the defaults); a flag given beside it wins; without it nothing is added."""
+    t, m = detdiff.split_args(detdiff.parse_flags(["--paper", "--schedule", "cosine"]))
+    assert m == {"cond": "tokens"}
+    assert t == {"pal_weight": 0.01, "loss_weight": "none", "fg_reweight": False, "schedule": "cosine",
+                 "p_uncond_attr": 0.0}
+    t, m = detdiff.split_args(detdiff.parse_flags(["--paper"]))
+    assert t["schedule"] == "linear" and not t["fg_reweight"]
+    defaults = {**vars(train.TrainConfig()), **vars(unet.UNetConfig())}
+    assert all(defaults[k] != v for k, v in detdiff.PAPER_SETTINGS.items())
+    assert detdiff.parse_flags(["--lr", "0.5"]) == {"lr": 0.5}
+
+
+def test_cli_unknown_key_and_resume_guard(tiny_data, tmp_path):
+    with pytest.raises(SystemExit):
+        detdiff.build_parser().parse_args(["--no-such-flag", "1"])
+    with pytest.raises(ValueError, match="unknown config keys"):
+        detdiff.split_args({"lr": 1.0, "bogus": 2})
+    args = vars(detdiff.build_parser().parse_args(["--steps", "3", "--channel-mults", "1,2", "--no-compile"]))
+    assert args == {"steps": 3, "channel_mults": (1, 2), "compile": False}
+    out = tmp_path / "c"
+    detdiff.main(["--data", tiny_data, "--out", str(out), "--stage", "generator", "--steps", "1", "--batch-size", "2", "--image-size", "16",
+                  "--timesteps", "20", "--sample-every", "0", "--sample-steps", "2", "--n-grid", "1", "--dtype", "fp32",
+                  "--base-channels", "8", "--channel-mults", "1,2", "--d-model", "16", "--enc-layers", "1"])
+    with pytest.raises(SystemExit, match="differ"):
+        detdiff.main(["--out", str(out), "--resume", "--lr", "0.5"])
+    detdiff.main(["--out", str(out), "--resume", "--steps", "2"])
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2

@@ -1,20 +1,22 @@
-"""Latent mode (issue 6): the autoencoder, its latent scale, the perception loss on the latent grid, a tiny latent
-run end to end, and the wrong-autoencoder error."""
+"""autoencoder.py, latent mode (issue 6): the autoencoder, its latent scale, the perception loss on the latent grid,
+a tiny latent run end to end, the wrong-autoencoder error, and an autoencoder file from before the re-layout."""
 import pytest
 import torch
 
+import autoencoder
 import detdiff
+import evaluate
 import perception
 import sample
-import unet
-from conftest import TINY_MODEL, tiny_train_cfg
+import train
+from conftest import TINY_MODEL, TINY_STAGES, tiny_train_cfg
 
 TINY_AE = dict(ae_steps=6, ae_channels=4, ae_factor=4, ae_latent_channels=4)
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
 def test_encode_decode_shapes(factor):
-    ae = unet.Autoencoder(unet.AutoencoderConfig(channels=4, latent_channels=3, factor=factor)).eval()
+    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(channels=4, latent_channels=3, factor=factor)).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z = ae.encode(x)
     assert z.shape == (2, 3, 32 // factor, 32 // factor)
@@ -24,23 +26,23 @@ def test_encode_decode_shapes(factor):
 
 def test_autoencoder_bad_sizes():
     with pytest.raises(ValueError, match="power of 2, got 3"):
-        unet.Autoencoder(unet.AutoencoderConfig(factor=3))
-    ae = unet.Autoencoder(unet.AutoencoderConfig(channels=4, factor=4))
+        autoencoder.Autoencoder(autoencoder.AutoencoderConfig(factor=3))
+    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(channels=4, factor=4))
     with pytest.raises(ValueError, match=r"not divisible by the autoencoder's factor 4"):
         ae.encode(torch.zeros(1, 3, 18, 18))
 
 
 def test_psnr_against_hand_value():
     a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.2)     # 0.1 apart in [0, 1]: MSE 0.01, 20 dB
-    assert detdiff.psnr(a, b) == pytest.approx(20.0, abs=1e-4)
+    assert autoencoder.psnr(a, b) == pytest.approx(20.0, abs=1e-4)
     b[1] = 0.02                                                          # 0.01 apart: 40 dB; the mean of the two
-    assert detdiff.psnr(a, b) == pytest.approx(30.0, abs=1e-4)
+    assert autoencoder.psnr(a, b) == pytest.approx(30.0, abs=1e-4)
 
 
 @pytest.fixture(scope="module")
 def tiny_ae(tiny_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("ae") / "autoencoder.pt"
-    info = detdiff.train_autoencoder(tiny_train_cfg(tiny_data, path.parent, **TINY_AE), tiny_data, path,
+    info = autoencoder.train_autoencoder(tiny_train_cfg(tiny_data, path.parent, **TINY_AE), tiny_data, path,
                                      log=lambda m: None)
     return path, info
 
@@ -48,7 +50,7 @@ def tiny_ae(tiny_data, tmp_path_factory):
 def test_latent_scale_gives_unit_variance(tiny_ae, tiny_data):
     """The stored scale makes the encoder's latents of the training images unit-variance (SD's 0.18215 idea)."""
     path, info = tiny_ae
-    ae, fp = detdiff.load_autoencoder(path)
+    ae, fp = autoencoder.load_autoencoder(path)
     import data
     ds = data.CocoLayoutDataset(tiny_data, "train", size=16)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
@@ -77,10 +79,10 @@ def test_perception_loss_on_the_latent_grid():
 def test_tiny_latent_run_end_to_end(tiny_ae, tiny_data, tmp_path):
     ae_path, _ = tiny_ae
     cfg = tiny_train_cfg(tiny_data, tmp_path / "run", space="latent", autoencoder=str(ae_path), **TINY_AE)
-    model = detdiff.train(cfg, TINY_MODEL)
+    model = train.train(cfg, TINY_MODEL)
     assert model.cfg.in_channels == 4                                   # the UNet learns 4-channel latents
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    assert ck["space"] == "latent" and ck["autoencoder"]["fingerprint"] == detdiff.load_autoencoder(ae_path)[1]
+    assert ck["space"] == "latent" and ck["autoencoder"]["fingerprint"] == autoencoder.load_autoencoder(ae_path)[1]
     with torch.no_grad():
         _, aux = model(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]), torch.zeros(2, model.cfg.seq_len).long(),
                        return_features=True)
@@ -95,18 +97,18 @@ def test_tiny_latent_run_end_to_end(tiny_ae, tiny_data, tmp_path):
 def test_wrong_autoencoder_is_an_error(tiny_ae, tiny_data, tmp_path):
     ae_path, _ = tiny_ae
     run = tmp_path / "run"
-    detdiff.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(ae_path), **TINY_AE), TINY_MODEL)
+    train.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(ae_path), **TINY_AE), TINY_MODEL)
     other = tmp_path / "other.pt"
-    detdiff.train_autoencoder(tiny_train_cfg(tiny_data, tmp_path, seed=1, **TINY_AE), tiny_data, other,
+    autoencoder.train_autoencoder(tiny_train_cfg(tiny_data, tmp_path, seed=1, **TINY_AE), tiny_data, other,
                               log=lambda m: None)
     with pytest.raises(SystemExit, match=r"other.pt: autoencoder \w+ is not the one .*ckpt.pt was trained with"):
         sample.main(["--ckpt", str(run / "ckpt.pt"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
                      "--autoencoder", str(other)])
     with pytest.raises(SystemExit, match=r"is not the one"):   # resuming with another autoencoder, too
-        detdiff.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(other), resume=True, steps=6,
+        train.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(other), resume=True, steps=6,
                                      **TINY_AE), TINY_MODEL)
     pixel = tmp_path / "pixel"
-    detdiff.train(tiny_train_cfg(tiny_data, pixel, steps=1), TINY_MODEL)
+    train.train(tiny_train_cfg(tiny_data, pixel, steps=1), TINY_MODEL)
     with pytest.raises(SystemExit, match=r"a pixel-space checkpoint takes no --autoencoder"):
         sample.main(["--ckpt", str(pixel / "ckpt.pt"), "--n", "1", "--out", str(tmp_path / "s2"),
                      "--autoencoder", str(other)])
@@ -115,8 +117,6 @@ def test_wrong_autoencoder_is_an_error(tiny_ae, tiny_data, tmp_path):
 def test_latent_main_job_and_its_evaluation(tiny_data, tmp_path):
     """--space latent through the whole main job (the autoencoder stage before the generator) and evaluate.py on
     the run: the ablation generators learn on the same frozen autoencoder."""
-    import evaluate
-    from test_pipeline import TINY_STAGES
     out = tmp_path / "run"
     s = detdiff.pipeline(tiny_train_cfg(tiny_data, out, space="latent", **TINY_STAGES, **TINY_AE), TINY_MODEL)
     assert (out / "autoencoder.pt").is_file() and s["autoencoder"]["latent_shape"] == [4, 4, 4]
@@ -133,5 +133,5 @@ def test_latent_main_job_and_its_evaluation(tiny_data, tmp_path):
 def test_image_gradients_of_the_edge_term():
     """The autoencoder's optional edge term compares finite differences: checked on a hand-made ramp."""
     x = torch.tensor([[0.0, 1.0, 3.0], [0.0, 2.0, 5.0]])[None, None]     # (1, 1, 2, 3)
-    dx, dy = detdiff.image_gradients(x)
+    dx, dy = autoencoder.image_gradients(x)
     assert dx.tolist() == [[[[1.0, 2.0], [2.0, 3.0]]]] and dy.tolist() == [[[[0.0, 1.0, 2.0]]]]

@@ -1,0 +1,116 @@
+"""Configs in and out: a dataclass as command-line flags, a module saved with the config that rebuilds it, and the
+dtype setting resolved against the hardware.
+
+Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.UNetConfig`,
+`detector.DetTrainConfig`, `perception.AttributeConfig`, `evaluate.EvalConfig`, ...); `add_flags` makes each field a
+flag (`--pal-weight 0.1`, `--no-fg-reweight`) and `pick` reads them back. Every trained module is one file that
+rebuilds it alone: `save_module` / `load_module` (the detector, the crop classifier, the autoencoder; the
+generator's checkpoint carries more, see `train.py`).
+"""
+import argparse
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from coco import DataError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A dataclass as command-line flags
+
+def add_flags(parser, cls, skip=(), only=None, given_only=False):
+    """One flag per field of the dataclass `cls` (or of the `only` fields): --field-name, typed as the field;
+    booleans get --x / --no-x, tuples of ints read "1,2,4". given_only: the default is argparse.SUPPRESS, so the
+    parsed namespace holds only the flags given on the command line."""
+    for f in only if only is not None else fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = argparse.SUPPRESS if given_only else f.default
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"default {f.default}")
+        elif f.type in (tuple, "tuple"):
+            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",") if v), metavar="A,B,..",
+                                default=default, help=f"default {','.join(map(str, f.default))}")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=typ, default=default, help=f"default {f.default}")
+
+
+def pick(ns, cls, **kw):
+    """The dataclass `cls` from the fields a parsed namespace has (others keep their defaults), plus `kw`."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A module saved with its config
+
+def atomic_save(obj, path):
+    tmp = str(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)   # readers see the old or the new file, never half of one
+
+
+def save_module(path, kind, module, config, **extra):
+    """One file that rebuilds `module` alone: what it is (`kind`), its `config` (a dict of plain values), its
+    weights, and any `extra` facts (plain values) a reader wants without building it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(dict(kind=kind, config=config, state_dict=module.state_dict(), **extra), path)
+
+
+def load_module(path, kind, build, hint=""):
+    """(module in eval mode, the file's dict) from a `save_module` file of this `kind`; `build(config)` makes the
+    untrained module. A missing file, or a file of another kind, is a one-line DataError naming it (`hint`: how
+    to make one). Autoencoder files written before 2026-12-03 kept the config under "cfg" and the weights under
+    "model"; they load as they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {kind} checkpoint not found" + (f" ({hint})" if hint else ""))
+    try:
+        f = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(f, dict) and "kind" not in f and {"cfg", "model"} <= f.keys():
+            f = dict(f, kind=kind, config=f["cfg"], state_dict=f["model"])          # written before the move
+        if not isinstance(f, dict) or f.get("kind") != kind:
+            raise ValueError(f"kind is not {kind!r}")
+        module = build(f["config"])
+        module.load_state_dict(f["state_dict"])
+    except Exception as e:
+        raise DataError(f"{path}: not a {kind} checkpoint ({type(e).__name__}: {e})"[:300]) from None
+    return module.eval(), f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dtype setting
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags as the kernel lists them (Linux); an empty set where there is no such file."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split(":", 1)[1].split()}
+
+
+def resolve_dtype(dtype, device, flags=None):
+    """--dtype auto -> (dtype, why): bf16 autocast where the hardware computes in bf16 (a CUDA device that
+    supports it; an x86 CPU with AVX-512 BF16 or AMX, read from /proc/cpuinfo), else fp32, because a CPU without
+    bf16 instructions emulates them and runs many times slower than in fp32. Other values pass through."""
+    if dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    if dtype != "auto":
+        return dtype, "as asked"
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ("bf16", "auto: the GPU supports bf16") if ok else ("fp32", "auto: the GPU has no bf16")
+    if device.type == "cpu":
+        have = sorted({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else set(flags)))
+        if have:
+            return "bf16", f"auto: the CPU has {' and '.join(have)}"
+        return "fp32", "auto: no native bf16 on this CPU (no avx512_bf16 / amx_bf16), fp32 is faster"
+    return "fp32", f"auto: fp32 on {device.type}"

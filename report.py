@@ -1,0 +1,116 @@
+"""The report of evaluate.py: RUN/metrics.json as RUN/report.md, one section per part of PAPER.md section 4 (and the
+two beyond it), with the targets the issues set and whether this run met them.
+"""
+from sample import MODES
+
+
+def fmt(v, nd=3):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def targets(M):
+    """The experiments issue's targets on shapes: (what, measured, met or None when not measured)."""
+    out = []
+    if M.get("real_map50"):
+        ratio = M["fidelity_map50"] / M["real_map50"]
+        out.append(("fidelity_map50 / real_map50 >= 0.5 (default run)", f"{ratio:.2f}", ratio >= 0.5))
+        out.append(("fidelity_map50 / real_map50 >= 0.8 (longer run)", f"{ratio:.2f}", ratio >= 0.8))
+    if "crop_acc_origin" in M:
+        out.append(("crop_acc_origin >= 0.7 (default run)", f"{M['crop_acc_origin']:.3f}", M["crop_acc_origin"] >= 0.7))
+    if "easy_ap50" in M:
+        d = M["easy_ap50"] - M["hard_ap50"]
+        out.append(("easy_ap50 - hard_ap50 >= 0.05", f"{d:+.3f}", d >= 0.05))
+    if "trainability" in M:
+        T = M["trainability"]
+        best = max((k for k in T["runs"] if k != "real"), key=lambda k: T[k]["mean"], default=None)
+        if best:
+            d = T[best]["mean"] - T["real"]["mean"]
+            out.append((f"best train_aug_*_map50 - train_real_map50 >= 0.02 (best: {best})",
+                        f"{d:+.3f} (spread {T[best]['std']:.3f} / {T['real']['std']:.3f})", d >= 0.02))
+    return out
+
+
+def report(M):
+    meta, L = M["meta"], []
+    L += [f"# detdiff evaluation of `{meta['run']}`", "",
+          f"Generator: {meta['generator_steps']} steps ({meta['generator_minutes']} min), {meta['image_size']} px. "
+          f"Sampling: {meta['sampler']}, guidance {meta['guidance']}"
+          + (f", {meta['sec_per_image']} s per image" if "sec_per_image" in meta else "") + ". "
+          f"{meta.get('n_layouts', 0)} val layouts. Seconds per part (the latest run of each): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items() if k != "total") + ".", ""]
+    if "fidelity_map50" in M:
+        L += ["## 1. Layout fidelity (the paper's YOLO score)", "",
+              "The run's detector, trained on real images, on the real val images and on images generated for the "
+              "same layouts (origin attributes), scored against the layouts.", "",
+              "| images | n | mAP | AP50 | AP75 |", "|---|---|---|---|---|",
+              f"| real val (the ceiling) | {meta['n_layouts']} | {fmt(M['real_map'])} | {fmt(M['real_map50'])} | "
+              f"{fmt(M['real_map75'])} |",
+              f"| generated | {meta['n_layouts']} | {fmt(M['fidelity_map'])} | {fmt(M['fidelity_map50'])} | "
+              f"{fmt(M['fidelity_map75'])} |", ""]
+    if "fid" in M:
+        L += ["## 2. FID", "", f"FID {fmt(M['fid'], 2)} ({meta['notes'].get('fid', '')}). With a few hundred images "
+              "FID is biased upwards; compare numbers made with the same n.", ""]
+    if "easy_ap50" in M:
+        L += ["## 3. Easy vs hard", "",
+              "The same layouts and noise; only the attribute tokens change. The paper's claim: easy > hard.", "",
+              "| attributes | detector AP50 |", "|---|---|"]
+        L += [f"| {m} | {fmt(M[m + '_ap50'])} |" for m in ("easy", "origin", "hard")]
+        if "easy_hard" in M:
+            e = M["easy_hard"]
+            L += ["", f"Attribute guidance w_d {meta.get('attr_guidance', 1.0):g}. Noise seeds "
+                      f"{', '.join(map(str, e['noise_seeds']))} (AP50s are their mean): easy - hard "
+                      f"{e['easy_minus_hard']['mean']:+.3f}, std {e['easy_minus_hard']['std']:.3f} over the seeds."]
+        L += ["", "![easy / hard](easy_hard_eval.png)", "",
+              "Rows: real val images; generated with origin, all-easy and all-hard attributes (easy boxes green, "
+              "hard red).", ""]
+    if "trainability" in M:
+        T = M["trainability"]
+        L += ["## 4. Trainability", "",
+              f"Detectors ({T['det_steps']} steps each, seeds: {T['seeds']}; the subset and the initialisation follow "
+              f"the seed) trained on {T['real_images']} real training images, alone and with generated images, "
+              f"scored on the real val split.", "",
+              "| training data | images | AP50 mean | spread (std) | vs real |", "|---|---|---|---|---|"]
+        for name in T["runs"]:
+            n = T["real_images"] + T["generated_images"].get(name, 0)
+            delta = "" if name == "real" else f"{T[name]['mean'] - T['real']['mean']:+.3f}"
+            label = "real subset" if name == "real" else "real + " + name.replace("_", " ")
+            L.append(f"| {label} | {n} | {fmt(T[name]['mean'])} | {fmt(T[name]['std'])} | {delta} |")
+        if T.get("filter"):
+            f = T["filter"]
+            L += ["", f"Class filter: a generated all-hard image is kept when the crop classifier gives every object "
+                      f"its layout class with probability >= {f['min_prob']}; {f['kept']} of {f['of']} kept."]
+        L.append("")
+    if "ablations" in M:
+        L += ["## 5. Ablations", "", "Each generator trained with the same budget (steps unless --ablation-minutes); "
+              f"fidelity as in part 1, at attribute guidance w_d {meta.get('attr_guidance', 1.0):g} and, for "
+              "generators with the attribute, at w_d 1 (plain guidance).", "",
+              "| setting | lambda | attribute | steps | minutes | fidelity AP50 | at w_d 1 | fidelity mAP | FID |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in M["ablations"].items():
+            L.append(f"| {name} | {r['pal_weight']:g} | {'on' if r['attributes'] else 'off'} | {r['steps']} | "
+                     f"{r['minutes']} | {fmt(r['fidelity_map50'])} | {fmt(r.get('fidelity_map50_plain'))} | "
+                     f"{fmt(r['fidelity_map'])} | {fmt(r['fid'], 2)} |")
+        L.append("")
+    if "crop_acc_real" in M:
+        L += ["## 6. Class consistency (beyond the paper)", "",
+              "A crop classifier trained on real object crops; its accuracy on the objects of each image set. A "
+              "[hard] object the classifier calls another class is a wrong label.", "",
+              "| objects | crop accuracy |", "|---|---|", f"| real val (the ceiling) | {fmt(M['crop_acc_real'])} |"]
+        L += [f"| generated, {m} | {fmt(M['crop_acc_' + m])} |" for m in MODES]
+        L.append("")
+    if "mask_iou_head" in M or "masks" in meta["notes"]:
+        L += ["## 7. Exported instance masks (sample.py --masks head)", "",
+              "Each object's mask from the perception head against the object the image drew (segmented inside "
+              "its box by colour contrast with a ring just outside it); the filled box (--masks box) beside it, and "
+              "the same segmenter on real val images against their true masks.", "",
+              "| masks | IoU with the drawn object |", "|---|---|",
+              f"| generated: perception head | {fmt(M.get('mask_iou_head'))} |",
+              f"| generated: filled box | {fmt(M.get('mask_iou_box'))} |",
+              f"| real val: true masks (the segmenter's own accuracy) | {fmt(M.get('mask_iou_real_gt'))} |",
+              f"| real val: filled box | {fmt(M.get('mask_iou_real_box'))} |", "", meta["notes"].get("masks", ""), ""]
+    t = targets(M)
+    if t:
+        L += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        L += [f"| {what} | {val} | {'yes' if ok else '**no**'} |" for what, val, ok in t]
+        L.append("")
+    return "\n".join(L)

@@ -1,0 +1,76 @@
+"""config.py: --dtype auto against the CPU's flags, a dataclass as flags and back, and a module saved with its config
+(an autoencoder file written before the move loads as it is; a file of another kind is one line naming it)."""
+import argparse
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import coco
+import config
+
+
+def test_dtype_auto_follows_the_cpu_flags(tmp_path):
+    """auto -> bf16 only on a CPU with native bf16 (avx512_bf16 or amx_bf16), fp32 otherwise; an explicit dtype
+    passes through; the flags are read from a cpuinfo file."""
+    cpu = torch.device("cpu")
+    assert config.resolve_dtype("auto", cpu, {"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
+    assert config.resolve_dtype("auto", cpu, {"amx_bf16"})[0] == "bf16"
+    dt, why = config.resolve_dtype("auto", cpu, {"avx2", "avx512f", "avx512bw"})
+    assert dt == "fp32" and "no native bf16" in why
+    assert config.resolve_dtype("bf16", cpu, set())[0] == "bf16"
+    with pytest.raises(ValueError, match="--dtype"):
+        config.resolve_dtype("int8", cpu)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert {"fpu", "sse", "avx512f", "avx512_bf16"} == config.cpu_flags(info)
+    assert config.cpu_flags(tmp_path / "missing") == set()
+
+
+@dataclass
+class Knobs:
+    steps: int = 3
+    lr: float = 0.1
+    name: str = "a"
+    flip: bool = True
+    mults: tuple = (1, 2)
+
+
+def test_flags_from_a_dataclass_and_back():
+    p = argparse.ArgumentParser()
+    config.add_flags(p, Knobs, skip=("name",))
+    ns = p.parse_args(["--steps", "5", "--no-flip", "--mults", "1,2,4"])
+    assert config.pick(ns, Knobs) == Knobs(steps=5, lr=0.1, name="a", flip=False, mults=(1, 2, 4))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--name", "b"])                                   # skipped: not a flag
+    given = argparse.ArgumentParser()
+    config.add_flags(given, Knobs, given_only=True)
+    assert vars(given.parse_args(["--lr", "0.5"])) == {"lr": 0.5}       # only what the command line gave
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, 2)
+
+
+def test_module_file_round_trip_and_the_old_autoencoder_layout(tmp_path):
+    torch.manual_seed(0)
+    m = Tiny(3)
+    config.save_module(tmp_path / "m.pt", "tiny", m, dict(width=3), note="x")
+    back, f = config.load_module(tmp_path / "m.pt", "tiny", lambda c: Tiny(**c))
+    assert f["note"] == "x" and not back.training
+    assert torch.equal(back.lin.weight, m.lin.weight)
+    # autoencoder.pt as written before 2026-12-03: {"model": state_dict, "cfg": config, ...}, no kind
+    torch.save(dict(model=m.state_dict(), cfg=dict(width=3), fingerprint="abc"), tmp_path / "old.pt")
+    back, f = config.load_module(tmp_path / "old.pt", "tiny", lambda c: Tiny(**c))
+    assert torch.equal(back.lin.bias, m.lin.bias) and f["fingerprint"] == "abc"
+
+
+def test_a_missing_file_or_another_kind_is_one_line_naming_it(tmp_path):
+    with pytest.raises(coco.DataError, match=r"nope.pt: tiny checkpoint not found \(make one\)"):
+        config.load_module(tmp_path / "nope.pt", "tiny", lambda c: Tiny(**c), hint="make one")
+    config.save_module(tmp_path / "m.pt", "other", Tiny(3), dict(width=3))
+    with pytest.raises(coco.DataError) as e:
+        config.load_module(tmp_path / "m.pt", "tiny", lambda c: Tiny(**c))
+    assert "m.pt: not a tiny checkpoint" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,50 @@
+"""Trainability (PAPER.md section 4): does generated data help a detector? Detectors trained on a small real subset,
+alone and with generated images (new layouts from the training distribution, origin / all easy / all hard), scored
+on the real val split over several seeds: evaluate.py's `trainability` part.
+
+    python evaluate.py --run runs/shapes --parts trainability
+"""
+import torch
+from tqdm import tqdm
+
+import coco_map
+import detector
+import sample
+
+
+def training_layouts(ck, n, seed):
+    """n new layouts from the training distribution: training images' layouts (with their attributes), drawn
+    at random and mirrored left-right half of the time."""
+    pool = sample.val_layouts(ck, 10 ** 9, split="train")
+    g = torch.Generator().manual_seed(seed)
+    pick, flip = torch.randint(len(pool), (n,), generator=g), torch.rand(n, generator=g) < 0.5
+    out = []
+    for i, f in zip(pick.tolist(), flip.tolist()):
+        lay = dict(pool[i])
+        if f:
+            b = lay["boxes"]
+            lay["boxes"] = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
+        out.append(lay)
+    return out
+
+
+def trainability(ck, det_cfg, real_train, real_val, extra, cfg, log):
+    """AP of detectors trained on a real subset alone and with each extra set (name -> dataset), `cfg.seeds`
+    seeds; the subset and the initialisation follow the seed. Returns {name: [dict(mAP, AP50, AP75) per seed]}."""
+    tc = ck["train_cfg"]
+    steps = cfg.det_steps or tc["det_steps"]
+    k = max(1, round(cfg.real_fraction * len(real_train)))
+    runs = {name: [] for name in ("real",) + tuple(extra)}
+    bar = tqdm(total=cfg.seeds * len(runs), desc="trainability detectors")
+    for seed in range(cfg.seeds):
+        subset = torch.utils.data.Subset(real_train, torch.randperm(len(real_train),
+                                                                     generator=torch.Generator().manual_seed(seed))[:k])
+        for name in runs:
+            ds = subset if name == "real" else torch.utils.data.ConcatDataset([subset, extra[name]])
+            det = detector.train(ds, det_cfg, detector.DetTrainConfig(steps=steps, seed=seed, log_every=0))
+            r = coco_map.evaluate(det, real_val)
+            runs[name].append({m: round(r[m], 4) for m in ("mAP", "AP50", "AP75")})
+            log(f"[trainability] seed {seed} {name}: {len(ds)} images, val AP50 {r['AP50']:.3f}")
+            bar.update(1)
+    bar.close()
+    return runs
