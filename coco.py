@@ -11,6 +11,8 @@ the model's view (images at S x S, layouts, tokens) on top of it.
 
 A COCO-format folder is `ROOT/annotations/instances_{split}.json` plus images in `ROOT/{split}/`
 (COCO 2017's own names, `instances_{split}2017.json` and `{split}2017/`, work too).
+
+    python data.py show --data DIR                # reads a COCO-format folder through this file, draws 16 images
 """
 import json
 import logging

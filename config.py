@@ -6,6 +6,8 @@ Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.U
 flag (`--pal-weight 0.1`, `--no-fg-reweight`) and `pick` reads them back. Every trained module is one file that
 rebuilds it alone: `save_module` / `load_module` (the detector, the crop classifier, the autoencoder; the
 generator's checkpoint carries more, see `train.py`).
+
+    python detdiff.py --help                      # every flag add_flags made from TrainConfig and UNetConfig
 """
 import argparse
 import os

@@ -17,6 +17,9 @@ Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this projec
 The schedule and the samplers only call `model(x_t, t, tokens)` (the training loop also asks for the perception
 head's mask logits with `return_features=True`); training (train.py) and sampling (sample.py) share this one
 schedule and its update rules.
+
+    notebooks/01_ddpm_schedule.ipynb              # the schedule, q_sample and one DDPM / DDIM step by hand
+    python -m pytest tests/test_diffusion.py      # every formula here against a closed form or brute force
 """
 import math
 

@@ -1,5 +1,7 @@
 """The pictures: a layout drawn on its image, grids of them, and loss curves (PIL only; matplotlib is not a
 runtime dependency). Every PNG the project writes is made from these.
+
+    python data.py show --data shapes             # docs/shapes_grid.png: 16 layouts drawn on their images
 """
 import math
 

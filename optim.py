@@ -2,6 +2,8 @@
 weight decay on weight matrices only, linear warm-up then cosine decay, batches as a pure function of
 (seed, step) so that a resumed run sees exactly the batches the killed one would have, the EMA of the weights, and
 the RNG state a checkpoint carries.
+
+    python detdiff.py --stage generator --steps 200 --out runs/quick   # the loop these serve
 """
 import math
 import random

@@ -1,5 +1,7 @@
 """The report of evaluate.py: RUN/metrics.json as RUN/report.md, one section per part of PAPER.md section 4 (and the
 two beyond it), with the targets the issues set and whether this run met them.
+
+    python evaluate.py --run runs/shapes          # writes RUN/metrics.json and, from it, RUN/report.md
 """
 from sample import MODES
 
