@@ -53,7 +53,7 @@ def train_ablation(run, ck, name, overrides, cfg, log):
     if ck.get("autoencoder"):                     # a latent-space run: the same frozen autoencoder
         overrides = dict(overrides, autoencoder=ck["autoencoder"]["path"])
     tcfg = train.TrainConfig(**{**tc, "attributes": attrs, **budget, **overrides, "out": str(out),
-                                  "resume": path.is_file(), "stage": "generator"})
+                                "resume": path.is_file(), "stage": "generator"})
     if cfg.quick:
         tcfg = replace(tcfg, steps=3, minutes=0, sample_every=0, ckpt_every=0, log_every=1)
     log(f"[ablations] training {name} into {out}")

@@ -182,9 +182,9 @@ def load_autoencoder(path, expect=None, owner=""):
     """autoencoder.pt -> (frozen Autoencoder in eval mode, fingerprint). `expect`: the fingerprint a checkpoint
     (`owner`) recorded; another autoencoder is an error (its latents mean something else)."""
     try:
-        ae, _ = config.load_module(path, KIND, lambda c: Autoencoder(AutoencoderConfig(**c)),
+        ae, _ = config.load_module(path, KIND, lambda c: Autoencoder(AutoencoderConfig(**c)), "detdiff autoencoder",
                                    hint="train one with python detdiff.py --space latent --stage autoencoder, or "
-                                        "pass --autoencoder PATH")
+                                   "pass --autoencoder PATH")
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     fp = ae_fingerprint(ae.state_dict())

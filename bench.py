@@ -136,7 +136,7 @@ def diffusers_config(encoder, target, S, device):
     """The UNet2DConditionModel kwargs whose forward FLOPs per image (our LayoutEncoder included) come closest to
     `target`, in our shape (3 levels, cross-attention at levels 1-2 and the middle, 4 heads, cross_attention_dim =
     the encoder's width): a grid over widths and depths, counted on the meta device (no weights). -> (kwargs, FLOPs)"""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel   # optional (requirements-bench.txt): only the peer row needs it
     tokens = torch.stack([data.LayoutTokenizer(shapes.SHAPES).null_prompt()] * 2).to(device)
     c, f_enc = encoder(tokens), flops.count_flops(lambda: encoder(tokens)) / 2
     x, t = torch.zeros(2, 3, S, S, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
@@ -152,7 +152,7 @@ def diffusers_config(encoder, target, S, device):
                 with torch.device("meta"):
                     m = UNet2DConditionModel(**kw)
                 f = f_enc + flops.count_flops(lambda: m(x, t, encoder_hidden_states=c["context"].to("meta"),
-                                                  encoder_attention_mask=c["context_mask"].to("meta"))) / 2
+                                                        encoder_attention_mask=c["context_mask"].to("meta"))) / 2
                 if best is None or abs(f / target - 1) < abs(best[1] / target - 1):
                     best = (kw, f)
     if abs(best[1] / target - 1) > 0.1:
@@ -163,7 +163,7 @@ def diffusers_config(encoder, target, S, device):
 def diffusers_peer(encoder, target, S, device):
     """The default peer: diffusers' UNet2DConditionModel within 10% of `target` forward FLOPs (diffusers_config),
     fed by a copy of our layout encoder. -> (name, config, module)"""
-    import diffusers
+    import diffusers                             # optional, as above
     kw, _ = diffusers_config(encoder, target, S, device)
     torch.manual_seed(0)
     name = (f"diffusers {diffusers.__version__} UNet2DConditionModel {tuple(kw['block_out_channels'])} "
@@ -218,7 +218,7 @@ class Bench:
             b["image"] = torch.randn(B, 4, S // latent, S // latent, generator=g).to(self.dev)
         f_step = self.step_flops(m, S // latent if latent else S, M, 4 if latent else 3, S if latent else None)
         (s, warm), = flops.time_rounds({name: make_step(m, b, null, dtype, self.dev, compile)}, self.dev,
-                                 self.a.rounds, self.a.round_s).values()
+                                       self.a.rounds, self.a.round_s).values()
         f = self.fwd_flops(m, S // latent if latent else S, M, 4 if latent else 3)
         row = self.res.setdefault("train", {})[name] = dict(
             S=S, latent=latent, objects=M, dtype=dtype, compile=compile, batch=B, img_s=round(B / s, 2),
@@ -365,7 +365,7 @@ def main(argv=None):
         bn.log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other "
                f"processes share the CPU, timings will be low and noisy")
     bn.peak_rss(3 if a.quick else 20)              # first: a child process, before this one has grown
-    peaks = [{dt: flops.dense_peak(dt, dev)[1] for dt in bn.dtypes}]       # at the start and at the end: the best counts
+    peaks = [{dt: flops.dense_peak(dt, dev)[1] for dt in bn.dtypes}]   # at the start and at the end: the best counts
     for S, mkw, name in ((32, {}, "default"), (64, {}, "default"), (64, dict(latent=4), "default"), (32, WIDE, "wide")):
         for dt in bn.dtypes:
             bn.train(f"{name} {S}px{' latent' if mkw.get('latent') else ''} {dt}", S=S, dtype=dt, **mkw)

@@ -64,14 +64,14 @@ def save_module(path, kind, module, config, **extra):
     atomic_save(dict(kind=kind, config=config, state_dict=module.state_dict(), **extra), path)
 
 
-def load_module(path, kind, build, hint=""):
+def load_module(path, kind, build, what, hint=""):
     """(module in eval mode, the file's dict) from a `save_module` file of this `kind`; `build(config)` makes the
-    untrained module. A missing file, or a file of another kind, is a one-line DataError naming it (`hint`: how
-    to make one). Autoencoder files written before 2026-12-03 kept the config under "cfg" and the weights under
-    "model"; they load as they are."""
+    untrained module. A missing file, or a file of another kind, is a one-line DataError naming it and `what` it
+    should be (`hint`: how to make one). Autoencoder files written before 2026-12-03 kept the config under "cfg"
+    and the weights under "model"; they load as they are."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: {kind} checkpoint not found" + (f" ({hint})" if hint else ""))
+        raise DataError(f"{path}: {what} not found" + (f" ({hint})" if hint else ""))
     try:
         f = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(f, dict) and "kind" not in f and {"cfg", "model"} <= f.keys():
@@ -81,7 +81,7 @@ def load_module(path, kind, build, hint=""):
         module = build(f["config"])
         module.load_state_dict(f["state_dict"])
     except Exception as e:
-        raise DataError(f"{path}: not a {kind} checkpoint ({type(e).__name__}: {e})"[:300]) from None
+        raise DataError(f"{path}: not a {what} ({type(e).__name__}: {e})"[:300]) from None
     return module.eval(), f
 
 

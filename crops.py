@@ -163,4 +163,4 @@ def save_crop_classifier(clf, path):
 
 def load_crop_classifier(path):
     """A CropClassifier (eval mode) from a `save_crop_classifier` file, or a DataError naming the file."""
-    return config.load_module(path, KIND, lambda c: CropClassifier(**c))[0]
+    return config.load_module(path, KIND, lambda c: CropClassifier(**c), "crop classifier checkpoint")[0]

@@ -21,6 +21,8 @@ The loader only reads the user's folder; it never writes into it.
 import argparse
 import logging
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,8 @@ class CocoLayoutDataset(torch.utils.data.Dataset):
     def __init__(self, root, split="train", size=32, min_area=0.02, max_objects=8, attributes=None,
                  shuffle_objects=False, tokenizer=None, check_files=True):
         json_path, image_dir = coco.split_paths(root, split)
-        self.class_names, self.category_ids, self.records, self.stats = coco.load_coco(json_path, image_dir, check_files)
+        self.class_names, self.category_ids, self.records, self.stats = coco.load_coco(json_path, image_dir,
+                                                                                       check_files)
         if tokenizer is not None and tokenizer.max_objects < max_objects:
             raise ValueError(f"tokenizer holds {tokenizer.max_objects} objects, dataset keeps {max_objects}")
         self.size, self.max_objects, self.tokenizer = size, max_objects, tokenizer
@@ -110,7 +113,8 @@ class CocoLayoutDataset(torch.utils.data.Dataset):
         for k, o in enumerate(objs):
             seg = o["segmentation"]
             if isinstance(seg, list):  # polygons: scale the vertices, rasterise at S (exact, cheap)
-                masks[k] = coco.polygon_to_mask([np.asarray(p) * np.tile([S / W, S / H], len(p) // 2) for p in seg], S, S)
+                scaled = [np.asarray(p) * np.tile([S / W, S / H], len(p) // 2) for p in seg]
+                masks[k] = coco.polygon_to_mask(scaled, S, S)
             elif isinstance(seg, dict):  # RLE: decode at full size, area-resize like the pixels
                 try:
                     m = coco.rle_to_mask(seg)
@@ -164,7 +168,6 @@ def collate(items, max_objects=None):
 
 def make_loader(dataset, batch_size, shuffle=True, num_workers=0, drop_last=True, sampler=None):
     """A DataLoader with the dataset's fixed object count (works with 0 or more workers)."""
-    from functools import partial
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
@@ -293,14 +296,15 @@ def resolve_data(name_or_path):
     if name_or_path == "coco_subset":
         root = DATA_DIR / "coco_subset"
         if not root.exists():
-            raise coco.DataError(f"{root}: missing. Build it from a local COCO 2017 copy with "
-                            f"`python data.py coco-subset --coco /path/to/coco` (annotations/instances_train2017.json, "
-                            f"train2017/, val2017/), or from any instances json with "
-                            f"`python data.py coco-subset --json FILE --images DIR`")
+            raise coco.DataError(f"{root}: missing. Build it from a local COCO 2017 copy with `python data.py "
+                                 f"coco-subset --coco /path/to/coco` (annotations/instances_train2017.json, "
+                                 f"train2017/, val2017/), or from any instances json with "
+                                 f"`python data.py coco-subset --json FILE --images DIR`")
         return root
     root = Path(name_or_path)
     if not root.is_dir():
-        raise coco.DataError(f"{root}: no such data folder (expected annotations/instances_{{train,val}}.json and images)")
+        raise coco.DataError(f"{root}: no such data folder (expected annotations/instances_{{train,val}}.json and "
+                             f"images)")
     return root
 
 
@@ -337,13 +341,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if a.cmd == "shapes":
-            import time
             t0 = time.time()
             root = shapes.make_shapes(a.out, a.seed, a.train, a.val, a.image_size)
             print(f"wrote {root} in {time.time() - t0:.1f} s")
         elif a.cmd == "coco-subset":
             root = coco_subset.build_coco_subset(a.out, a.coco, a.json, a.images, a.categories.split(","), a.size,
-                                     a.min_area, a.max_objects, a.max_images)
+                                                 a.min_area, a.max_objects, a.max_images)
             print(f"wrote {root}")
         else:
             out = Path(a.out)

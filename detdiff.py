@@ -18,8 +18,8 @@
 Where each stage's concept lives: data.py (and shapes.py, the embedded data set), detector.py (the perceptive model
 trained from scratch; detections.py for the user's, coco_map.py for its mAP), perception.py (the attribute and the
 perception loss), autoencoder.py (latent mode), train.py (the generator's training loop and `TrainConfig`, every
-setting below), sample.py and evaluate.py (the grid stage and `--evaluate`). The notation (beta_t, alpha_bar_t,
-x_t, eps, eps_theta, L_simple, L_p, lambda) is tabled in diffusion.py.
+setting; `--help` lists them), sample.py and evaluate.py (the grid stage and `--evaluate`). The notation (beta_t,
+alpha_bar_t, x_t, eps, eps_theta, L_simple, L_p, lambda) is tabled in diffusion.py.
 """
 import argparse
 import json
@@ -68,7 +68,8 @@ PAPER_SETTINGS = dict(cond="tokens", pal_weight=0.01, loss_weight="none", fg_rew
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--paper", action="store_true", default=argparse.SUPPRESS,
                     help="the paper's settings: " + " ".join(f"{k}={v}" for k, v in PAPER_SETTINGS.items()))
     config.add_flags(ap.add_argument_group("run"), TrainConfig, given_only=True)

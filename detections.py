@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
+from torchvision.models import detection
 
 import coco
 from detector import Detector, batches, load_detector, predict
@@ -40,7 +41,6 @@ class TorchvisionDetector(nn.Module):
 
     def __init__(self, name, class_names, weights=None, min_size=None, class_map=None):
         super().__init__()
-        from torchvision.models import detection
         if name not in torchvision.models.list_models(module=detection):
             raise coco.DataError(f"{name}: not a torchvision detection model (e.g. fasterrcnn_resnet50_fpn, "
                                  f"retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large)")

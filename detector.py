@@ -244,9 +244,10 @@ def save_detector(model, path):
 
 def load_detector(path):
     """A Detector from a `save_detector` file (eval mode), or a DataError naming the file."""
-    model, f = config.load_module(path, KIND, lambda c: Detector(DetectorConfig(
-        **dict(c, class_names=tuple(c["class_names"]), dilations=tuple(c["dilations"])))),
-        hint="train one with `python perception.py train`")
+    def build(c):
+        return Detector(DetectorConfig(**dict(c, class_names=tuple(c["class_names"]), dilations=tuple(c["dilations"]))))
+    model, f = config.load_module(path, KIND, build, "detector checkpoint",
+                                  hint="train one with `python perception.py train`")
     if f.get("train_config"):
         model.train_config = DetTrainConfig(**f["train_config"])
     return model

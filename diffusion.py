@@ -215,7 +215,7 @@ def dpm2m_step(diff, x_t, t, t_prev, x0, x0_last=None, h_last=None):
 def logsnr_grid(diff, steps):
     """DPM-Solver's timestep grid for low-resolution pixel models: lambda_t uniform between lambda_{T-1} and
     lambda_0, each rounded to the nearest of the T discrete timesteps (repeats dropped, so a long grid may hold a
-    few fewer than `steps`). On the Gaussian test problem of tests/test_sample.py this grid converges at second
+    few fewer than `steps`). On the Gaussian test problem of tests/test_diffusion.py this grid converges at second
     order where the DDIM grid (uniform in t) does not: its last steps are too long in lambda."""
     lam = log_snr(diff, torch.arange(diff.T), torch.zeros(diff.T)).flatten()       # increasing as t decreases
     want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)

@@ -109,7 +109,7 @@ def detector_ap(det, images, layouts, names, ids, folder, det_size, max_objects)
         shutil.rmtree(folder)
     sample.write_coco(folder, "val", images, layouts, names, ids)
     r = coco_map.evaluate(det, data.CocoLayoutDataset(folder, "val", size=det_size, min_area=0,
-                                                        max_objects=max_objects))
+                                                      max_objects=max_objects))
     return {k: round(r[k], 4) for k in ("mAP", "AP50", "AP75")}
 
 
@@ -336,8 +336,9 @@ def evaluate(run, cfg=None):
             attrs_on = a_ck["train_cfg"]["attributes"] != "none"
             row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
                        steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],
-                       fidelity_map=r["mAP"], fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims)), 3)
-                       if net is not None else None, fidelity_map50_plain=None)
+                       fidelity_map=r["mAP"], fidelity_map50_plain=None,
+                       fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims)), 3)
+                       if net is not None else None)
             if attrs_on and cfg.attr_guidance != 1.0:   # the same generator under plain guidance (w_d 1)
                 ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **dict(a_kw, attr_guidance=1.0))
                 row["fidelity_map50_plain"] = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)["AP50"]
@@ -363,8 +364,7 @@ def evaluate(run, cfg=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The report
-
+# The command line
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Evaluate a finished detdiff run: the paper's experiments at small "

@@ -1,5 +1,6 @@
 """The pictures: a layout drawn on its image, grids of them, and loss curves (PIL only; matplotlib is not a
-runtime dependency). Every PNG the project writes is made from these.
+runtime dependency). Every figure the project writes (grids, loss curves, the easy/hard comparisons) is made
+from these.
 
     python data.py show --data shapes             # docs/shapes_grid.png: 16 layouts drawn on their images
 """

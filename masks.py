@@ -25,7 +25,7 @@ def box_pixels(box, S, grow=0):
 
 
 def object_masks(probs, layouts, threshold=0.5):
-    """Exported instance masks: the perception head's probability (from `generate(mask_steps=k)`) above
+    """Exported instance masks: the perception head's probability (from `sample.generate(mask_steps=k)`) above
     `threshold`, kept inside the object's box (`box_pixels`). probs: list of (M, S, S) tensors -> one bool
     (n_objects, S, S) numpy array per layout."""
     out = []

@@ -113,8 +113,9 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
     Detector (detector.py) is trained on the other folds and labels this one, so no object is judged by a detector
     that saw it (run on its own training images a detector finds nearly everything and the attribute carries no
     signal). Val is labelled by fold 1's detector. A given source (a Detector, TorchvisionDetector or ResultsFile:
-    detections.py) labels all images instead. Writes OUT/attributes.json (the sidecar: per split {ann_id: easy|hard}, the settings,
-    the detector, the summary) and OUT/attributes.png (training images, easy green, hard red); returns the summary.
+    detections.py) labels all images instead. Writes OUT/attributes.json (the sidecar: per split {ann_id:
+    easy|hard}, the settings, the detector, the summary) and OUT/attributes.png (training images, easy green, hard
+    red); returns the summary.
     """
     log = log or logger.info
     out = _check_out(out, root)
@@ -150,8 +151,9 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
             rest = sorted(set(range(len(ds))) - set(fold))
             log(f"attributes: fold {f + 1}/{len(folds)}: training a detector on {len(rest)} images, "
                 f"labelling {len(fold)}")
-            det = detector.train(ds, cfg=detector.DetTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed + f,
-                                               log_every=max(cfg.steps // 4, 1)), indices=rest, log=log)
+            det = detector.train(ds, cfg=detector.DetTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size,
+                                                                 seed=cfg.seed + f, log_every=max(cfg.steps // 4, 1)),
+                                 indices=rest, log=log)
             first = first or det
         attrs["train"].update(label(det, ds, fold))
     summary = {"train": summarise(attrs["train"], ds, root, "train")}
@@ -163,7 +165,8 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
         summary["val"] = summarise(attrs["val"], val, root, "val")
     folds_used = cfg.folds if source is None else 0
     sidecar = dict(gamma=cfg.gamma, beta=cfg.beta, class_aware=cfg.class_aware, folds=folds_used,
-                   detector=detections.describe(first) if source is not None else f"{cfg.folds} folds x {detections.describe(first)}",
+                   detector=detections.describe(first) if source is not None
+                   else f"{cfg.folds} folds x {detections.describe(first)}",
                    data=str(Path(root).resolve()), config=asdict(cfg), seconds=round(time.time() - t0, 1),
                    summary=summary,
                    attributes={split: {str(k): v for k, v in sorted(a.items())} for split, a in attrs.items()})
@@ -328,7 +331,8 @@ def main(argv=None):
             va = data.CocoLayoutDataset(root, "val", size=a.image_size)
             cfg = config.pick(a, detector.DetTrainConfig)
             t0 = time.time()
-            model = detector.train(tr, detector.DetectorConfig(len(tr.class_names), tuple(tr.class_names), a.image_size, a.width), cfg)
+            model = detector.train(tr, detector.DetectorConfig(len(tr.class_names), tuple(tr.class_names), a.image_size,
+                                                               a.width), cfg)
             secs = time.time() - t0
             detector.save_detector(model, Path(a.out) / "detector.pt")
             r = coco_map.evaluate(model, va, crowd_json=coco.split_paths(root, "val")[0])

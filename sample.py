@@ -46,6 +46,7 @@ import data
 import diffusion
 import figures
 import masks
+import perception
 from config import resolve_dtype
 from diffusion import ATTR_GUIDANCE, Diffusion, drop_attributes
 from unet import UNet, UNetConfig
@@ -150,10 +151,10 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
     x = autoencoder.decode(x.float()) if autoencoder is not None else x
     if not mask_steps:
         return x
-    masks = mask_sum / min(mask_steps, len(ts))
-    if masks.shape[-1] != x.shape[-1]:
-        masks = F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return x, masks
+    probs = mask_sum / min(mask_steps, len(ts))
+    if probs.shape[-1] != x.shape[-1]:
+        probs = F.interpolate(probs, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x, probs
 
 
 def resolve_attr_guidance(w, ck):
@@ -219,12 +220,11 @@ def val_layouts(ck, n, split="val"):
     c = ck["train_cfg"]
     attrs = None
     if ck.get("attributes_used"):
-        from perception import load_attributes
         if not Path(ck["attributes_used"]).is_file():
             raise SystemExit(f"error: {ck['attributes_used']}: the attribute sidecar this run trained with is "
                              f"missing (restore it, or sample from a --layouts json)")
         side = coco.read_json(ck["attributes_used"])["attributes"]
-        attrs = load_attributes(ck["attributes_used"], split) if split in side else None
+        attrs = perception.load_attributes(ck["attributes_used"], split) if split in side else None
     ds = data.CocoLayoutDataset(data.resolve_data(c["data"]), split, size=c["image_size"], min_area=c["min_area"],
                                 max_objects=c["max_objects"], attributes=attrs)
     return [{k: ds[i][k] for k in ("boxes", "labels", "difficulty")} for i in range(min(n, len(ds)))]
@@ -408,9 +408,10 @@ def run(a):
     figures.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
     how = "filled boxes as masks"
     if obj_masks is not None:
-        tiles = [figures.image_grid([figures.draw_layout(im, l["boxes"], l["labels"], names),
-                                  figures.draw_layout(masks.mask_picture(m, im.shape[0]), l["boxes"], l["labels"], names)],
-                                 ncol=2, pad=0) for im, m, l in zip(images[:32], obj_masks, layouts)]
+        pair = [[figures.draw_layout(im, l["boxes"], l["labels"], names),
+                 figures.draw_layout(masks.mask_picture(m, im.shape[0]), l["boxes"], l["labels"], names)]
+                for im, m, l in zip(images[:32], obj_masks, layouts)]
+        tiles = [figures.image_grid(p, ncol=2, pad=0) for p in pair]
         figures.image_grid(tiles, ncol=min(4, len(tiles)), pad=4).save(out / "masks.png")   # image | its masks
         n_box = sum(x.get("mask") == "box" for x in js["annotations"])
         how = (f"the perception head's masks (last {mask_steps} steps, > {a.mask_threshold:g}; {n_box} of "

@@ -156,16 +156,16 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
     """One optimisation step of the generator on a collated batch (on the device): noise, forward, the loss
     L = L_simple + lambda L_p, backward, clipping, AdamW, EMA. `model` is `raw` wrapped (DDP, compile) or `raw`
     itself. Returns the loss, L_simple and L_p (per image) as tensors. bench.py times this same function."""
-    x0 = batch["image"]                                                                 # (B, 3, S, S)
+    x0 = batch["image"]                                                             # (B, 3, S, S)
     tokens = batch["tokens"]
-    if cfg.p_uncond_attr > 0:                                                           # attributes alone -> [none]
+    if cfg.p_uncond_attr > 0:                                                       # attributes alone -> [none]
         tokens = diffusion.drop_attributes(tokens, cfg.p_uncond_attr)
-    tokens = diffusion.drop_condition(tokens, null, cfg.p_uncond)                                 # (B, L), 10% null prompts
-    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)               # t ~ U{0..T-1}
-    eps = torch.randn_like(x0)                                                          # eps ~ N(0, I)
-    x_t = diff.q_sample(x0, t, eps)                                                     # DDPM Eq. (4), fp32
+    tokens = diffusion.drop_condition(tokens, null, cfg.p_uncond)                   # (B, L), 10% null prompts
+    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)           # t ~ U{0..T-1}
+    eps = torch.randn_like(x0)                                                      # eps ~ N(0, I)
+    x_t = diff.q_sample(x0, t, eps)                                                 # DDPM Eq. (4), fp32
     weight = diffusion.foreground_weight(batch["boxes"], batch["valid"], x0.shape[-1]) if cfg.fg_reweight else None
-    w_t = diffusion.timestep_weight(cfg, diff.alpha_bar[t])                                       # (B, 1, 1, 1) or None
+    w_t = diffusion.timestep_weight(cfg, diff.alpha_bar[t])                         # (B, 1, 1, 1) or None
     weight = w_t if weight is None else weight if w_t is None else weight * w_t
     # forward under autocast (the losses in fp32)
     with amp:
@@ -173,12 +173,12 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
             eps_pred, aux = model(x_t, t, tokens, return_features=True)
         else:
             eps_pred = model(x_t, t, tokens)
-    l_simple = diffusion.loss_simple(eps_pred, eps, weight)                                       # DDPM Eq. (14), weighted
-    if cfg.pal_weight > 0:                                                              # dropped prompts have no objects
-        valid = batch["valid"] & aux["object_valid"]                                    # (B, M)
+    l_simple = diffusion.loss_simple(eps_pred, eps, weight)                         # DDPM Eq. (14), weighted
+    if cfg.pal_weight > 0:                                                          # dropped prompts have no objects
+        valid = batch["valid"] & aux["object_valid"]                                # (B, M)
         l_p = perception.perception_loss(aux["mask_logits"], batch["masks"], valid,
-                                         diff.alpha_bar[t])                             # sqrt(alpha_bar_t)(L_m + L_d)
-        loss = l_simple + cfg.pal_weight * l_p.mean()                                   # L = L_simple + lambda L_p
+                                         diff.alpha_bar[t])                         # sqrt(alpha_bar_t)(L_m + L_d)
+        loss = l_simple + cfg.pal_weight * l_p.mean()                               # L = L_simple + lambda L_p
     else:
         l_p, loss = torch.zeros((), device=x0.device), l_simple
     # backward, clip, optimizer step, EMA update
@@ -306,13 +306,15 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
             states = [optim.rng_state()]
         if master:
             config.atomic_save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                             scaler=scaler.state_dict(), step=step, rng=states, history=history,
-                             elapsed=time.time() - t0, finished=finished,
-                             train_cfg=asdict(cfg), model_cfg=asdict(mcfg), img_s=seen / max(time.time() - t_start, 1e-9),
-                             attributes_used=str(attr_path) if attr_path else "", space=cfg.space, dtype=dtype,
-                             autoencoder=ae_info,
-                             tokenizer=dict(class_names=tok.class_names, category_ids=probe.category_ids, bins=tok.bins,
-                                            max_objects=tok.max_objects, location=tok.location)), ckpt_path)
+                                    scaler=scaler.state_dict(), step=step, rng=states, history=history,
+                                    elapsed=time.time() - t0, finished=finished,
+                                    train_cfg=asdict(cfg), model_cfg=asdict(mcfg),
+                                    img_s=seen / max(time.time() - t_start, 1e-9),
+                                    attributes_used=str(attr_path) if attr_path else "", space=cfg.space, dtype=dtype,
+                                    autoencoder=ae_info,
+                                    tokenizer=dict(class_names=tok.class_names, category_ids=probe.category_ids,
+                                                   bins=tok.bins, max_objects=tok.max_objects, location=tok.location)),
+                               ckpt_path)
 
     def periodic_outputs():
         if master:

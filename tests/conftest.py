@@ -18,7 +18,7 @@ def pytest_configure(config):
 def tiny_data(tmp_path_factory):
     """A 16 + 4 image shapes data set at 32 px (written once per session)."""
     return str(shapes.make_shapes(tmp_path_factory.mktemp("d") / "shapes", n_train=16, n_val=4, image_size=32,
-                                progress=False))
+                                  progress=False))
 
 
 TINY_MODEL = dict(base_channels=8, channel_mults=(1, 2), self_attn_levels=(1,), cross_attn_levels=(1,), heads=2,
@@ -37,7 +37,7 @@ def tiny_train_cfg(data_root, out, **kw):
 def shapes32(tmp_path_factory):
     """32 training + 8 validation shapes images at 32 px."""
     return shapes.make_shapes(tmp_path_factory.mktemp("p") / "shapes", n_train=32, n_val=8, image_size=32,
-                            progress=False)
+                              progress=False)
 
 
 TINY_DETECTOR = dict(width=16, dilations=(1, 2))

@@ -43,7 +43,7 @@ def test_psnr_against_hand_value():
 def tiny_ae(tiny_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("ae") / "autoencoder.pt"
     info = autoencoder.train_autoencoder(tiny_train_cfg(tiny_data, path.parent, **TINY_AE), tiny_data, path,
-                                     log=lambda m: None)
+                                         log=lambda m: None)
     return path, info
 
 
@@ -100,13 +100,13 @@ def test_wrong_autoencoder_is_an_error(tiny_ae, tiny_data, tmp_path):
     train.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(ae_path), **TINY_AE), TINY_MODEL)
     other = tmp_path / "other.pt"
     autoencoder.train_autoencoder(tiny_train_cfg(tiny_data, tmp_path, seed=1, **TINY_AE), tiny_data, other,
-                              log=lambda m: None)
+                                  log=lambda m: None)
     with pytest.raises(SystemExit, match=r"other.pt: autoencoder \w+ is not the one .*ckpt.pt was trained with"):
         sample.main(["--ckpt", str(run / "ckpt.pt"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
                      "--autoencoder", str(other)])
     with pytest.raises(SystemExit, match=r"is not the one"):   # resuming with another autoencoder, too
         train.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(other), resume=True, steps=6,
-                                     **TINY_AE), TINY_MODEL)
+                                   **TINY_AE), TINY_MODEL)
     pixel = tmp_path / "pixel"
     train.train(tiny_train_cfg(tiny_data, pixel, steps=1), TINY_MODEL)
     with pytest.raises(SystemExit, match=r"a pixel-space checkpoint takes no --autoencoder"):

@@ -89,7 +89,7 @@ def test_torchvision_detector_class_map_and_a_class_it_lacks(tmp_path):
     net = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91)
     torch.save(net.state_dict(), tmp_path / "w.pth")
     det = detections.open_source("torchvision:ssdlite320_mobilenet_v3_large", ["sofa", "dog"], str(tmp_path / "w.pth"),
-                        "sofa=couch")
+                                 "sofa=couch")
     cats = detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.meta["categories"]
     assert det.label_map == {cats.index("couch"): 0, cats.index("dog"): 1}
     with pytest.raises(coco.DataError, match="no class 'sofa'.*--detector-classes sofa="):

@@ -56,7 +56,7 @@ def test_detector_trained_a_few_steps_beats_chance(shapes32):
     train, val = (data.CocoLayoutDataset(shapes32, s, size=32) for s in ("train", "val"))
     cfg = detector.DetTrainConfig(steps=60, batch_size=16, lr=5e-3, warmup=5, log_every=0)
     model = detector.train(train, detector.DetectorConfig(num_classes=5, class_names=tuple(train.class_names), image_size=32,
-                                            **TINY_DETECTOR), cfg)
+                                                          **TINY_DETECTOR), cfg)
     for ds, margin in ((train, 0.5), (val, 0.1)):
         trained, chance = coco_map.evaluate(model, ds), coco_map.evaluate(RandomBoxes(5), ds)
         assert chance["AP50"] < 0.05                 # random boxes hardly ever overlap an object by IoU 0.5

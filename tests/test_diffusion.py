@@ -202,8 +202,8 @@ def test_dpm2m_second_order_step_against_hand_computed_values():
     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
     want = math.sqrt(1 - ab[700]) / math.sqrt(1 - ab[800]) * x - math.sqrt(ab[700]) * (math.exp(-h) - 1) * D
     got, h_got = diffusion.dpm2m_step(diff, torch.full((1, 1, 1, 1), x), torch.tensor([800]), torch.tensor([700]),
-                                   torch.full((1, 1, 1, 1), x0), torch.full((1, 1, 1, 1), x0_last),
-                                   torch.full((1, 1, 1, 1), h_last, dtype=torch.float64))
+                                      torch.full((1, 1, 1, 1), x0), torch.full((1, 1, 1, 1), x0_last),
+                                      torch.full((1, 1, 1, 1), h_last, dtype=torch.float64))
     assert float(got) == pytest.approx(want, rel=1e-5)
     assert float(h_got) == pytest.approx(h, rel=1e-5)
 

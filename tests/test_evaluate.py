@@ -162,5 +162,5 @@ def test_a_finished_ablation_of_another_budget_is_not_reused(run):
     out, _ = run                                   # the quick ablations trained 3 steps; the run itself 4
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     with pytest.raises(SystemExit, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
-                                         r"instead of minutes 0, steps 4\)"):
+                       r"instead of minutes 0, steps 4\)"):
         ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)

@@ -1,6 +1,8 @@
-"""The layout of the code (issue 16): imports among the project's modules run one way (no circle, imports inside
-functions included), and no module is over 450 lines."""
+"""The layout of the code (issue 16): imports among the project's modules run one way (no circle, and no project
+import hidden inside a function), no module is over 450 lines, and README.md's table of files lists every module
+below the ones it imports."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +41,28 @@ def test_imports_run_one_way():
 def test_no_module_over_450_lines():
     sizes = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
     assert {m: n for m, n in sizes.items() if n > 450} == {}
+
+
+def test_no_project_import_inside_a_function():
+    """An import of a project module inside a function would hide a circle instead of removing it."""
+    hidden = []
+    for m, p in MODULES.items():
+        for fn in ast.walk(ast.parse(p.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                    hidden += [f"{m}.{fn.name} imports {n}" for n in names if n.split(".")[0] in MODULES]
+    assert hidden == []
+
+
+def test_the_readmes_table_of_files_lists_every_module_below_what_it_imports():
+    """README.md's "The files" table names every module once, each after (or in the row of) the modules it imports."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| layer | file | what it holds |"):].split("\n\n")[0].splitlines()[2:]
+    rows = [[name[:-3] for name in re.findall(r"`(\w+\.py)`", row.split("|")[2])] for row in table]
+    listed = [m for row in rows for m in row]
+    assert sorted(listed) == sorted(MODULES)
+    row_of = {m: i for i, row in enumerate(rows) for m in row}
+    late = [f"{m} imports {d}" for m in MODULES for d in imports(MODULES[m]) if row_of[d] > row_of[m]]
+    assert late == []

@@ -100,12 +100,12 @@ def test_attributes_from_a_results_json_of_both_splits(shapes32, tmp_path):
            for a in json.loads((Path(shapes32) / "annotations" / f"instances_{split}.json").read_text())["annotations"]]
     (tmp_path / "res.json").write_text(json.dumps(res))
     summary = perception.make_attributes(shapes32, tmp_path / "run", perception.AttributeConfig(image_size=32),
-                                source=detections.ResultsFile(tmp_path / "res.json"), log=lambda m: None)
+                                         source=detections.ResultsFile(tmp_path / "res.json"), log=lambda m: None)
     assert summary["train"]["hard"] == 0 and summary["val"]["hard"] == 0 and summary["train"]["n"] > 0
     (tmp_path / "bad.json").write_text(json.dumps(res + [dict(res[0], image_id=999)]))
     with pytest.raises(coco.DataError) as e:
         perception.make_attributes(shapes32, tmp_path / "run2", perception.AttributeConfig(image_size=32),
-                          source=detections.ResultsFile(tmp_path / "bad.json"), log=lambda m: None)
+                                   source=detections.ResultsFile(tmp_path / "bad.json"), log=lambda m: None)
     assert one_line_naming(e, tmp_path / "bad.json") and "999" in str(e.value)
 
 
@@ -128,7 +128,7 @@ def test_attribute_stage_warns_when_the_detector_finds_nothing(shapes32, tmp_pat
     (tmp_path / "res.json").write_text(json.dumps(res))
     logged = []
     summary = perception.make_attributes(shapes32, tmp_path / "run", perception.AttributeConfig(image_size=32),
-                                source=detections.ResultsFile(tmp_path / "res.json"), log=logged.append)
+                                         source=detections.ResultsFile(tmp_path / "res.json"), log=logged.append)
     assert summary["train"]["hard_fraction"] == 1.0 and summary["val"]["hard_fraction"] == 0.0
     assert summary["train"]["warning"].startswith("warning: 100.0% of the training objects are hard")
     assert logged[-1] == summary["train"]["warning"]

@@ -126,7 +126,7 @@ def test_bad_inputs_give_one_line_errors(ckpt, tmp_path):
         sample.main(["--ckpt", str(tmp_path / "nope.pt")])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layouts": [{"width": 10, "height": 10, "objects": [{"category": "unicorn",
-                                                                                 "bbox": [0, 0, 5, 5]}]}]}))
+                                                                                    "bbox": [0, 0, 5, 5]}]}]}))
     with pytest.raises(SystemExit, match="bad.json: layout 0 object 0: unknown category 'unicorn'"):
         sample.main(["--ckpt", str(ckpt), "--layouts", str(bad), "--out", str(tmp_path / "x")])
     notck = tmp_path / "junk.pt"
@@ -182,7 +182,7 @@ def test_masks_round_trip_through_the_readers_rle(tmp_path):
     assert a0["mask"] == "head" and isinstance(a0["segmentation"], dict) and a0["area"] == masks[0][0].sum()
     assert a1["mask"] == "box" and a1["segmentation"] == [[4.0, 8.0, 16.0, 8.0, 16.0, 16.0, 4.0, 16.0]]
     got = data.CocoLayoutDataset(tmp_path, "train", size=S, min_area=0).load(0)["masks"]
-    assert np.array_equal(got[0], masks[0][0])                          # data.py's own RLE reader, bit for bit
+    assert np.array_equal(got[0], masks[0][0])                          # coco.rle_to_mask through the data set, bit for bit
     assert got[1].sum() == 12 * 8 and got[1][8:, 4:].all()               # the filled box
 
 

@@ -56,10 +56,10 @@ def test_every_periodic_branch_runs(tiny_data, tmp_path):
 def test_killed_and_resumed_run_matches_a_straight_run(tiny_data, tmp_path):
     straight = train.train(tiny_train_cfg(tiny_data, tmp_path / "a", steps=6, ckpt_every=3, sample_every=0), TINY_MODEL)
     train.train(tiny_train_cfg(tiny_data, tmp_path / "b", steps=6, ckpt_every=3, sample_every=0), TINY_MODEL,
-                  interrupt_at=4)                        # "killed" at step 4; the last checkpoint is step 3
+                interrupt_at=4)                        # "killed" at step 4; the last checkpoint is step 3
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
     resumed = train.train(tiny_train_cfg(tiny_data, tmp_path / "b", steps=6, ckpt_every=3, sample_every=0,
-                                           resume=True))
+                                         resume=True))
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     ca, cb = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in ("a", "b"))
@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_data, tmp_path, monkeypatch)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_reduced_precision_runs_finite(tiny_data, tmp_path, dtype):
     model = train.train(tiny_train_cfg(tiny_data, tmp_path / dtype, steps=2, sample_every=0, dtype=dtype,
-                                         fg_reweight=True), TINY_MODEL)
+                                       fg_reweight=True), TINY_MODEL)
     ck = torch.load(tmp_path / dtype / "ckpt.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert (ck["scaler"] != {}) == (dtype == "fp16")         # GradScaler only for fp16
@@ -154,8 +154,8 @@ def test_default_train_step_multiplies_foreground_and_min_snr_weights():
     tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=2)
     torch.manual_seed(0)
     model = unet.UNet(unet.UNetConfig.for_tokenizer(tok, base_channels=8, channel_mults=(1, 2), self_attn_levels=(1,),
-                                                     cross_attn_levels=(1,), heads=2, d_model=16, enc_layers=1,
-                                                     enc_heads=2, mask_dim=0))
+                                                    cross_attn_levels=(1,), heads=2, d_model=16, enc_layers=1,
+                                                    enc_heads=2, mask_dim=0))
     before = copy.deepcopy(model)
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]], [[0.25, 0.5, 1.0, 1.0], [0, 0, 0.5, 0.25]]])
     valid = torch.tensor([[True, False], [True, True]])
@@ -166,7 +166,7 @@ def test_default_train_step_multiplies_foreground_and_min_snr_weights():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(1)
     _, l_simple, _ = train.train_step(model, model, copy.deepcopy(model), opt, scaler, diff,
-                                        torch.autocast("cpu", enabled=False), batch, tok.null_prompt(), cfg, 0)
+                                      torch.autocast("cpu", enabled=False), batch, tok.null_prompt(), cfg, 0)
     torch.manual_seed(1)                                                       # the same draws, in train_step's order
     torch.rand(2)                                  # attribute-only dropout's draw (the prompts hold only [none])
     drop = torch.rand(2) < cfg.p_uncond
