@@ -1,5 +1,5 @@
 """Configs in and out: a dataclass as command-line flags, a module saved with the config that rebuilds it, and the
-dtype setting resolved against the hardware.
+device and dtype settings resolved against the hardware (the one device rule every command follows).
 
 Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.UNetConfig`,
 `detector.DetTrainConfig`, `perception.AttributeConfig`, `evaluate.EvalConfig`, ...); `add_flags` makes each field a
@@ -10,6 +10,7 @@ generator's checkpoint carries more, see `train.py`).
     python detdiff.py --help                      # every flag add_flags made from TrainConfig and UNetConfig
 """
 import argparse
+import contextlib
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -116,3 +117,49 @@ def resolve_dtype(dtype, device, flags=None):
             return "bf16", f"auto: the CPU has {' and '.join(have)}"
         return "fp32", "auto: no native bf16 on this CPU (no avx512_bf16 / amx_bf16), fp32 is faster"
     return "fp32", f"auto: fp32 on {device.type}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The device setting: one rule for every command
+
+
+def resolve_device(spec="auto", local_rank=0):
+    """--device -> (torch.device, why). auto: CUDA (cuda:LOCAL_RANK under torchrun) if there is one, else Apple's
+    MPS, else the CPU. An explicit cuda / cuda:N / mps that this machine does not have is a one-line DataError;
+    a bare "cuda" under torchrun means this process's GPU, cuda:LOCAL_RANK. "meta" (PyTorch's shape-only device)
+    passes through: the tests run the device paths on it."""
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank), "auto: CUDA is available"
+        if torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: Apple MPS is available"
+        return torch.device("cpu"), "auto: no CUDA or MPS device"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DataError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}); use "
+                            f"--device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise DataError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {spec}: Apple MPS is not available here; use --device cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+        raise DataError(f"--device {spec}: not supported (auto, cpu, cuda, cuda:N or mps)")
+    return device, "as asked"
+
+
+TORCH_DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+
+
+def autocast(device, dtype):
+    """The forward's autocast context for a resolved dtype (fp32 | bf16 | fp16): torch.autocast for a reduced
+    dtype, a null context in fp32 (torch.autocast refuses some devices, meta among them, even when disabled)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=TORCH_DTYPES[dtype])

@@ -95,8 +95,8 @@ def foreground_weight(boxes, valid, S, w=2.0, p=0.2):
     inside = (c[None, None, None, :] >= x0) & (c[None, None, None, :] < x1) & \
              (c[None, None, :, None] >= y0) & (c[None, None, :, None] < y1) & valid[..., None, None]  # (B, M, S, S)
     area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=1e-6)
-    wt = torch.where(inside, (w / area ** p)[..., None, None], torch.ones(()))            # (B, M, S, S)
-    wt = wt.amax(1, keepdim=True) if boxes.shape[1] else torch.ones(boxes.shape[0], 1, S, S)
+    wt = torch.where(inside, (w / area ** p)[..., None, None], 1.0)                      # (B, M, S, S)
+    wt = wt.amax(1, keepdim=True) if boxes.shape[1] else torch.ones(boxes.shape[0], 1, S, S, device=boxes.device)
     return wt / wt.mean((2, 3), keepdim=True)
 
 
@@ -111,9 +111,11 @@ def min_snr_weight(alpha_bar_t, gamma=5.0):
     """Min-SNR-gamma loss weight for eps-prediction (Hang et al., ICCV 2023, arXiv 2303.09556, Eq. 11 with
     eps as the target): w_t = min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t). It keeps the
     noisy steps (SNR <= gamma, w = 1) and turns down the nearly clean ones, whose eps is easy to guess and whose
-    gradients fight the others'. alpha_bar_t (B,) -> (B, 1, 1, 1)."""
-    snr = alpha_bar_t.double() / (1 - alpha_bar_t.double())
-    return (snr.clamp(max=gamma) / snr).float().view(-1, 1, 1, 1)
+    gradients fight the others'. alpha_bar_t (B,) -> (B, 1, 1, 1).
+    Written as min(1, gamma / SNR_t) = min(1, gamma (1 - alpha_bar_t) / alpha_bar_t) in float32: alpha_bar_t is a
+    float32 buffer and 1 - alpha_bar_t is exact for alpha_bar_t >= 1/2, so float64 would add nothing."""
+    ab = alpha_bar_t.float()
+    return (gamma * (1 - ab) / ab).clamp(max=1.0).view(-1, 1, 1, 1)
 
 
 def timestep_weight(cfg, alpha_bar_t):
@@ -178,16 +180,19 @@ def ddim_step(diff, x_t, t, t_prev, eps, noise, eta=0.0, clip=True):
     sigma = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab') (Eq. 16). t_prev = -1 means ab' = 1 (the end)."""
     x0, eps = x0_and_eps(diff, x_t, t, eps, clip)
     ab = extract(diff.alpha_bar, t, x_t)
-    ab_prev = torch.where(t_prev >= 0, diff.alpha_bar.to(x_t.device)[t_prev.clamp(min=0)], torch.ones(()).to(x_t.device))
-    ab_prev = ab_prev.float().view_as(ab)
+    ab_prev = torch.where(t_prev >= 0, diff.alpha_bar.to(x_t.device)[t_prev.clamp(min=0)], 1.0).view_as(ab)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
     return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
 
 
 def log_snr(diff, t, x):
     """lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
-    (DPM-Solver's half log-SNR), shaped to broadcast against x."""
-    ab = extract(diff.alpha_bar, t, x).double()
+    (DPM-Solver's half log-SNR), shaped to broadcast against x, in float32 (as alpha_bar_t is stored)."""
+    return half_log_snr(extract(diff.alpha_bar, t, x))
+
+
+def half_log_snr(ab):
+    """0.5 (log alpha_bar - log(1 - alpha_bar)) in ab's dtype."""
     return 0.5 * (ab.log() - (1 - ab).log())
 
 
@@ -197,18 +202,21 @@ def dpm2m_step(diff, x_t, t, t_prev, x0, x0_last=None, h_last=None):
         x_{t'} = (sigma_{t'} / sigma_t) x_t - alpha_{t'} (e^{-h} - 1) D,
         D = x0                                          on the first step (this is exactly DDIM with eta = 0),
         D = (1 + 1/(2r)) x0 - 1/(2r) x0_last, r = h_last / h   after it (the 2nd-order multistep correction).
-    t_prev = -1 is the end (alpha = 1, sigma = 0): the last step returns the x_0 estimate itself (first order).
-    Returns (x_{t'}, h) so that the caller can pass h on as h_last."""
-    if int(t_prev[0]) < 0:
+    t_prev, an int (every sample of the batch is at the same step), = -1 is the end (alpha = 1, sigma = 0): the
+    last step returns the x_0 estimate itself (first order). Returns (x_{t'}, h) so that the caller can pass h on
+    as h_last. Computed in float32: the device may have no float64 (MPS), and on the Gaussian test problem of
+    tests/test_diffusion.py float32 stays within 1e-5 of float64."""
+    if t_prev < 0:
         return x0, None
+    t_prev = torch.full_like(t, t_prev)
     lam, lam_prev = log_snr(diff, t, x_t), log_snr(diff, t_prev, x_t)
-    ab, ab_prev = extract(diff.alpha_bar, t, x_t).double(), extract(diff.alpha_bar, t_prev, x_t).double()
+    ab, ab_prev = extract(diff.alpha_bar, t, x_t), extract(diff.alpha_bar, t_prev, x_t)
     h = lam_prev - lam
-    D = x0.double()
+    D = x0.float()
     if x0_last is not None:
         r = h_last / h
-        D = (1 + 1 / (2 * r)) * D - 1 / (2 * r) * x0_last.double()
-    x = ((1 - ab_prev) / (1 - ab)).sqrt() * x_t.double() - ab_prev.sqrt() * torch.expm1(-h) * D
+        D = (1 + 1 / (2 * r)) * D - 1 / (2 * r) * x0_last.float()
+    x = ((1 - ab_prev) / (1 - ab)).sqrt() * x_t.float() - ab_prev.sqrt() * torch.expm1(-h) * D
     return x.to(x_t.dtype), h
 
 
@@ -217,6 +225,6 @@ def logsnr_grid(diff, steps):
     lambda_0, each rounded to the nearest of the T discrete timesteps (repeats dropped, so a long grid may hold a
     few fewer than `steps`). On the Gaussian test problem of tests/test_diffusion.py this grid converges at second
     order where the DDIM grid (uniform in t) does not: its last steps are too long in lambda."""
-    lam = log_snr(diff, torch.arange(diff.T), torch.zeros(diff.T)).flatten()       # increasing as t decreases
+    lam = half_log_snr(diff.alpha_bar.detach().cpu().double())                      # increasing as t decreases
     want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
     return (lam[None, :] - want[:, None]).abs().argmin(1).unique_consecutive().tolist()

@@ -29,6 +29,7 @@ training data; "difficulty" is optional ("none" | "easy" | "hard") and --difficu
        ...]}
 """
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -41,13 +42,13 @@ from tqdm import tqdm
 
 import autoencoder
 import coco
+import config
 import crops
 import data
 import diffusion
 import figures
 import masks
 import perception
-from config import resolve_dtype
 from diffusion import ATTR_GUIDANCE, Diffusion, drop_attributes
 from unet import UNet, UNetConfig
 
@@ -67,10 +68,8 @@ def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guid
     further towards its [easy] / [hard]. All three predictions in one batched forward.
     masks=True also returns the perception head's mask probabilities of the layout's objects (B, M, h, w), read
     off the same forward (its conditional half)."""
-    amp = amp or torch.autocast(x_t.device.type, enabled=False)
+    amp = amp or contextlib.nullcontext()
     plain = drop_attributes(tokens, 1.0) if attr_guidance != 1.0 else tokens            # layout, every attr [none]
-    if attr_guidance != 1.0 and torch.equal(plain, tokens):                             # nothing to guide on
-        attr_guidance, plain = 1.0, tokens
     B = x_t.shape[0]
     if guidance == 1.0 and attr_guidance == 1.0:
         halves = [tokens]
@@ -119,7 +118,10 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
         size, clip = size // autoencoder.cfg.factor, False
     B, was_training = tokens.shape[0], model.training
     model.eval()
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16, enabled=dtype != "fp32")
+    amp = config.autocast(dev, dtype)
+    if attr_guidance != 1.0 and not bool(((tokens == diffusion.EASY_ID) | (tokens == diffusion.HARD_ID)).any()):
+        attr_guidance = 1.0                 # no [easy] / [hard] to guide on: skip the third prediction (one sync)
+    # the noise comes from the CPU generator, then moves: the same seed gives the same images on every device
     randn = lambda: torch.randn(B, cfg.in_channels, size, size, generator=generator).to(dev)  # noqa: E731
     x = randn()                                                                            # x_{T-1} ~ N(0, I)
     if sampler == "ddpm":
@@ -138,11 +140,12 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddi
             mask_sum = m if mask_sum is None else mask_sum + m
         else:
             eps = guided_eps(model, x, t, tokens, null_tokens, guidance, amp, attr_guidance)
-        t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         if sampler == "ddpm":
             x = diffusion.ddpm_step(diff, x, t, eps, randn(), clip)
         elif sampler == "ddim":
-            x = diffusion.ddim_step(diff, x, t, t_prev, eps, randn() if eta > 0 else torch.zeros_like(x), eta, clip)
+            x = diffusion.ddim_step(diff, x, t, torch.full_like(t, t_prev), eps,
+                                    randn() if eta > 0 else torch.zeros_like(x), eta, clip)
         else:
             x0, _ = diffusion.x0_and_eps(diff, x, t, eps, clip)
             x, h = diffusion.dpm2m_step(diff, x, t, t_prev, x0, x0_last, h_last)
@@ -173,7 +176,7 @@ def load_checkpoint(path, weights="ema", device="cpu"):
     if not Path(path).is_file():
         raise SystemExit(f"error: {path}: checkpoint not found")
     try:
-        ck = torch.load(path, map_location=device, weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
         model = UNet(UNetConfig(**ck["model_cfg"]))
         model.load_state_dict(ck[weights])
     except (KeyError, RuntimeError, EOFError, TypeError) as e:
@@ -339,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--autoencoder", default="", help="latent-space checkpoints: the autoencoder it learned with "
                     "(default: the path the checkpoint recorded, else autoencoder.pt beside it)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     ap.add_argument("--classifier", default="", help="a crop classifier (evaluate.py writes RUN/eval/"
                     "crop_classifier.pt): drop every generated image with an object it does not call the layout's "
                     "class (an object left in the image without its label would teach a detector it is background)")
@@ -363,9 +366,10 @@ def run(a):
     out = Path(a.out or Path(a.ckpt).parent / f"samples_{a.difficulty}")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
-    model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, a.device)
+    device, device_why = config.resolve_device(a.device)
+    model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, device)
     a.attr_guidance = resolve_attr_guidance(a.attr_guidance, ck)
-    ae = autoencoder.checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, a.device)
+    ae = autoencoder.checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
     layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
@@ -377,9 +381,9 @@ def run(a):
     if mask_steps < 0 or (a.masks == "head" and mask_steps == 0):
         raise SystemExit(f"error: --mask-steps must be >= 1 for the perception head's masks, got {a.mask_steps}")
     t0 = time.time()
-    dtype, why = resolve_dtype(a.dtype, a.device)
+    dtype, why = config.resolve_dtype(a.dtype, device)
     print(f"sampling {len(layouts)} layouts with {a.sampler}, guidance {a.guidance:g}, attribute guidance "
-          f"{a.attr_guidance:g}, dtype {dtype} ({why})")
+          f"{a.attr_guidance:g}, device {device} ({device_why}), dtype {dtype} ({why})")
     if a.attr_guidance != 1.0 and not ck["train_cfg"].get("p_uncond_attr", 0):
         print(f"warning: {a.ckpt} was trained without attribute-only dropout (--p-uncond-attr 0), so its [none] "
               f"prediction, which --attr-guidance {a.attr_guidance:g} steers from, is untrained")
@@ -390,7 +394,7 @@ def run(a):
     secs = time.time() - t0
     dropped = ""
     if a.classifier:                                   # class consistency filter (evaluate.py, part 6)
-        clf = crops.load_crop_classifier(a.classifier)
+        clf = crops.load_crop_classifier(a.classifier).to(device)
         if tuple(clf.class_names) != tuple(names):
             raise SystemExit(f"error: {a.classifier}: classes {', '.join(clf.class_names)} are not the "
                              f"checkpoint's ({', '.join(names)})")

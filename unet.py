@@ -39,6 +39,9 @@ from einops import rearrange
 from perception import MaskHead
 
 
+MAX_SIDE = 256   # the largest side of a feature map with cross-attention (a 256 x 256 map is 65,536 queries)
+
+
 @dataclass
 class UNetConfig:
     # image side
@@ -82,11 +85,21 @@ class UNetConfig:
         return 2 ** (len(self.channel_mults) - 1)
 
 
-def sincos_1d(pos, dim):
-    """Transformer sin-cos embedding of float positions (N,) -> (N, dim); positions are in 'bin-ish' units."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))   # (dim/2,)
-    ang = pos.double()[:, None] * omega[None]                                           # (N, dim/2)
+def sincos_1d(pos, dim, omega=None):
+    """Transformer sin-cos embedding of float positions (N,) -> (N, dim); positions are in 'bin-ish' units.
+    Computed in pos's dtype on pos's device: float64 for the tables built once on the CPU (location-token init,
+    position tables), float32 on the training device (MPS has no float64). `omega`: the frequency table
+    (dim/2,), `frequencies(dim)`, when the caller keeps one as a buffer."""
+    if omega is None:
+        omega = frequencies(dim, pos.dtype if pos.dtype == torch.float64 else torch.float32, pos.device)
+    ang = pos.to(omega.dtype)[:, None] * omega[None]                                    # (N, dim/2)
     return torch.cat([ang.sin(), ang.cos()], dim=1).float()
+
+
+def frequencies(dim, dtype=torch.float32, device=None):
+    """omega_k = 1 / 10000^(k / (dim/2)), k = 0..dim/2-1: the frequencies of sincos_1d (computed in float64)."""
+    k = torch.arange(dim // 2, dtype=torch.float64, device="cpu")
+    return (1.0 / 10000 ** (k / (dim // 2))).to(device=device, dtype=dtype)
 
 
 def sincos_2d(xy, dim, scale):
@@ -96,9 +109,11 @@ def sincos_2d(xy, dim, scale):
     return torch.cat([sincos_1d(xy[:, 0] * scale, dim // 2), sincos_1d(xy[:, 1] * scale, dim // 2)], dim=1)
 
 
-def timestep_embedding(t, dim):
-    """DDPM's sinusoidal embedding of the integer timestep t (B,) -> (B, dim)."""
-    return sincos_1d(t.float(), dim)
+def timestep_embedding(t, dim, omega=None):
+    """DDPM's sinusoidal embedding of the integer timestep t (B,) -> (B, dim), in float32 on t's device. float32
+    is enough: for t < 1000 the angle t * omega is off by at most ~1e-4 rad from float64's, well below what the
+    bf16 time MLP resolves (4e-3); tests/test_unet.py checks it against the float64 table."""
+    return sincos_1d(t.float(), dim, omega)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +286,19 @@ class AttnBlock(nn.Module):
         self.ln2 = nn.LayerNorm(ch) if cross_attn else None
         self.attn2 = Attention(ch, ctx_dim, heads) if cross_attn else None
         self.ln3, self.ff = nn.LayerNorm(ch), nn.Sequential(nn.Linear(ch, 4 * ch), nn.GELU(), nn.Linear(4 * ch, ch))
+        if cross_attn:   # the pixel-centre table, once: side i + 0.5 at any resolution (sincos_2d with scale = side)
+            pos = torch.arange(MAX_SIDE, dtype=torch.float64) + 0.5
+            self.register_buffer("pos_1d", sincos_1d(pos, ch // 2), persistent=False)       # (MAX_SIDE, C/2)
+
+    def position_table(self, H, W):
+        """The 2-D sin-cos embedding of the pixel centres of an H x W map (HW, C), positions in pixels (j + 0.5,
+        i + 0.5): x in the first C/2 channels, y in the rest; on a square map the same as sincos_2d of
+        ((j + 0.5) / W, (i + 0.5) / H) with scale H. Read from the table built once in float64."""
+        if max(H, W) > MAX_SIDE:
+            raise ValueError(f"cross-attention on a {H}x{W} map: more than MAX_SIDE = {MAX_SIDE} positions a side")
+        C2 = self.pos_1d.shape[1]
+        px, py = self.pos_1d[:W][None].expand(H, W, C2), self.pos_1d[:H][:, None].expand(H, W, C2)
+        return torch.cat([px, py], -1).reshape(H * W, 2 * C2)
 
     def forward(self, x, cond):
         B, C, H, W = x.shape
@@ -279,8 +307,7 @@ class AttnBlock(nn.Module):
             hn = self.ln1(h)
             h = h + self.attn1(hn, hn)
         if self.attn2 is not None:
-            ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
-            pos = sincos_2d(torch.stack([xs.flatten(), ys.flatten()], 1), C, H).to(x.device, h.dtype)  # (HW, C)
+            pos = self.position_table(H, W).to(h.dtype)                                 # (HW, C)
             h = h + self.attn2(self.ln2(h) + pos, cond["context"], cond["context_mask"])
         h = h + self.ff(self.ln3(h))
         return rearrange(h, "b (h w) c -> b c h w", h=H, w=W)
@@ -293,6 +320,7 @@ class UNet(nn.Module):
         C, tdim, D, nl = cfg.base_channels, 4 * cfg.base_channels, cfg.d_model, len(cfg.channel_mults)
         self.encoder = LayoutEncoder(cfg, loc_xy)
         self.time_mlp = nn.Sequential(nn.Linear(C, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.register_buffer("t_freqs", frequencies(C), persistent=False)          # timestep_embedding's omega
         self.conv_in = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
 
         def attn(ch, level):
@@ -350,7 +378,7 @@ class UNet(nn.Module):
         if x_t.shape[1] != self.cfg.in_channels:
             raise ValueError(f"input has {x_t.shape[1]} channels, the model was built for {self.cfg.in_channels}")
         cond = self.encoder(tokens)
-        temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x_t.dtype))  # (B, 4C)
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels, self.t_freqs).to(x_t.dtype))  # (B, 4C)
         painted, k = {}, iter(self.paint)
         if self.paint:   # where the objects are at every resolution: area-averaged from the finest
             S = x_t.shape[-1]

@@ -187,7 +187,7 @@ def test_dpm2m_first_step_is_ddim():
     x, x0 = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g).clamp(-1, 1)
     t, t_prev = torch.tensor([900, 900]), torch.tensor([700, 700])
     eps = (x - diff.alpha_bar[900].sqrt() * x0) / (1 - diff.alpha_bar[900]).sqrt()
-    dpm, _ = diffusion.dpm2m_step(diff, x, t, t_prev, x0)
+    dpm, _ = diffusion.dpm2m_step(diff, x, t, 700, x0)
     ddim = diffusion.ddim_step(diff, x, t, t_prev, eps, torch.zeros_like(x), eta=0.0, clip=False)
     assert torch.allclose(dpm, ddim, atol=1e-5)
 
@@ -201,7 +201,7 @@ def test_dpm2m_second_order_step_against_hand_computed_values():
     r = h_last / h
     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
     want = math.sqrt(1 - ab[700]) / math.sqrt(1 - ab[800]) * x - math.sqrt(ab[700]) * (math.exp(-h) - 1) * D
-    got, h_got = diffusion.dpm2m_step(diff, torch.full((1, 1, 1, 1), x), torch.tensor([800]), torch.tensor([700]),
+    got, h_got = diffusion.dpm2m_step(diff, torch.full((1, 1, 1, 1), x), torch.tensor([800]), 700,
                                       torch.full((1, 1, 1, 1), x0), torch.full((1, 1, 1, 1), x0_last),
                                       torch.full((1, 1, 1, 1), h_last, dtype=torch.float64))
     assert float(got) == pytest.approx(want, rel=1e-5)
