@@ -5,6 +5,7 @@ the RNG state a checkpoint carries.
 
     python detdiff.py --stage generator --steps 200 --out runs/quick   # the loop these serve
 """
+import functools
 import math
 import random
 
@@ -35,9 +36,15 @@ def batch_indices(n, batch, step, seed, rank=0, world=1):
     out = []
     for i in range(first + rank * batch, first + (rank + 1) * batch):
         epoch, k = divmod(i, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(perm[k]))
+        out.append(epoch_permutation(n, seed, epoch)[k])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n, seed, epoch):
+    """The order of epoch `epoch`: a permutation of 0..n-1 from its own seeded generator, as a list (kept for the
+    few epochs a run is in, so a step does not draw it again for every sample)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 
 def ema_update(ema, model, decay):

@@ -26,6 +26,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import autoencoder
+import batches
 import config
 import data
 import diffusion
@@ -199,10 +200,7 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) \
         if ddp else (0, 1, 0)
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device, device_why = config.resolve_device(cfg.device, local)      # auto: cuda, then mps, then cpu
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -291,12 +289,11 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    amp = torch.autocast(device.type, dtype=dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[dtype],
-                         enabled=dtype != "fp32")
+    amp = config.autocast(device, dtype)
     if master and not ck:
         (out / "config.json").write_text(json.dumps(dict(train=asdict(cfg), model=asdict(mcfg)), indent=1))
         log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(train_ds)} train images, "
-            f"{world} process(es) on {device}, dtype {dtype} ({dtype_why}), run folder {out}")
+            f"{world} process(es) on {device} ({device_why}), dtype {dtype} ({dtype_why}), run folder {out}")
 
     def checkpoint():
         states = [None] * world
@@ -322,9 +319,35 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
             curves = {k: (history["step"], history[k]) for k in ("loss", "l_simple", "l_p") if history.get(k)}
             figures.loss_curve(curves, out / "loss.png", f"{out.name}: training loss (log scale)")
 
-    # -- the loop
+    # -- the loop: the training split decoded once into tensors on the device (batches.py), one host sync per log line
     finished = False
     t0, seen = time.time() - (ck["elapsed"] if ck else 0.0), 0
+    decoded = batches.DecodedLayouts(train_ds, device, images=latents is None, progress=master)
+    log(f"data: {len(decoded)} training images decoded once, {decoded.nbytes / 1e6:.0f} MB kept on {decoded.store}")
+    pending = []                                  # (loss, L_simple, L_p) of the steps not yet read back, on the device
+
+    def read_losses():
+        """Read the pending steps' losses back at once (averaged over processes, so every rank takes the same
+        decision), append them to the history, and stop on a non-finite one."""
+        if not pending:
+            return None
+        lv = torch.stack(pending)                 # (k, 3)
+        pending.clear()
+        if ddp:
+            dist.all_reduce(lv)
+            lv /= world
+        rows = lv.tolist()
+        for k, (l, ls, lp) in enumerate(rows, start=step - len(rows) + 1):
+            if not math.isfinite(l):
+                log(f"error: non-finite loss ({l}) at step {k}; stopping (last good checkpoint: {ckpt_path})")
+                raise SystemExit(f"error: non-finite loss ({l}) at step {k}")
+            history["step"].append(k)
+            history["loss"].append(l)
+            history["l_simple"].append(ls)
+            if cfg.pal_weight > 0:
+                history["l_p"].append(lp)
+        return rows[-1]
+
     # the progress bar counts steps when a step cap is the run's length, else the seconds of the time budget
     by_time = cfg.minutes > 0 and cfg.steps <= 0
     bar = tqdm(total=round(60 * cfg.minutes) if by_time else cfg.steps, initial=round(time.time() - t0) if by_time
@@ -332,57 +355,51 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     raw.train()
     t_start = time.time()                         # for images/s (t0 also counts the time before a resume)
     while cfg.steps <= 0 or step < cfg.steps:
-        elapsed = torch.tensor([time.time() - t0], dtype=torch.float64)
-        if ddp and cfg.minutes > 0:
-            dist.broadcast(elapsed, 0)            # every rank uses rank 0's clock: same lr, same stop step
-        if cfg.minutes > 0 and elapsed.item() > 60 * cfg.minutes:
+        elapsed = time.time() - t0
+        if ddp and cfg.minutes > 0:               # every rank uses rank 0's clock: same lr, same stop step
+            clock = torch.tensor([elapsed], device=device)    # on the device for nccl; float32: ms over hours
+            dist.broadcast(clock, 0)
+            elapsed = clock.item()
+        if cfg.minutes > 0 and elapsed > 60 * cfg.minutes:
             log(f"time budget of {cfg.minutes} minutes reached at step {step}")
             break
         progress = max(step / cfg.steps if cfg.steps > 0 else 0.0,
-                       elapsed.item() / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
+                       elapsed / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
         # lr for this step
         lr = optim.lr_at(cfg, step, progress)
         for g in opt.param_groups:
             g["lr"] = lr
         # batch: the layouts' images, tokens, boxes and masks; then one step (train_step: the paper's loss)
         idx = optim.batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed, rank, world)
-        batch = data.collate([train_ds[i] for i in idx], cfg.max_objects)
-        if latents is not None:
-            batch["image"] = latents[idx]         # latent space: x_0 is the image's scaled latent (L_LDM)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = decoded.batch(idx)                # tokens with the objects shuffled, boxes, masks, valid, image
+        if latents is not None:                   # latent space: x_0 is the image's scaled latent (L_LDM)
+            batch["image"] = latents[torch.as_tensor(idx, device=latents.device)]
         loss, l_simple, l_p = train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step)
         step += 1
-        seen += batch["image"].shape[0] * world
-        # log line (the loss is averaged over processes so every rank takes the same decision)
-        lv = torch.stack([loss.detach().float(), l_simple.detach().float(), l_p.detach().float().mean()])
-        if ddp:
-            dist.all_reduce(lv)
-            lv /= world
-        lv, ls, lp = lv.tolist()
-        if not math.isfinite(lv):
-            log(f"error: non-finite loss ({lv}) at step {step}; stopping (last good checkpoint: {ckpt_path})")
-            raise SystemExit(f"error: non-finite loss ({lv}) at step {step}")
-        history["step"].append(step)
-        history["loss"].append(lv)
-        history["l_simple"].append(ls)
-        if cfg.pal_weight > 0:
-            history["l_p"].append(lp)
-        ips = seen / max(time.time() - t_start, 1e-9)
+        seen += len(idx) * world
+        pending.append(torch.stack([loss.detach().float(), l_simple.detach().float(), l_p.detach().float().mean()]))
         bar.update(min(round(time.time() - t0), bar.total) - bar.n if by_time else 1)
-        bar.set_postfix(step=step, loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
-        if step % cfg.log_every == 0:
-            log(f"step {step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
-                f"{time.time() - t0:.0f}s")
+        # log line: the losses read back from the device (every rank, before anything that reads the history)
+        sample_now = cfg.sample_every and step % cfg.sample_every == 0
+        ckpt_now = cfg.ckpt_every and step % cfg.ckpt_every == 0
+        if step % cfg.log_every == 0 or sample_now or ckpt_now:
+            lv, ls, lp = read_losses()
+            ips = seen / max(time.time() - t_start, 1e-9)
+            bar.set_postfix(step=step, loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
+            if step % cfg.log_every == 0:
+                log(f"step {step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
+                    f"{time.time() - t0:.0f}s")
         # periodic sample grid and checkpoint
-        if cfg.sample_every and step % cfg.sample_every == 0:
+        if sample_now:
             periodic_outputs()
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+        if ckpt_now:
             checkpoint()
         if interrupt_at is not None and step >= interrupt_at:
             bar.close()
             return raw
     bar.close()
     # -- end: final checkpoint, grid and loss curve
+    read_losses()
     finished = True
     checkpoint()
     if not (cfg.sample_every and step % cfg.sample_every == 0):
