@@ -34,7 +34,8 @@ def ablation_budget(cfg, ck):
 
 
 def train_ablation(run, ck, name, overrides, cfg, log):
-    """The checkpoint of one ablation generator, trained into RUN/ablations/<name> (reused when finished)."""
+    """The checkpoint of one ablation generator, trained into RUN/ablations/<name> (reused when finished) on the
+    evaluation's device and dtype (cfg.device, cfg.dtype)."""
     tc, budget = ck["train_cfg"], ablation_budget(cfg, ck)
     if not overrides and (not budget or budget.get("steps") == ck["step"]):
         return run / "ckpt.pt"                    # 'both on' at the run's own budget is the run itself
@@ -53,7 +54,8 @@ def train_ablation(run, ck, name, overrides, cfg, log):
     if ck.get("autoencoder"):                     # a latent-space run: the same frozen autoencoder
         overrides = dict(overrides, autoencoder=ck["autoencoder"]["path"])
     tcfg = train.TrainConfig(**{**tc, "attributes": attrs, **budget, **overrides, "out": str(out),
-                                "resume": path.is_file(), "stage": "generator"})
+                                "resume": path.is_file(), "stage": "generator", "device": cfg.device,
+                                "dtype": cfg.dtype})
     if cfg.quick:
         tcfg = replace(tcfg, steps=3, minutes=0, sample_every=0, ckpt_every=0, log_every=1)
     log(f"[ablations] training {name} into {out}")

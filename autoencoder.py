@@ -126,42 +126,55 @@ def encode_dataset(ae, ds, device, batch=64, progress=True):
     return torch.cat(out)
 
 
-def train_autoencoder(cfg, root, path, log=print):
+def reconstruction_loss(x_rec, x, edge_weight=0.0):
+    """The autoencoder's loss, in fp32: L1 of the reconstruction (+ edge_weight x L1 of its image gradients)."""
+    x_rec, x = x_rec.float(), x.float()
+    loss = (x_rec - x).abs().mean()                                                            # L1
+    if edge_weight:
+        loss = loss + edge_weight * sum((a - b).abs().mean()
+                                        for a, b in zip(image_gradients(x_rec), image_gradients(x)))
+    return loss
+
+
+def train_autoencoder(cfg, root, path, log=print, device="cpu", dtype="fp32"):
     """The first stage of the latent space: L1 reconstruction of the real training images (+ ae_edge_weight x L1
     of their gradients), AdamW with the generator's warm-up and cosine schedule; then the latent scale
     1 / std(E(x)) over the training images (SD's fixed 0.18215, measured here), and the PSNR on val images.
-    Writes `path` (weights, config, fingerprint, PSNR) and beside it a PNG of val reconstructions; returns the
-    summary dict."""
+    Trains on `device` with the forward under the autocast `dtype` (resolved: fp32 | bf16 | fp16; the loss, the
+    scale and the PSNR in fp32). Writes `path` (weights, config, fingerprint, PSNR) and beside it a PNG of val
+    reconstructions; returns the summary dict."""
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
     kw = dict(size=cfg.image_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
     train_ds, val_ds = data.CocoLayoutDataset(root, "train", **kw), data.CocoLayoutDataset(root, "val", **kw)
     ae = Autoencoder(AutoencoderConfig(channels=cfg.ae_channels, latent_channels=cfg.ae_latent_channels,
-                                       factor=cfg.ae_factor))
+                                       factor=cfg.ae_factor)).to(device)          # initialised on the CPU: any device
     opt, t0 = optim.make_optimizer(ae, cfg), time.time()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")            # fp16 gradients underflow unscaled
     bar = tqdm(range(cfg.ae_steps), desc="autoencoder", dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = optim.lr_at(cfg, step, step / cfg.ae_steps)
-        x = dataset_images(train_ds, optim.batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed))
-        x_rec = ae(x)
-        loss = (x_rec - x).abs().mean()                                                        # L1
-        if cfg.ae_edge_weight:
-            loss = loss + cfg.ae_edge_weight * sum((a - b).abs().mean()
-                                                   for a, b in zip(image_gradients(x_rec), image_gradients(x)))
+        x = dataset_images(train_ds, optim.batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed)).to(device)
+        with config.autocast(device, dtype):
+            x_rec = ae(x)
+        loss = reconstruction_loss(x_rec, x, cfg.ae_edge_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % max(cfg.ae_steps // 5, 1) == 0:
             log(f"[autoencoder] step {step + 1}/{cfg.ae_steps} L1 {loss.item():.4f} {time.time() - t0:.0f}s")
     ae.eval()
     with torch.no_grad():
-        ae.scale.fill_(1.0 / encode_dataset(ae, train_ds, "cpu", progress=False).std().item())   # unit-variance z
-        val = dataset_images(val_ds, range(min(256, len(val_ds))))
+        ae.scale.fill_(1.0 / encode_dataset(ae, train_ds, device, progress=False).std().item())  # unit-variance z
+        val = dataset_images(val_ds, range(min(256, len(val_ds)))).to(device)
         rec = ae.decode(ae.encode(val))
         val_psnr = psnr(rec, val)
-    reconstruction_grid(val, rec, Path(path).with_suffix(".png"))
+    reconstruction_grid(val.cpu(), rec.cpu(), Path(path).with_suffix(".png"))
     info = dict(psnr_val=round(val_psnr, 2), scale=round(ae.scale.item(), 5), steps=cfg.ae_steps,
                 seconds=round(time.time() - t0, 1), image_size=cfg.image_size, data=str(root),
                 latent_shape=[cfg.ae_latent_channels, cfg.image_size // cfg.ae_factor, cfg.image_size // cfg.ae_factor])

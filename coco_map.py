@@ -132,8 +132,9 @@ def crowd_regions(json_path):
 
 def evaluate(source, dataset, crowd_json=None, batch_size=64, max_dets=100):
     """COCO mAP / AP50 / AP75 of a detection source on `dataset` (its layouts are the ground truth, in each
-    image's own pixel frame). Pass the split's instances json as `crowd_json` to count its crowd regions as
-    ignore regions (data.py drops crowds from layouts, so the dataset alone does not have them)."""
+    image's own pixel frame), on whatever device the source is (its detections come back on the CPU). Pass the
+    split's instances json as `crowd_json` to count its crowd regions as ignore regions (data.py drops crowds
+    from layouts, so the dataset alone does not have them)."""
     dets = detect_dataset(source, dataset, batch_size=batch_size, max_dets=max_dets)
     crowds = crowd_regions(crowd_json) if crowd_json else {}
     images, anns, results = [], [], []

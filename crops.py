@@ -31,8 +31,8 @@ KIND = "detdiff-crop-classifier"       # config.save_module's kind of crop_class
 
 def _rois(boxes, index, hw, context):
     """Normalised xyxy boxes (N, 4) of images `index` (N,) -> roi_align rows (N, 5) in pixels, each side grown."""
-    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) * torch.tensor([-1.0, -1.0, 1.0, 1.0])
-    scale = torch.tensor([hw[1], hw[0], hw[1], hw[0]], dtype=torch.float32)
+    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=boxes.device)
+    scale = torch.tensor([hw[1], hw[0], hw[1], hw[0]], dtype=torch.float32, device=boxes.device)
     return torch.cat([index[:, None].float(), (boxes + context * wh) * scale], 1)
 
 
@@ -83,18 +83,19 @@ class CropClassifier(nn.Module):
 
 
 def train_crop_classifier(dataset, steps=1000, batch=128, seed=0, size=16, context=0.1, width=16, lr=3e-3,
-                          jitter=0.1, log=None):
+                          jitter=0.1, log=None, device="cpu"):
     """Train a CropClassifier on every object of `dataset` (anything with class_names, len and load(i) giving
     uint8 image + normalised boxes + labels, e.g. data.CocoLayoutDataset at the generator's resolution).
     Each step draws `batch` objects, moves each box edge by up to `jitter` of the box side and flips half the
-    crops. Deterministic given seed. Returns the model in eval mode."""
+    crops. Deterministic given seed: the draws come from a CPU generator whatever the `device` it trains on.
+    Returns the model in eval mode, on `device`."""
     log, t0 = log or tqdm.write, time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     items = [dataset.load(i) for i in range(len(dataset))]
-    x = torch.stack([data.to_model_range(it["image"]) for it in items])  # (B, 3, S, S)
-    boxes, labels, _, index = _objects(items)
-    clf = CropClassifier(len(dataset.class_names), dataset.class_names, width, size, context)
+    x = torch.stack([data.to_model_range(it["image"]) for it in items]).to(device)  # (B, 3, S, S)
+    boxes, labels, _, index = _objects(items)                                        # on the CPU, as the draws
+    clf = CropClassifier(len(dataset.class_names), dataset.class_names, width, size, context).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     clf.train()
     for step in range(steps):
@@ -105,11 +106,11 @@ def train_crop_classifier(dataset, steps=1000, batch=128, seed=0, size=16, conte
         k = torch.randint(len(labels), (batch,), generator=g)
         wh = (boxes[k, 2:] - boxes[k, :2]).repeat(1, 2)
         b = boxes[k] + jitter * wh * (2 * torch.rand(batch, 4, generator=g) - 1)
-        crops = _crop(x, _rois(b, index[k], x.shape[-2:], context), size)
-        flip = torch.rand(batch, generator=g) < 0.5
+        crops = _crop(x, _rois(b, index[k], x.shape[-2:], context).to(device), size)
+        flip = (torch.rand(batch, generator=g) < 0.5).to(device)
         crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
         # forward, backward, step
-        loss = F.cross_entropy(clf(crops), labels[k])
+        loss = F.cross_entropy(clf(crops), labels[k].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,9 +125,11 @@ def train_crop_classifier(dataset, steps=1000, batch=128, seed=0, size=16, conte
 
 @torch.no_grad()
 def classify(clf, crops, labels=None, batch=1024):
-    """-> predicted labels (N,), probability of the prediction (N,), probability of `labels` (N,) or None."""
-    was_training = clf.training
-    probs = torch.cat([clf.eval()(c).softmax(-1) for c in crops.split(batch)])  # (N, C); no crops: one empty chunk
+    """-> predicted labels (N,), probability of the prediction (N,), probability of `labels` (N,) or None, on the
+    CPU; the classifier runs on its own device."""
+    was_training, dev = clf.training, detector.device_of(clf)
+    probs = torch.cat([clf.eval()(c.to(dev)).float().softmax(-1).cpu()
+                       for c in crops.split(batch)])                   # (N, C); no crops: one empty chunk
     clf.train(was_training)
     p, pred = probs.max(1)
     p_label = None if labels is None else probs.gather(1, torch.as_tensor(labels).long().view(-1, 1)).squeeze(1)

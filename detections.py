@@ -4,7 +4,8 @@ mapping of a detector's classes onto the data set's.
 
 This is how a user brings their own perceptive model (`python detdiff.py --detector SPEC`, `open_source`): it
 then decides the perception-aware attribute (PAPER.md section 2) and scores generated images (section 4).
-Nothing is ever downloaded.
+Nothing is ever downloaded. A source that is a network (Detector, TorchvisionDetector, Relabelled: nn.Modules) runs
+on the device it was moved to (`open_source(..., device=)`, `.to(device)`) and returns its detections on the CPU.
 
     python perception.py eval --results my_dets.json --data DIR       # any detector's COCO results json
     python perception.py eval --torchvision fasterrcnn_resnet50_fpn --weights FILE --data coco_subset
@@ -18,7 +19,7 @@ import torchvision
 from torchvision.models import detection
 
 import coco
-from detector import Detector, batches, load_detector, predict
+from detector import Detector, batches, device_of, load_detector, predict
 
 
 def describe(source):
@@ -63,9 +64,12 @@ class TorchvisionDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images, score_threshold=0.01, max_dets=100):
+        """images (B, 3, H, W) in [-1, 1], on any device -> detections as Detector.predict's, on the CPU."""
         H, W = images.shape[-2:]
+        x = images.to(device_of(self.model), torch.float32)
         out = []
-        for r in self.model([(im + 1) / 2 for im in images.float()]):   # torchvision wants [0, 1] images
+        for r in self.model([(im + 1) / 2 for im in x]):               # torchvision wants [0, 1] images
+            r = {k: v.cpu() for k, v in r.items()}
             keep = torch.tensor([int(l) in self.label_map for l in r["labels"]], dtype=torch.bool)
             keep &= r["scores"] > score_threshold
             order = r["scores"][keep].argsort(descending=True)[:max_dets]
@@ -170,12 +174,13 @@ class Relabelled(nn.Module):
         return out
 
 
-def open_source(spec, class_names, weights="", class_map="", category_ids=None):
+def open_source(spec, class_names, weights="", class_map="", category_ids=None, device="cpu"):
     """A perceptive model a user brings, checked against the data set's classes: `spec` is a detdiff detector
     checkpoint (.pt), a COCO results json (.json) made on the data set's own images, or torchvision:NAME (with
-    `weights` the local weights file). Nothing is downloaded."""
+    `weights` the local weights file). Nothing is downloaded. A network is moved to `device` (a results json has
+    no device)."""
     if spec.startswith("torchvision:"):
-        return TorchvisionDetector(spec.split(":", 1)[1], class_names, weights or None, class_map=class_map)
+        return TorchvisionDetector(spec.split(":", 1)[1], class_names, weights or None, class_map=class_map).to(device)
     if spec.endswith(".json"):
         res = ResultsFile(spec)
         if category_ids is not None:
@@ -185,23 +190,24 @@ def open_source(spec, class_names, weights="", class_map="", category_ids=None):
                                      f"data set's (its ids: {', '.join(map(str, category_ids))}); a results json "
                                      f"uses the ids of the data set's instances json")
         return res
-    det = load_detector(spec)
+    det = load_detector(spec).to(device)
     m = class_mapping(det.cfg.class_names, class_names, class_map, spec)
     return det if tuple(det.cfg.class_names) == tuple(class_names) else Relabelled(det, m)
 
 
-def run_detector(run, train_cfg, class_names, category_ids):
-    """The perceptive model of a `python detdiff.py` run folder: the user's (--detector, kept in the run's
-    settings) or the one its detector stage trained (RUN/detector.pt)."""
+def run_detector(run, train_cfg, class_names, category_ids, device="cpu"):
+    """The perceptive model of a `python detdiff.py` run folder, on `device`: the user's (--detector, kept in the
+    run's settings) or the one its detector stage trained (RUN/detector.pt)."""
     if train_cfg.get("detector"):
         return open_source(train_cfg["detector"], class_names, train_cfg.get("detector_weights", ""),
-                           train_cfg.get("detector_classes", ""), category_ids)
-    return load_detector(Path(run) / "detector.pt")
+                           train_cfg.get("detector_classes", ""), category_ids, device)
+    return load_detector(Path(run) / "detector.pt").to(device)
 
 
 def detect_dataset(source, dataset, indices=None, batch_size=64, score_threshold=0.01, max_dets=100):
     """{image_id: dict(boxes (n, 4) normalised xyxy, scores, labels)} for the images of `dataset` (or `indices`),
-    from a Detector, a TorchvisionDetector or a ResultsFile."""
+    from a Detector, a TorchvisionDetector or a ResultsFile; on the CPU whatever the source's device (a source's
+    `predict` takes the CPU batches to its own device)."""
     if isinstance(source, ResultsFile):
         dets = source.detections(dataset)
         ids = {dataset.records[i]["image_id"] for i in (range(len(dataset)) if indices is None else indices)}

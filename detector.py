@@ -10,6 +10,10 @@ coco_map.py.
 Boxes: `predict` returns boxes as normalised xyxy in [0, 1] (fractions of the image side, as data.py's layouts);
 labels are the data set's contiguous class indices 0..C-1.
 
+Devices: `train` fits the detector on any device (`device`, and an autocast `dtype`: config.resolve_device /
+resolve_dtype); `predict` runs on the model's own device whatever the images' and returns its detections on the
+CPU, where every consumer (mAP, attributes) reads them.
+
     python perception.py train --data shapes --out runs/detector      # ~2-3 min on 2 cores, prints val mAP
 """
 import logging
@@ -56,6 +60,14 @@ class DetTrainConfig:
     log_every: int = 100
 
 
+def device_of(module):
+    """The device a module computes on: that of its first parameter or buffer (the CPU for one with neither)."""
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def conv_bn(cin, cout, stride=1, dilation=1, relu=True):
     layers = [nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False), nn.BatchNorm2d(cout)]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
@@ -91,32 +103,43 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images, score_threshold=0.01, max_dets=100):
-        """images (B, 3, H, W) in [-1, 1] -> list of dict(boxes (n, 4) normalised xyxy, scores (n,), labels (n,))."""
+        """images (B, 3, H, W) in [-1, 1], on any device -> list of dict(boxes (n, 4) normalised xyxy, scores (n,),
+        labels (n,)), on the CPU. The network runs on its own device, in fp32."""
         was_training = self.training
         self.eval()
         S = self.cfg.image_size
-        x = images.float()
+        x = images.to(device_of(self), torch.float32)
         if x.shape[-2:] != (S, S):
             x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
         logits, size, offset = self(x)
         self.train(was_training)
-        B, C, G, _ = logits.shape
-        heat = logits.sigmoid()
-        heat = heat * (heat == F.max_pool2d(heat, 3, 1, 1))       # peaks: a 3x3 max-pool replaces NMS
-        scores, idx = heat.view(B, -1).topk(min(max_dets, C * G * G))
-        labels, cell = idx // (G * G), idx % (G * G)
-        cy, cx = (cell // G).float(), (cell % G).float()
-        b = torch.arange(B)[:, None]
-        off = offset.view(B, 2, -1)[b, :, cell]                   # (B, K, 2)
-        wh = size.view(B, 2, -1)[b, :, cell].clamp(min=0)          # (B, K, 2) in grid cells
-        px, py = cx + off[..., 0], cy + off[..., 1]                # centre in grid cells
-        boxes = torch.stack([px - wh[..., 0] / 2, py - wh[..., 1] / 2, px + wh[..., 0] / 2, py + wh[..., 1] / 2], -1)
-        boxes = (boxes / G).clamp(0, 1)                            # (B, K, 4) normalised xyxy
+        # the top max_dets peaks are decoded on the device; only those cross to the CPU, where each image keeps
+        # its own number of detections (a per-image boolean mask is a host sync per image on a GPU)
+        boxes, scores, labels = (t.cpu() for t in decode(logits, size, offset, max_dets))
         out = []
-        for i in range(B):
+        for i in range(len(boxes)):
             k = scores[i] > score_threshold
             out.append(dict(boxes=boxes[i][k], scores=scores[i][k], labels=labels[i][k]))
         return out
+
+
+def decode(logits, size, offset, max_dets=100):
+    """CenterNet's decoding without NMS, on the outputs' device: heatmap logits (B, C, G, G), size and offset
+    (B, 2, G, G) -> the max_dets highest peaks of each image: boxes (B, K, 4) normalised xyxy, scores (B, K),
+    labels (B, K)."""
+    logits, size, offset = logits.float(), size.float(), offset.float()      # boxes in fp32 whatever the autocast
+    B, C, G, _ = logits.shape
+    heat = logits.sigmoid()
+    heat = heat * (heat == F.max_pool2d(heat, 3, 1, 1))       # peaks: a 3x3 max-pool replaces NMS
+    scores, idx = heat.view(B, -1).topk(min(max_dets, C * G * G))
+    labels, cell = idx // (G * G), idx % (G * G)
+    cy, cx = (cell // G).float(), (cell % G).float()
+    b = torch.arange(B, device=logits.device)[:, None]
+    off = offset.view(B, 2, -1)[b, :, cell]                   # (B, K, 2)
+    wh = size.view(B, 2, -1)[b, :, cell].clamp(min=0)          # (B, K, 2) in grid cells
+    px, py = cx + off[..., 0], cy + off[..., 1]                # centre in grid cells
+    boxes = torch.stack([px - wh[..., 0] / 2, py - wh[..., 1] / 2, px + wh[..., 0] / 2, py + wh[..., 1] / 2], -1)
+    return (boxes / G).clamp(0, 1), scores, labels             # (B, K, 4) normalised xyxy, (B, K), (B, K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +161,11 @@ def centernet_targets(boxes, labels, valid, num_classes, G):
     p = (bx[:, :2] + bx[:, 2:]) / 2
     p_int = p.floor().clamp(0, G - 1)
     sigma = (0.54 * wh / 6).clamp(min=0.3)
-    ar = torch.arange(G, dtype=torch.float32)
+    ar = torch.arange(G, dtype=torch.float32, device=boxes.device)
     gx = torch.exp(-(ar[None] - p_int[:, :1]) ** 2 / (2 * sigma[:, :1] ** 2))   # (N, G)
     gy = torch.exp(-(ar[None] - p_int[:, 1:]) ** 2 / (2 * sigma[:, 1:] ** 2))   # (N, G)
     gauss = gy[:, :, None] * gx[:, None, :]                                     # (N, G, G)
-    heat = torch.zeros(B * num_classes, G * G)
+    heat = torch.zeros(B * num_classes, G * G, device=boxes.device)
     index = (b * num_classes + c)[:, None].expand(-1, G * G)
     heat.scatter_reduce_(0, index, gauss.view(-1, G * G), "amax")           # overlapping peaks: the max
     return heat.view(B, num_classes, G, G), b, p_int.long(), wh, p - p_int
@@ -158,16 +181,17 @@ def focal_loss(logits, target):
 
 
 def detector_loss(model, batch, cfg: DetTrainConfig):
-    """L_det = L_k + lambda_size L_size + lambda_off L_off (CenterNet Eq. (3)); L1 at the centre cells."""
-    logits, size, offset = model(batch["image"])
+    """L_det = L_k + lambda_size L_size + lambda_off L_off (CenterNet Eq. (3)); L1 at the centre cells.
+    -> (loss, its three terms as detached 0-d tensors: reading them is a host sync, left to the log line)."""
+    logits, size, offset = (t.float() for t in model(batch["image"]))    # the loss in fp32 under any autocast
     G = logits.shape[-1]
     heat, b, cell, wh, off = centernet_targets(batch["boxes"], batch["labels"], batch["valid"], logits.shape[1], G)
     l_k = focal_loss(logits, heat)
     n = max(len(b), 1)
     l_size = F.l1_loss(size[b, :, cell[:, 1], cell[:, 0]], wh, reduction="sum") / n      # Eq. (2)-style L1
     l_off = F.l1_loss(offset[b, :, cell[:, 1], cell[:, 0]], off, reduction="sum") / n    # CenterNet Eq. (2)
-    return l_k + cfg.size_weight * l_size + cfg.offset_weight * l_off, dict(heat=l_k.item(), size=l_size.item(),
-                                                                           offset=l_off.item())
+    parts = dict(heat=l_k.detach(), size=l_size.detach(), offset=l_off.detach())
+    return l_k + cfg.size_weight * l_size + cfg.offset_weight * l_off, parts
 
 
 def batches(dataset, batch_size, indices=None, shuffle=True, seed=0, drop_last=True):
@@ -179,19 +203,24 @@ def batches(dataset, batch_size, indices=None, shuffle=True, seed=0, drop_last=T
                                        drop_last=drop_last and len(indices) >= batch_size)
 
 
-def train(dataset, model_cfg=None, cfg=DetTrainConfig(), indices=None, log=None):
+def train(dataset, model_cfg=None, cfg=DetTrainConfig(), indices=None, log=None, device="cpu", dtype="fp32"):
     """Train a Detector from scratch on `dataset` (data.py items; optionally only the images `indices`).
 
     model_cfg defaults to DetectorConfig with the data set's classes at the data set's resolution.
-    Returns the model (in eval mode). Batches are resized to model_cfg.image_size when they differ.
+    Returns the model (in eval mode, on `device`). Batches are resized to model_cfg.image_size when they differ.
+    device: where it trains; dtype: the forward's autocast (a resolved fp32 | bf16 | fp16, see
+    config.resolve_dtype), the loss stays fp32. Every random draw (initialisation, batches, flips) is made on
+    the CPU, so a seed draws the same ones on any device.
     """
     log = log or logger.info
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
     if model_cfg is None:
         names = tuple(dataset.class_names)
         model_cfg = DetectorConfig(num_classes=len(names), class_names=names, image_size=dataset.size)
-    model = Detector(model_cfg)
+    model = Detector(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")    # fp16 gradients underflow unscaled
     loader = batches(dataset, cfg.batch_size, indices, seed=cfg.seed)
     S, step, t0 = model_cfg.image_size, 0, time.time()
     model.train()
@@ -203,25 +232,31 @@ def train(dataset, model_cfg=None, cfg=DetTrainConfig(), indices=None, log=None)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            # augmentation: resize to the model's side, random horizontal flip (boxes flip with the image)
+            # augmentation: resize to the model's side, random horizontal flip (boxes flip with the image);
+            # the flips come from the CPU's random stream, so a seed flips the same images on every device
+            batch = {k: batch[k].to(device) for k in ("image", "boxes", "labels", "valid")}   # what the loss reads
             x, boxes = batch["image"], batch["boxes"]
             if x.shape[-1] != S:
                 x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
             if cfg.hflip:
-                flip = torch.rand(x.shape[0]) < 0.5
+                flip = (torch.rand(x.shape[0]) < 0.5).to(device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 flipped = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
                 boxes = torch.where(flip[:, None, None], flipped, boxes)
-            # forward, backward, step
-            loss, parts = detector_loss(model, dict(batch, image=x, boxes=boxes), cfg)
+            # forward under autocast (the loss in fp32), backward, clip, step
+            with config.autocast(device, dtype):
+                loss, parts = detector_loss(model, dict(batch, image=x, boxes=boxes), cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
-                log(f"detector step {step}/{cfg.steps} loss {loss.item():.3f} (heat {parts['heat']:.3f} "
-                    f"size {parts['size']:.2f} offset {parts['offset']:.3f}) lr {lr:.1e} {time.time() - t0:.0f}s")
+                log(f"detector step {step}/{cfg.steps} loss {loss.item():.3f} (heat {parts['heat'].item():.3f} "
+                    f"size {parts['size'].item():.2f} offset {parts['offset'].item():.3f}) lr {lr:.1e} "
+                    f"{time.time() - t0:.0f}s")
     model.eval()
     model.train_config = cfg
     return model

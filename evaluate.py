@@ -30,6 +30,9 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 run's own and 1, each trained as many steps as the run, then fidelity (at the run's w_d and at
                 w_d 1) and FID: metrics["ablations"]
 Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to RUN/eval/.
+Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype is the autocast of what is generated
+and trained here (the images, the trainability detectors, the ablation generators), while the networks that
+measure (the run's detector, the crop classifier, Inception) run in fp32, so a metric does not move with it.
 """
 import argparse
 import json
@@ -93,6 +96,9 @@ class EvalConfig:
                                   # attribute off");
                                   # default: every row
     quick: bool = False           # tiny numbers everywhere (tests, a first look)
+    device: str = "auto"          # auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"           # auto | fp32 | bf16 | fp16: autocast of the sampling and of the networks trained
+                                  # here; auto: bf16 where the hardware computes in it, else fp32
 
 
 QUICK = dict(n_layouts=16, steps=5, seeds=1, n_generated=16, det_steps=20, crop_steps=20)
@@ -140,6 +146,13 @@ def evaluate(run, cfg=None):
         raise SystemExit(f"error: --parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     if cfg.sampler not in sample.SAMPLERS:
         raise SystemExit(f"error: --sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
+    if cfg.dtype not in ("auto", *config.TORCH_DTYPES):
+        raise SystemExit(f"error: --dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
+    device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one is one line
+    dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
+    cfg = replace(cfg, device=str(device), dtype=dtype)           # what ran, in metrics.json and for the ablations
+    # sampling in fp16 only on CUDA (the generator's rule, train.py's sample grids)
+    gen_dtype = dtype if dtype != "fp16" or device.type == "cuda" else "fp32"
     run = Path(run)
     if not (run / "ckpt.pt").is_file():
         raise SystemExit(f"error: {run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
@@ -153,12 +166,14 @@ def evaluate(run, cfg=None):
         logf.flush()
 
     t_all = time.time()
-    model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt")
+    log(f"[evaluate] device {device} ({device_why}), dtype {dtype} ({dtype_why})"
+        + (f", sampling in {gen_dtype}" if gen_dtype != dtype else ""))
+    model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt", device=device)
     tc = ck["train_cfg"]
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
     if not tc.get("detector") and not (run / "detector.pt").is_file():
         raise SystemExit(f"error: {run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
-    det = detections.run_detector(run, tc, names, ids)     # the run's own, or the one given with --detector
+    det = detections.run_detector(run, tc, names, ids, device)   # the run's own, or the one given with --detector
     blind = [p for p in ("fidelity", "easy_hard") if p in parts] if isinstance(det, detections.ResultsFile) else []
     if blind or (cfg.ablations and isinstance(det, detections.ResultsFile)):
         raise SystemExit(f"error: {tc['detector']}: a results json cannot score generated images "
@@ -175,8 +190,8 @@ def evaluate(run, cfg=None):
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
     cfg = replace(cfg, attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
     gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch, seed=cfg.seed,
-                  progress=False, autoencoder=autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt"),
-                  attr_guidance=cfg.attr_guidance)
+                  progress=False, autoencoder=autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", device=device),
+                  attr_guidance=cfg.attr_guidance, dtype=gen_dtype)
     M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}", guidance=cfg.guidance,
                        attr_guidance=cfg.attr_guidance, image_size=S, generator_steps=ck["step"],
                        generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={}))
@@ -242,10 +257,11 @@ def evaluate(run, cfg=None):
                 M["meta"]["notes"]["fid"] = f"skipped: {why}"
             log(f"[fid] skipped: {why}")
         else:
-            net = fid.load_inception(path)
-            real_feats = fid.inception_features(net, real)
+            net = fid.load_inception(path, device)
+            real_feats = fid.inception_features(net, real, device=device)
         if net is not None and "fid" in parts:    # (--ablations alone needs only the real features)
-            M["fid"] = round(fid.fid_from_features(real_feats, fid.inception_features(net, gen["origin"])), 3)
+            gen_feats = fid.inception_features(net, gen["origin"], device=device)
+            M["fid"] = round(fid.fid_from_features(real_feats, gen_feats), 3)
             M["meta"]["notes"]["fid"] = f"{path}; {len(real)} real vs {len(real)} generated val images at {S}px"
             log(f"[fid] {M['fid']:.2f} ({len(real)} generated vs {len(real)} real val images)")
         sec["fid"] = round(time.time() - t, 1)
@@ -255,7 +271,8 @@ def evaluate(run, cfg=None):
     if "crops" in parts:
         t = time.time()
         real_train_S = data.CocoLayoutDataset(root, "train", size=S, **keep)
-        clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed)
+        clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed,
+                                          device=device)
         crops.save_crop_classifier(clf, scratch / "crop_classifier.pt")
         M["crop_acc_real"] = round(crops.crop_accuracy(clf, real, lays)["overall"]["accuracy"], 4)
         for m in sample.MODES:                                  # the mean over the noise seeds
@@ -310,7 +327,7 @@ def evaluate(run, cfg=None):
                 extra[name] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
         det_cfg = detector.DetectorConfig(len(names), tuple(names), tc["det_size"])
         real_train_S = data.CocoLayoutDataset(root, "train", size=S, **keep)
-        runs = trainability.trainability(ck, det_cfg, real_train_S, real_val_S, extra, cfg, log)
+        runs = trainability.trainability(ck, det_cfg, real_train_S, real_val_S, extra, cfg, log, device, dtype)
         M["trainability"] = dict(runs=runs, real_images=max(1, round(cfg.real_fraction * len(real_train_S))),
                                  generated_images={k: len(v) for k, v in extra.items()},
                                  det_steps=cfg.det_steps or tc["det_steps"], seeds=cfg.seeds,
@@ -327,9 +344,9 @@ def evaluate(run, cfg=None):
         M["ablations"] = {}
         for name, over in to_train.items():
             a_path = ablations.train_ablation(run, ck, name, over, cfg, log)
-            a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path)
+            a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path, device=device)
             a_lays = sample.val_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
-            a_kw = dict(gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path))
+            a_kw = dict(gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
             ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
             folder = scratch / f"ablation_{name.replace(' ', '_')}"
             r = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)
@@ -337,7 +354,7 @@ def evaluate(run, cfg=None):
             row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
                        steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],
                        fidelity_map=r["mAP"], fidelity_map50_plain=None,
-                       fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims)), 3)
+                       fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims, device=device)), 3)
                        if net is not None else None)
             if attrs_on and cfg.attr_guidance != 1.0:   # the same generator under plain guidance (w_d 1)
                 ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **dict(a_kw, attr_guidance=1.0))

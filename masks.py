@@ -26,13 +26,13 @@ def box_pixels(box, S, grow=0):
 
 def object_masks(probs, layouts, threshold=0.5):
     """Exported instance masks: the perception head's probability (from `sample.generate(mask_steps=k)`) above
-    `threshold`, kept inside the object's box (`box_pixels`). probs: list of (M, S, S) tensors -> one bool
-    (n_objects, S, S) numpy array per layout."""
+    `threshold`, kept inside the object's box (`box_pixels`). probs: list of (M, S, S) tensors on any device ->
+    one bool (n_objects, S, S) numpy array per layout."""
     out = []
     for p, lay in zip(probs, layouts):
         n, S = len(lay["labels"]), p.shape[-1]
         inside = np.array([box_pixels(b, S) for b in lay["boxes"].double().numpy()], bool).reshape(n, S, S)
-        out.append((p[:n] > threshold).numpy() & inside)
+        out.append((p[:n] > threshold).cpu().numpy() & inside)
     return out
 
 

@@ -17,6 +17,9 @@ Commands (`python perception.py --help`):
   python perception.py eval --results my_dets.json --data DIR       # any detector's COCO results json
   python perception.py eval --torchvision fasterrcnn_resnet50_fpn --weights FILE --data coco_subset
   python perception.py attributes --data shapes --out runs/shapes   # attributes.json + summary + png
+Each command takes --device (auto: CUDA, then Apple MPS, then the CPU) and prints the device it uses; train and
+attributes take --dtype, the training's autocast (auto: bf16 where the hardware computes in it, else fp32).
+Detections are always made in fp32, so an mAP or an attribute does not move with the training dtype.
 """
 import argparse
 import json
@@ -106,7 +109,7 @@ def _check_out(out, root):
     return out
 
 
-def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
+def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None, device="cpu", dtype="fp32"):
     """Label every layout object of the train split (and val, cfg.label_val) of the COCO-format folder `root`.
 
     source=None (default): held-out folds. The training images are split into cfg.folds folds; for each fold a
@@ -115,7 +118,8 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
     signal). Val is labelled by fold 1's detector. A given source (a Detector, TorchvisionDetector or ResultsFile:
     detections.py) labels all images instead. Writes OUT/attributes.json (the sidecar: per split {ann_id:
     easy|hard}, the settings, the detector, the summary) and OUT/attributes.png (training images, easy green, hard
-    red); returns the summary.
+    red); returns the summary. The fold detectors train on `device` with the forward under the autocast `dtype`
+    (resolved: fp32 | bf16 | fp16) and label there; a given source labels on its own device.
     """
     log = log or logger.info
     out = _check_out(out, root)
@@ -153,7 +157,7 @@ def make_attributes(root, out, cfg=AttributeConfig(), source=None, log=None):
                 f"labelling {len(fold)}")
             det = detector.train(ds, cfg=detector.DetTrainConfig(steps=cfg.steps, batch_size=cfg.batch_size,
                                                                  seed=cfg.seed + f, log_every=max(cfg.steps // 4, 1)),
-                                 indices=rest, log=log)
+                                 indices=rest, log=log, device=device, dtype=dtype)
             first = first or det
         attrs["train"].update(label(det, ds, fold))
     summary = {"train": summarise(attrs["train"], ds, root, "train")}
@@ -288,9 +292,17 @@ def perception_loss(logits, masks, valid, alpha_bar_t):
 # ----------------------------------------------------------------------------------------------
 # Commands
 
-def _source(a, dataset):
+def _source(a, dataset, device):
     spec = a.results or (f"torchvision:{a.torchvision}" if a.torchvision else a.detector)
-    return detections.open_source(spec, dataset.class_names, a.weights, a.detector_classes, dataset.category_ids)
+    return detections.open_source(spec, dataset.class_names, a.weights, a.detector_classes, dataset.category_ids,
+                                  device)
+
+
+def _device_flags(p, dtype=True):
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
+    if dtype:
+        p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="the training's autocast; auto: bf16 where the hardware computes in it, else fp32")
 
 
 def main(argv=None):
@@ -302,6 +314,7 @@ def main(argv=None):
     t.add_argument("--image-size", type=int, default=64)
     t.add_argument("--width", type=int, default=32)
     config.add_flags(t, detector.DetTrainConfig)
+    _device_flags(t)
     e = sub.add_parser("eval", help="COCO mAP / AP50 / AP75 of a detection source on a split")
     e.add_argument("--data", default="shapes")
     e.add_argument("--split", default="val")
@@ -313,6 +326,7 @@ def main(argv=None):
         p.add_argument("--weights", help="local weights file for --torchvision (never downloaded)")
         p.add_argument("--detector-classes", default="", help="data-set class=detector class,... where the "
                        "names differ (every data-set class must map to one of the detector's)")
+    _device_flags(e, dtype=False)                 # nothing trains; detections are made in fp32
     at = sub.add_parser("attributes", help="perception-aware attributes of a split (held-out folds by default)")
     at.add_argument("--data", default="shapes")
     at.add_argument("--out", default="runs/shapes", help="run folder for attributes.json / .png (not the data)")
@@ -322,9 +336,16 @@ def main(argv=None):
     at.add_argument("--weights", help="local weights file for --torchvision")
     at.add_argument("--detector-classes", default="", help="data-set class=detector class,... where names differ")
     config.add_flags(at, AttributeConfig)
+    _device_flags(at)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        device, why = config.resolve_device(a.device)
+        if a.cmd == "eval":                       # nothing trains: detections are made in fp32
+            print(f"device {device} ({why})")
+        else:
+            dtype, dtype_why = config.resolve_dtype(a.dtype, device)
+            print(f"device {device} ({why}), dtype {dtype} ({dtype_why})")
         root = data.resolve_data(a.data)
         if a.cmd == "train":
             tr = data.CocoLayoutDataset(root, "train", size=a.image_size)
@@ -332,7 +353,7 @@ def main(argv=None):
             cfg = config.pick(a, detector.DetTrainConfig)
             t0 = time.time()
             model = detector.train(tr, detector.DetectorConfig(len(tr.class_names), tuple(tr.class_names), a.image_size,
-                                                               a.width), cfg)
+                                                               a.width), cfg, device=device, dtype=dtype)
             secs = time.time() - t0
             detector.save_detector(model, Path(a.out) / "detector.pt")
             r = coco_map.evaluate(model, va, crowd_json=coco.split_paths(root, "val")[0])
@@ -340,7 +361,7 @@ def main(argv=None):
                   f"-> {Path(a.out) / 'detector.pt'}")
         elif a.cmd == "eval":
             ds = data.CocoLayoutDataset(root, a.split, size=a.image_size)
-            r = coco_map.evaluate(_source(a, ds), ds, crowd_json=coco.split_paths(root, a.split)[0])
+            r = coco_map.evaluate(_source(a, ds, device), ds, crowd_json=coco.split_paths(root, a.split)[0])
             print(f"{a.data}/{a.split}: mAP {r['mAP']:.3f} AP50 {r['AP50']:.3f} AP75 {r['AP75']:.3f}; per category "
                   + ", ".join(f"{k} {v:.3f}" for k, v in r["per_category"].items()))
         else:
@@ -348,8 +369,8 @@ def main(argv=None):
             source = None
             if a.detector or a.results or a.torchvision:
                 probe = data.CocoLayoutDataset(root, "train", size=cfg.image_size, check_files=False)
-                source = _source(a, probe)
-            s = make_attributes(root, a.out, cfg, source)
+                source = _source(a, probe, device)
+            s = make_attributes(root, a.out, cfg, source, device=device, dtype=dtype)
             print(json.dumps(s, indent=1))
     except coco.DataError as err:
         sys.exit(f"error: {err}")

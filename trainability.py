@@ -28,9 +28,10 @@ def training_layouts(ck, n, seed):
     return out
 
 
-def trainability(ck, det_cfg, real_train, real_val, extra, cfg, log):
+def trainability(ck, det_cfg, real_train, real_val, extra, cfg, log, device="cpu", dtype="fp32"):
     """AP of detectors trained on a real subset alone and with each extra set (name -> dataset), `cfg.seeds`
-    seeds; the subset and the initialisation follow the seed. Returns {name: [dict(mAP, AP50, AP75) per seed]}."""
+    seeds; the subset and the initialisation follow the seed. The detectors train on `device` with the forward
+    under the autocast `dtype` (resolved: fp32 | bf16 | fp16). Returns {name: [dict(mAP, AP50, AP75) per seed]}."""
     tc = ck["train_cfg"]
     steps = cfg.det_steps or tc["det_steps"]
     k = max(1, round(cfg.real_fraction * len(real_train)))
@@ -41,7 +42,8 @@ def trainability(ck, det_cfg, real_train, real_val, extra, cfg, log):
                                                                      generator=torch.Generator().manual_seed(seed))[:k])
         for name in runs:
             ds = subset if name == "real" else torch.utils.data.ConcatDataset([subset, extra[name]])
-            det = detector.train(ds, det_cfg, detector.DetTrainConfig(steps=steps, seed=seed, log_every=0))
+            det = detector.train(ds, det_cfg, detector.DetTrainConfig(steps=steps, seed=seed, log_every=0),
+                                 device=device, dtype=dtype)
             r = coco_map.evaluate(det, real_val)
             runs[name].append({m: round(r[m], 4) for m in ("mAP", "AP50", "AP75")})
             log(f"[trainability] seed {seed} {name}: {len(ds)} images, val AP50 {r['AP50']:.3f}")
