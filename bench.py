@@ -13,7 +13,7 @@ What each number includes:
   an object, its mask the filled box; `latent`: --space latent at 64 px, a 4 x 16 x 16 latent x_0 with 64 px
   masks, the autoencoder not included because a run encodes its images once): condition dropout, q_sample,
   forward under autocast (with the perception head when the model has one), L_simple + lambda L_p, backward,
-  grad clipping, AdamW, EMA, the loss read back.
+  grad clipping, AdamW, EMA (the loss stays on the device, as in the loop, which reads it back once per log line).
   Not included: reading and collating the batch from disk, logging, checkpoints. One warm-up step, then rounds of
   steps (about 1.5 s each); the median round counts. Rows timed against each other alternate rounds.
 - GFLOPs: the UNet's forward per image, and the whole training step per image (forward and backward as executed:
@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import config
 import data
 import diffusion
 import flops
@@ -68,12 +69,15 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 5, --quick 2)")
     ap.add_argument("--round-s", type=float, default=1.5, help="seconds per timed round (about)")
     ap.add_argument("--batch", type=int, default=32, help="images per training step and layouts per sampling run")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     ap.add_argument("--profile", action="store_true", help="only print torch.profiler's top ops of the default step")
     a = ap.parse_args(argv)
     a.compile = (not a.quick) if a.compile is None else a.compile
     a.rounds = a.rounds or (2 if a.quick else 5)
-    a.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    try:
+        a.device, a.device_why = config.resolve_device(a.device)
+    except config.DataError as e:
+        raise SystemExit(f"error: {e}") from None
     return a
 
 
@@ -120,7 +124,7 @@ def make_step(raw, batch, null, dtype, device, compile=False, tc=train.TrainConf
     opt = optim.make_optimizer(raw, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     model = torch.compile(raw) if compile else raw
-    amp = torch.autocast(device.type, dtype=flops.DTYPES[dtype], enabled=dtype != "fp32")
+    amp = config.autocast(device, dtype)
     if getattr(raw, "mask_head", None) is None:   # the peer has no perception head: L_simple alone
         tc = dataclasses.replace(tc, pal_weight=0.0)
     count = [0]
@@ -128,7 +132,7 @@ def make_step(raw, batch, null, dtype, device, compile=False, tc=train.TrainConf
     def step():                                    # the training loop's own step function
         loss, _, _ = train.train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, tc, count[0])
         count[0] += 1
-        return loss.item()                         # the loop's log line reads the loss every step
+        return loss                                # read back once per log line by the loop, not every step
     return step
 
 
@@ -360,7 +364,8 @@ def main(argv=None):
     r = bn.res
     r.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), hardware=hardware(dev),
              settings=dict(batch=a.batch, rounds=a.rounds, quick=a.quick, compile=a.compile))
-    bn.log(f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, torch {torch.__version__}, device {dev}")
+    bn.log(f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, torch {torch.__version__}, device {dev} "
+           f"({a.device_why})")
     if os.getloadavg()[0] > 0.5 * os.cpu_count():   # a preempted OpenMP thread stalls the others: steps 10-25x slower
         bn.log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other "
                f"processes share the CPU, timings will be low and noisy")

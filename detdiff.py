@@ -111,6 +111,9 @@ def pipeline(cfg, mcfg_overrides=None):
     if cfg.space not in ("pixel", "latent"):
         raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
     root = data.resolve_data(cfg.data)               # a missing or bad data set stops before anything is written
+    device, device_why = config.resolve_device(cfg.device)      # so does a device this machine lacks
+    dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
+    sample_dtype = dtype if dtype != "fp16" or device.type == "cuda" else "fp32"
     if cfg.detector and not cfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
         cfg.detector = str(Path(cfg.detector).resolve())
     if cfg.detector_weights:
@@ -136,6 +139,7 @@ def pipeline(cfg, mcfg_overrides=None):
         logf.write(msg + "\n")
         logf.flush()
     run = set(STAGES) if cfg.stage == "all" else {cfg.stage}
+    log(f"[device] every stage on {device} ({device_why}), dtype {dtype} ({dtype_why})")
     t_all, summary = time.time(), dict(run=str(out))
     timing = {}
 
@@ -151,7 +155,7 @@ def pipeline(cfg, mcfg_overrides=None):
     # -- detector: the user's (--detector), or trained from scratch on the real training split; the perception
     #    metric of every later stage and, with --detector, the attribute's too
     det_path, det_json = out / "detector.pt", out / "detector.json"
-    given = detections.run_detector(out, asdict(cfg), train_ds.class_names, train_ds.category_ids) \
+    given = detections.run_detector(out, asdict(cfg), train_ds.class_names, train_ds.category_ids, device) \
         if cfg.detector else None                 # classes checked here, before anything is trained
     if "detector" in run:
         t = time.time()
@@ -168,7 +172,8 @@ def pipeline(cfg, mcfg_overrides=None):
         else:
             det = detector.train(train_ds, detector.DetectorConfig(
                 len(train_ds.class_names), tuple(train_ds.class_names), cfg.det_size),
-                detector.DetTrainConfig(steps=cfg.det_steps, seed=cfg.seed, log_every=max(cfg.det_steps // 5, 1)), log=log)
+                detector.DetTrainConfig(steps=cfg.det_steps, seed=cfg.seed, log_every=max(cfg.det_steps // 5, 1)), log=log,
+                device=device, dtype=dtype)
             secs = time.time() - t
             detector.save_detector(det, det_path)
             r = coco_map.evaluate(det, val_ds, crowd_json=coco.split_paths(root, "val")[0])
@@ -189,7 +194,8 @@ def pipeline(cfg, mcfg_overrides=None):
             perception.make_attributes(root, out, perception.AttributeConfig(
                 gamma=cfg.gamma, beta=cfg.beta, class_aware=cfg.class_aware, folds=cfg.attr_folds,
                 image_size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects, steps=cfg.attr_steps,
-                seed=cfg.seed), source=given, log=log)      # given=None: held-out folds of our own detector
+                seed=cfg.seed), source=given, log=log,      # given=None: held-out folds of our own detector
+                device=device, dtype=dtype)
         timing["attributes"] = time.time() - t
     if attr_path.is_file() and cfg.attributes == "auto":
         s = coco.read_json(attr_path)["summary"]["train"]
@@ -207,7 +213,7 @@ def pipeline(cfg, mcfg_overrides=None):
         elif cfg.autoencoder != "auto":
             raise SystemExit(f"error: {ae_path}: autoencoder not found")
         else:
-            autoencoder.train_autoencoder(cfg, root, ae_path, log)
+            autoencoder.train_autoencoder(cfg, root, ae_path, log, device=device, dtype=dtype)
         timing["autoencoder"] = time.time() - t
     if cfg.space == "latent" and ae_path.is_file():
         f = torch.load(ae_path, map_location="cpu", weights_only=False)
@@ -242,10 +248,10 @@ def pipeline(cfg, mcfg_overrides=None):
             for need in (ckpt_path,) if given is not None else (ckpt_path, det_path):
                 if not need.is_file():
                     raise SystemExit(f"error: {need}: missing; run the stage that makes it first (--stage all)")
-            model, tok, diff, ck = sample.load_checkpoint(ckpt_path)
+            model, tok, diff, ck = sample.load_checkpoint(ckpt_path, device=device)
             S, names = ck["train_cfg"]["image_size"], tok.class_names
-            kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False,
-                      autoencoder=autoencoder.checkpoint_autoencoder(ck, ckpt_path),
+            kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False, dtype=sample_dtype,
+                      autoencoder=autoencoder.checkpoint_autoencoder(ck, ckpt_path, device=device),
                       attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
             lays = sample.val_layouts(ck, max(cfg.n_grid, cfg.n_eval))
             real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
@@ -258,7 +264,7 @@ def pipeline(cfg, mcfg_overrides=None):
             evaluate.easy_hard_figure(real, gen, lays, names, grid_path, n=cfg.n_grid)
             # layout fidelity (the paper's YOLO score, quick version; evaluate.py has the full one): the
             # real-trained detector on generated images vs on the real val images at the same resolution S
-            det = given if given is not None else detector.load_detector(det_path)
+            det = given if given is not None else detector.load_detector(det_path).to(device)
             fid = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
                        sec_per_img=round(sec_per_img, 4))
             if isinstance(det, detections.ResultsFile):   # a results json has not seen the generated images
@@ -289,7 +295,7 @@ def pipeline(cfg, mcfg_overrides=None):
     if cfg.evaluate:                              # the paper's experiments on this run (evaluate.py)
         blind = ("fidelity", "easy_hard") if isinstance(given, detections.ResultsFile) else ()   # see evaluate.py
         summary["evaluate"] = evaluate.evaluate(out, evaluate.EvalConfig(
-            parts=",".join(p for p in evaluate.PARTS if p not in blind)))
+            parts=",".join(p for p in evaluate.PARTS if p not in blind), device=cfg.device, dtype=cfg.dtype))
     return summary
 
 
@@ -346,10 +352,11 @@ def main(argv=None):
         if cfg.stage != "generator":
             raise SystemExit("error: under torchrun pass --stage generator (the other stages run in one process: "
                              "python detdiff.py --stage detector / attributes / grid)")
-        train.train(cfg, margs)
-        return
     try:
-        pipeline(cfg, margs)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            train.train(cfg, margs)
+        else:
+            pipeline(cfg, margs)
     except coco.DataError as err:
         raise SystemExit(f"error: {err}") from None
 
