@@ -82,7 +82,7 @@ class Autoencoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The autoencoder stage: trained on the real images, then frozen (issue 6)
+# The autoencoder stage: trained on the real images, then frozen
 
 
 def image_gradients(x):

@@ -1,4 +1,4 @@
-"""Benchmark of the generator: training img/s, MFU, a diffusers peer, sampling, scaling, peak memory (issue 8).
+"""Benchmark of the generator: training img/s, MFU, a diffusers peer, sampling, scaling, peak memory.
 
 Training throughput with its FLOPs and model FLOPs utilisation, diffusers' UNet at equal FLOPs timed beside ours,
 the cost of each sampler, how training cost grows with image size and object count, and the peak memory of a

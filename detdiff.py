@@ -6,8 +6,8 @@
     python detdiff.py --out runs/shapes --resume        # continue a killed run from its last checkpoint
     python detdiff.py --paper                           # the paper's lambda 0.01, token conditioning, plain
                                                         # L_simple, linear schedule, no attribute guidance
-                                                        # (PAPER_SETTINGS; the defaults differ where issues 13
-                                                        # and 14's studies measured better ones)
+                                                        # (PAPER_SETTINGS; the defaults differ where the
+                                                        # studies of docs/experiments.md measured better)
     python detdiff.py --evaluate                        # the main job, then evaluate.py's report on the run
     python detdiff.py --space latent --image-size 64    # latent mode: an autoencoder stage, the UNet on its latents
     python detdiff.py --data DIR --detector torchvision:fasterrcnn_resnet50_fpn --detector-weights FILE
@@ -60,7 +60,7 @@ def model_fields():
     return [f for f in fields(UNetConfig) if f.name not in TOKENIZER_FIELDS]
 
 
-# The paper's own settings where the defaults (issue 13's study, README) differ from them; `--paper` sets them all,
+# The paper's own settings where the defaults (docs/experiments.md, README) differ from them; `--paper` sets them all,
 # and any flag given beside it still wins. The schedule is DDPM's linear one (the paper's Stable Diffusion uses a
 # scaled-linear variant of it).
 PAPER_SETTINGS = dict(cond="tokens", pal_weight=0.01, loss_weight="none", fg_reweight=False, schedule="linear",

@@ -133,7 +133,7 @@ def drop_condition(tokens, null_tokens, p):
     return torch.where(drop[:, None], null_tokens.to(tokens.device)[None], tokens)
 
 
-# w_d of the attribute guidance that sample.py, evaluate.py and the grid stage use by default (issue 14's study,
+# w_d of the attribute guidance that sample.py, evaluate.py and the grid stage use by default (the attribute study,
 # README "Difficulty that shows"): 1 would be plain classifier-free guidance, under which [easy] / [hard] changed
 # nothing measurable.
 ATTR_GUIDANCE = 5.0

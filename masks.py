@@ -1,4 +1,4 @@
-"""Instance masks of generated objects (issue 15): the perception head's masks exported with a generated data set
+"""Instance masks of generated objects: the perception head's masks exported with a generated data set
 (`object_masks`, read off the sampling steps by `sample.generate(mask_steps=k)`), and how well they fit the object
 the image actually drew (`drawn_masks`, `mask_fit`: evaluate.py's `masks` part).
 

@@ -51,7 +51,7 @@ class TrainConfig:
                                      # whichever comes first, the lr schedule follows the further along; --minutes 0
                                      # --steps N makes a run exactly reproducible
     batch_size: int = 32             # per process
-    lr: float = 2e-3                 # issue 13's study: 2e-3 beat 1e-3 and 4e-3 at the 9-minute budget
+    lr: float = 2e-3                 # the generator study: 2e-3 beat 1e-3 and 4e-3 at 9 minutes
     warmup: int = 100
     min_lr_frac: float = 0.1         # cosine decay to lr * min_lr_frac
     weight_decay: float = 0.01
@@ -66,8 +66,8 @@ class TrainConfig:
     schedule: str = "cosine"         # cosine (Nichol & Dhariwal; the default, measured) | linear (DDPM's, the paper's)
     p_uncond: float = 0.1            # GeoDiffusion: 10% of prompts become the null prompt
     p_uncond_attr: float = 0.2       # attribute-only dropout: this fraction of prompts get [none] for every object's
-                                     # attribute (beyond the paper; trains sample.py's --attr-guidance; issue 14)
-    fg_reweight: bool = True         # GeoDiffusion's foreground re-weighting of L_simple (issue 13's study: on;
+                                     # attribute (beyond the paper; trains sample.py's --attr-guidance)
+    fg_reweight: bool = True         # GeoDiffusion's foreground re-weighting of L_simple (the generator study: on;
                                      # --no-fg-reweight is the paper's plain L_simple)
     loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma, the default,
                                      # measured) | none (DDPM's L_simple, the paper's)

@@ -8,7 +8,7 @@ here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
   text encoder). Location-token embeddings start from 2-D sin-cos embeddings of their bin position (GeoDiffusion).
   `cond="tokens"` is the paper's setting: every token of the prompt is a cross-attention key.
   `cond="object"` (beyond the paper) pools each object's fixed slot of tokens into ONE embedding per object,
-  the cross-attention keys; issue 3's prototype found this (together with the per-object mask loss of issue 4)
+  the cross-attention keys; an early prototype found this (together with the per-object mask loss)
   is what teaches placement at CPU scale.
   `cond="paint"` (beyond the paper) is "object" plus LayoutDiffusion's position-aware fusion (Zheng et al., CVPR
   2023): each object's embedding and the pixel's position inside its box are painted into the box as a feature
@@ -55,7 +55,7 @@ class UNetConfig:
     dropout: float = 0.0
     # layout encoder (the token-vocabulary fields are filled from data.LayoutTokenizer by model_config_from_tok)
     cond: str = "paint"                  # "tokens": the paper's (cross-attention to every prompt token); "object": one
-                                         # pooled embedding per object; "paint" (default, issue 13's study): "object" +
+                                         # pooled embedding per object; "paint" (default, the generator study): "object" +
                                          # each object painted into its box as feature maps (position-aware fusion,
                                          # beyond the paper)
     d_model: int = 64
@@ -70,7 +70,7 @@ class UNetConfig:
     loc_offset: int = 14                 # ids from loc_offset on are location tokens
     bins: int = 32                       # location bins per axis (the sin-cos init measures positions in bins)
     location: str = "grid"               # how location tokens encode a point (data.LayoutTokenizer): grid | axis
-    # perception head (perception.MaskHead, issue 4): per-pixel embedding width; 0 = no head (--pal-weight 0)
+    # perception head (perception.MaskHead): per-pixel embedding width; 0 = no head (--pal-weight 0)
     mask_dim: int = 32
 
     @classmethod
@@ -221,7 +221,7 @@ class LayoutEncoder(nn.Module):
             context = torch.cat([h[:, :1], objects], 1)                          # (B, 1+M, D)
             mask = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
         else:
-            objects = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m t d", t=T).mean(2)  # (B, M, D) for issue 4
+            objects = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m t d", t=T).mean(2)  # (B, M, D) for the mask head
             context, mask = h, ~pad                                              # paper: every token is a key
         return dict(context=context, context_mask=mask, objects=objects, object_valid=valid,
                     boxes=object_boxes(tokens, cfg))

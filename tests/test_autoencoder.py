@@ -1,4 +1,4 @@
-"""autoencoder.py, latent mode (issue 6): the autoencoder, its latent scale, the perception loss on the latent grid,
+"""autoencoder.py, latent mode: the autoencoder, its latent scale, the perception loss on the latent grid,
 a tiny latent run end to end, the wrong-autoencoder error, and an autoencoder file from before the re-layout."""
 import pytest
 import torch

@@ -98,7 +98,7 @@ def test_missing_data_is_one_error_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-# ---- real COCO as a practitioner brings it, with an external detector's results json (issue 15) ----------------
+# ---- real COCO as a practitioner brings it, with an external detector's results json ----------------
 
 @pytest.fixture(scope="module")
 def coco_like(tmp_path_factory):

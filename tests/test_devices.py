@@ -195,3 +195,14 @@ def test_dpm_solver_in_float32_stays_within_1e5_of_float64():
         ref = ((1 - ab[s]) / (1 - ab[t])).sqrt() * ref - ab[s].sqrt() * math.expm1(-h) * D
         ref_last, ref_h = x0_ref, h
     assert x.dtype == torch.float32 and (x.double() - ref).abs().max() < 1e-5
+
+
+def test_the_tables_built_once_stay_out_of_checkpoints():
+    """Checkpoints written before the tables became buffers load strictly: the buffers are not persistent."""
+    model, _ = tiny("paint")
+    names = {n for n, _ in model.named_buffers()}
+    assert "t_freqs" in names and any(n.endswith("pos_1d") for n in names)
+    state = model.state_dict()
+    assert not any(k.endswith(("t_freqs", "pos_1d")) for k in state)
+    fresh, _ = tiny("paint")
+    fresh.load_state_dict(state, strict=True)

@@ -1,4 +1,4 @@
-"""The layout of the code (issue 16): imports among the project's modules run one way (no circle, and no project
+"""The layout of the code: imports among the project's modules run one way (no circle, and no project
 import hidden inside a function), no module is over 450 lines, and README.md's table of files lists every module
 below the ones it imports."""
 import ast

@@ -1,4 +1,4 @@
-"""The notebooks (issue 7) run top to bottom, keep their outputs, and import the project instead of re-implementing it.
+"""The notebooks run top to bottom, keep their outputs, and import the project instead of re-implementing it.
 
 Each notebook is executed from a copy (the file in notebooks/ is never written) with notebooks/ as the working
 directory, as a reader running it in Jupyter would. Slow: together they take a few minutes on 2 cores.

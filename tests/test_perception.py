@@ -109,7 +109,7 @@ def test_attributes_from_a_results_json_of_both_splits(shapes32, tmp_path):
     assert one_line_naming(e, tmp_path / "bad.json") and "999" in str(e.value)
 
 
-# ---------------------------------------------------------------------------------------------- a degenerate attribute (issue 15)
+# ---------------------------------------------------------------------------------------------- a degenerate attribute
 
 
 def test_degenerate_attribute_warning():

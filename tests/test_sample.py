@@ -166,7 +166,7 @@ def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
                      "--steps", "2", "--classifier", str(tmp_path / "other.pt")])
 
 
-# ---- exported instance masks and the YOLO folder (issue 15) ----------------------------------------------------
+# ---- exported instance masks and the YOLO folder ----------------------------------------------------
 
 
 def test_masks_round_trip_through_the_readers_rle(tmp_path):
