@@ -25,8 +25,9 @@ from coco import DataError
 
 def add_flags(parser, cls, skip=(), only=None, given_only=False):
     """One flag per field of the dataclass `cls` (or of the `only` fields): --field-name, typed as the field;
-    booleans get --x / --no-x, tuples of ints read "1,2,4". given_only: the default is argparse.SUPPRESS, so the
-    parsed namespace holds only the flags given on the command line."""
+    booleans get --x / --no-x, tuples of ints read "1,2,4"; a field named in the class's CHOICES takes only those
+    values (argparse says which, in one line, before anything runs). given_only: the default is argparse.SUPPRESS,
+    so the parsed namespace holds only the flags given on the command line."""
     for f in only if only is not None else fields(cls):
         if f.name in skip:
             continue
@@ -40,7 +41,8 @@ def add_flags(parser, cls, skip=(), only=None, given_only=False):
                                 default=default, help=f"default {','.join(map(str, f.default))}")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=default, help=f"default {f.default}")
+            parser.add_argument(flag, type=typ, default=default, choices=getattr(cls, "CHOICES", {}).get(f.name),
+                                help=f"default {f.default}")
 
 
 def pick(ns, cls, **kw):

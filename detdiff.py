@@ -95,7 +95,7 @@ def split_args(given):
 # ----------------------------------------------------------------------------------------------------------------
 # The main job: data -> detector -> attributes -> generator -> grid, then a summary (PAPER.md sections 1-3)
 
-STAGES = ("data", "detector", "attributes", "autoencoder", "generator", "grid")
+STAGES = TrainConfig.CHOICES["stage"][1:]      # data, detector, attributes, autoencoder, generator, grid
 SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
             "detector", "detector_weights", "detector_classes", "det_steps", "det_size", "attr_steps", "attr_folds",
             "gamma", "beta", "class_aware", "seed", "space",
@@ -112,6 +112,8 @@ def pipeline(cfg, mcfg_overrides=None):
         raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
     root = data.resolve_data(cfg.data)               # a missing or bad data set stops before anything is written
     device, device_why = config.resolve_device(cfg.device)      # so does a device this machine lacks
+    if not cfg.resume:                               # and an image size the UNet (or autoencoder) cannot divide
+        train.check_sizes(cfg, mcfg_overrides)
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
     sample_dtype = dtype if dtype != "fp16" or device.type == "cuda" else "fp32"
     if cfg.detector and not cfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder

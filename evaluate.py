@@ -39,6 +39,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,7 @@ PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability", "masks")
 
 @dataclass
 class EvalConfig:
+    CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=("auto", "fp32", "bf16", "fp16"))
     parts: str = ",".join(PARTS)  # comma-separated subset of PARTS
     n_layouts: int = 300          # val layouts generated (all val images if fewer); fidelity, easy/hard, FID, crops
     sampler: str = "dpm++2m"      # sample.SAMPLERS; DPM-Solver++ 20 steps matches DDIM-50's fidelity here

@@ -17,6 +17,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ from unet import UNet, UNetConfig
 
 @dataclass
 class TrainConfig:
+    CHOICES: ClassVar[dict] = dict(dtype=("auto", "fp32", "bf16", "fp16"), schedule=("cosine", "linear"),
+                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"), location=("grid", "axis"),
+                                   stage=("all", "data", "detector", "attributes", "autoencoder", "generator", "grid"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
@@ -134,6 +138,23 @@ def attributes_path(cfg, out):
     return Path(cfg.attributes).resolve()
 
 
+def check_sizes(cfg, mcfg_overrides=None):
+    """The image side against the UNet's downsampling (and, in latent mode, the autoencoder's factor), before any
+    stage runs: a one-line DataError naming the flags, instead of a traceback when the generator stage starts."""
+    mults = (mcfg_overrides or {}).get("channel_mults", UNetConfig.channel_mults)
+    down, S, what = 2 ** (len(mults) - 1), cfg.image_size, f"--image-size {cfg.image_size}"
+    if cfg.space == "latent":
+        f = cfg.ae_factor
+        if f < 1 or f & (f - 1):
+            raise config.DataError(f"--ae-factor {f}: must be a power of 2")
+        if S % f:
+            raise config.DataError(f"--image-size {S}: not divisible by --ae-factor {f}")
+        S, what = S // f, f"the latent side {S // f} (--image-size {S} / --ae-factor {f})"
+    if S % down:
+        raise config.DataError(f"{what} is not divisible by {down}, the UNet's downsampling (--channel-mults "
+                               f"{','.join(map(str, mults))}: one halving per level after the first)")
+
+
 def save_grid(ema, diff, tok, val_batch, cfg, path, device, autoencoder=None, dtype="fp32"):
     """Real validation images (left) beside generated ones for the same layouts (right), boxes drawn."""
     g = torch.Generator(device="cpu").manual_seed(1234)    # own generator: the training RNG stream is untouched
@@ -201,6 +222,8 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) \
         if ddp else (0, 1, 0)
     device, device_why = config.resolve_device(cfg.device, local)      # auto: cuda, then mps, then cpu
+    if not cfg.resume:                            # a resumed run keeps its checkpoint's shapes
+        check_sizes(cfg, mcfg_overrides)
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -30,6 +30,7 @@ Quick check: python -c "import unet; m = unet.UNet(unet.UNetConfig()); print(sum
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,7 @@ MAX_SIDE = 256   # the largest side of a feature map with cross-attention (a 256
 
 @dataclass
 class UNetConfig:
+    CHOICES: ClassVar[dict] = dict(cond=("tokens", "object", "paint"), location=("grid", "axis"))
     # image side
     in_channels: int = 3
     base_channels: int = 32
@@ -55,7 +57,7 @@ class UNetConfig:
     dropout: float = 0.0
     # layout encoder (the token-vocabulary fields are filled from data.LayoutTokenizer by model_config_from_tok)
     cond: str = "paint"                  # "tokens": the paper's (cross-attention to every prompt token); "object": one
-                                         # pooled embedding per object; "paint" (default, the generator study): "object" +
+                                         # pooled embedding per object; "paint" (default, measured): "object" +
                                          # each object painted into its box as feature maps (position-aware fusion,
                                          # beyond the paper)
     d_model: int = 64

@@ -246,3 +246,22 @@ def test_cli_unknown_key_and_resume_guard(tiny_data, tmp_path):
         detdiff.main(["--out", str(out), "--resume", "--lr", "0.5"])
     detdiff.main(["--out", str(out), "--resume", "--steps", "2"])
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+# ---- settings that fail before anything runs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, bad", [("--cond", "paints"), ("--schedule", "cos"), ("--loss-weight", "snr"),
+                                       ("--dtype", "float32"), ("--location", "grid2"), ("--space", "latents"),
+                                       ("--stage", "train")])
+def test_a_string_setting_outside_its_choices_is_refused_by_the_parser(capsys, flag, bad):
+    with pytest.raises(SystemExit):
+        detdiff.build_parser().parse_args([flag, bad])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: invalid choice: '{bad}'" in err
+
+
+def test_the_main_job_checks_sizes_before_any_stage_writes(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(coco.DataError):
+        detdiff.pipeline(train.TrainConfig(data=tiny_data, out=str(out), image_size=30))
+    assert not out.exists()

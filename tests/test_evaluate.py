@@ -164,3 +164,9 @@ def test_a_finished_ablation_of_another_budget_is_not_reused(run):
     with pytest.raises(SystemExit, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
                        r"instead of minutes 0, steps 4\)"):
         ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)
+
+
+def test_evaluate_refuses_an_unknown_sampler(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", "x", "--sampler", "euler"])
+    assert "invalid choice: 'euler'" in capsys.readouterr().err

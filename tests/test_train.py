@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 
+import coco
 import data
 import diffusion
 import train
@@ -189,3 +190,16 @@ def test_default_train_step_multiplies_foreground_and_min_snr_weights():
         fg[i] /= fg[i].mean()
     expected = (err * fg * w_t.view(2, 1, 1)).mean()
     assert l_simple.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kw, says", [(dict(image_size=30), "--image-size 30 is not divisible by 4"),
+                                      (dict(image_size=36, channel_mults=(1, 2, 2, 2)), "not divisible by 8"),
+                                      (dict(space="latent", image_size=40), "the latent side 10"),
+                                      (dict(space="latent", image_size=64, ae_factor=3), "--ae-factor 3: must be a")])
+def test_sizes_the_unet_cannot_divide_are_one_line_errors(kw, says):
+    mults = kw.pop("channel_mults", None)
+    with pytest.raises(coco.DataError) as e:
+        train.check_sizes(train.TrainConfig(**kw), dict(channel_mults=mults) if mults else None)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    train.check_sizes(train.TrainConfig(image_size=32))                                 # the default passes
+    train.check_sizes(train.TrainConfig(image_size=64, space="latent"))
