@@ -114,7 +114,7 @@ def sincos_2d(xy, dim, scale):
 def timestep_embedding(t, dim, omega=None):
     """DDPM's sinusoidal embedding of the integer timestep t (B,) -> (B, dim), in float32 on t's device. float32
     is enough: for t < 1000 the angle t * omega is off by at most ~1e-4 rad from float64's, well below what the
-    bf16 time MLP resolves (4e-3); tests/test_unet.py checks it against the float64 table."""
+    bf16 time MLP resolves (4e-3); tests/test_devices.py checks it against the float64 table."""
     return sincos_1d(t.float(), dim, omega)
 
 
