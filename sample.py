@@ -186,36 +186,51 @@ def load_checkpoint(path, weights="ema", device="cpu"):
 
 
 def read_layouts(path, class_names, max_objects):
-    """The user layout json (format in the module docstring) -> list of dict(boxes (N,4) in [0,1], labels, difficulty)."""
+    """The user layout json (format in the module docstring) -> list of dict(boxes (N,4) in [0,1], labels, difficulty).
+    Anything malformed is a one-line DataError naming the file, the layout, the object and the field."""
     js = coco.read_json(path)
     items = js.get("layouts") if isinstance(js, dict) else None
-    if not isinstance(items, list):
-        raise SystemExit(f"error: {path}: expected {{\"layouts\": [...]}}")
-    out = []
-    for i, lay in enumerate(items):
-        try:
-            W, H, objs = float(lay["width"]), float(lay["height"]), lay["objects"]
-        except (KeyError, TypeError, ValueError):
-            raise SystemExit(f"error: {path}: layout {i} needs width, height and objects") from None
-        if len(objs) > max_objects:
-            raise SystemExit(f"error: {path}: layout {i} has {len(objs)} objects, the model takes at most {max_objects}")
-        boxes, labels, diffs = [], [], []
-        for j, o in enumerate(objs):
-            if o.get("category") not in class_names:
-                raise SystemExit(f"error: {path}: layout {i} object {j}: unknown category {o.get('category')!r} "
-                                 f"(known: {', '.join(class_names)})")
-            if o.get("difficulty", "none") not in data.DIFFICULTY:
-                raise SystemExit(f"error: {path}: layout {i} object {j}: difficulty must be one of {data.DIFFICULTY}")
-            x, y, w, h = (float(v) for v in o["bbox"])
-            b = [max(x, 0) / W, max(y, 0) / H, min(x + w, W) / W, min(y + h, H) / H]
-            if b[2] <= b[0] or b[3] <= b[1]:
-                raise SystemExit(f"error: {path}: layout {i} object {j}: bbox {o['bbox']} is empty inside {W:g}x{H:g}")
-            boxes.append(b)
-            labels.append(class_names.index(o["category"]))
-            diffs.append(data.DIFFICULTY.index(o.get("difficulty", "none")))
-        out.append(dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.long),
-                        difficulty=torch.tensor(diffs, dtype=torch.long)))
-    return out
+    if not isinstance(items, list) or not items:
+        raise coco.DataError(f"{path}: expected {{\"layouts\": [...]}} with at least one layout")
+    return [read_layout(path, i, lay, class_names, max_objects) for i, lay in enumerate(items)]
+
+
+def read_layout(path, i, lay, class_names, max_objects):
+    """Layout i of a layout json, checked field by field (read_layouts)."""
+    where = f"{path}: layout {i}"
+    if not isinstance(lay, dict):
+        raise coco.DataError(f"{where}: expected an object with width, height and objects")
+    for key in ("width", "height"):
+        v = lay.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise coco.DataError(f"{where}: {key} must be a number > 0, got {v!r}")
+    W, H, objs = float(lay["width"]), float(lay["height"]), lay.get("objects")
+    if not isinstance(objs, list):
+        raise coco.DataError(f"{where}: objects must be a list, got {objs!r}")
+    if len(objs) > max_objects:
+        raise coco.DataError(f"{where}: has {len(objs)} objects, the model takes at most {max_objects}")
+    boxes, labels, diffs = [], [], []
+    for j, o in enumerate(objs):
+        at = f"{where} object {j}"
+        if not isinstance(o, dict):
+            raise coco.DataError(f"{at}: expected an object with category and bbox")
+        if o.get("category") not in class_names:
+            raise coco.DataError(f"{at}: unknown category {o.get('category')!r} (known: {', '.join(class_names)})")
+        if o.get("difficulty", "none") not in data.DIFFICULTY:
+            raise coco.DataError(f"{at}: difficulty must be one of {data.DIFFICULTY}")
+        bb = o.get("bbox")
+        if not isinstance(bb, list) or len(bb) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               for v in bb):
+            raise coco.DataError(f"{at}: bbox must be [x, y, width, height] in pixels, got {bb!r}")
+        x, y, w, h = (float(v) for v in bb)
+        b = [max(x, 0) / W, max(y, 0) / H, min(x + w, W) / W, min(y + h, H) / H]
+        if b[2] <= b[0] or b[3] <= b[1]:
+            raise coco.DataError(f"{at}: bbox {bb} is empty inside {W:g}x{H:g}")
+        boxes.append(b)
+        labels.append(class_names.index(o["category"]))
+        diffs.append(data.DIFFICULTY.index(o.get("difficulty", "none")))
+    return dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.long),
+                difficulty=torch.tensor(diffs, dtype=torch.long))
 
 
 def val_layouts(ck, n, split="val"):
@@ -363,6 +378,8 @@ def main(argv=None):
 
 
 def run(a):
+    if a.n < 1 and a.layouts == "val":
+        raise coco.DataError(f"--n must be at least 1, got {a.n}")
     out = Path(a.out or Path(a.ckpt).parent / f"samples_{a.difficulty}")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")

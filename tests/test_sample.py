@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import coco
 import crops
 import data
 import diffusion
@@ -127,7 +128,7 @@ def test_bad_inputs_give_one_line_errors(ckpt, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layouts": [{"width": 10, "height": 10, "objects": [{"category": "unicorn",
                                                                                     "bbox": [0, 0, 5, 5]}]}]}))
-    with pytest.raises(SystemExit, match="bad.json: layout 0 object 0: unknown category 'unicorn'"):
+    with pytest.raises(SystemExit, match="error: .*bad.json: layout 0 object 0: unknown category 'unicorn'"):
         sample.main(["--ckpt", str(ckpt), "--layouts", str(bad), "--out", str(tmp_path / "x")])
     notck = tmp_path / "junk.pt"
     torch.save({"a": 1}, notck)
@@ -229,3 +230,30 @@ def test_sample_cli_exports_head_masks_yolo_and_box_masks(ckpt, tmp_path, capsys
     torch.save(nohead, tmp_path / "nohead.pt")
     with pytest.raises(SystemExit, match="nohead.pt: --masks head needs a perception head"):
         sample.main(["--ckpt", str(tmp_path / "nohead.pt"), "--out", str(tmp_path / "x"), "--masks", "head"])
+
+
+@pytest.mark.parametrize("layout, says", [
+    ({"width": 10, "height": 10, "objects": [{"category": "circle"}]}, "layout 0 object 0: bbox must be [x, y, width"),
+    ({"width": 0, "height": 10, "objects": []}, "layout 0: width must be a number > 0, got 0"),
+    ({"height": 10, "objects": []}, "layout 0: width must be a number > 0, got None"),
+    ({"width": 10, "height": 10, "objects": {"category": "circle"}}, "layout 0: objects must be a list"),
+    ({"width": 10, "height": 10, "objects": [{"category": "circle", "bbox": [0, 0, 5]}]}, "object 0: bbox must be"),
+    ({"width": 10, "height": 10, "objects": [{"category": "circle", "bbox": [20, 20, 5, 5]}]}, "is empty inside 10x10"),
+    ({"width": 10, "height": 10, "objects": ["circle"]}, "layout 0 object 0: expected an object with category"),
+])
+def test_every_malformed_layout_is_one_line_naming_file_layout_and_field(tmp_path, layout, says):
+    path = tmp_path / "lay.json"
+    path.write_text(json.dumps({"layouts": [layout]}))
+    with pytest.raises(coco.DataError) as e:
+        sample.read_layouts(path, ["circle", "square"], 4)
+    assert str(e.value).startswith(f"{path}: ") and says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_layouts_and_n_zero_are_one_line_errors(ckpt, tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"layouts": []}))
+    with pytest.raises(coco.DataError, match="empty.json: expected"):
+        sample.read_layouts(path, ["circle"], 4)
+    with pytest.raises(SystemExit, match="^error: --n must be at least 1, got 0$"):
+        sample.main(["--ckpt", str(ckpt), "--n", "0", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
