@@ -6,8 +6,8 @@ the same budget (by default as many steps as the run), then scored by evaluate.p
 """
 from dataclasses import replace
 
-import torch
 
+import config
 import train
 
 
@@ -41,7 +41,7 @@ def train_ablation(run, ck, name, overrides, cfg, log):
         return run / "ckpt.pt"                    # 'both on' at the run's own budget is the run itself
     out = run / "ablations" / name.replace(" ", "_")
     path = out / "ckpt.pt"
-    done = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
+    done = config.load_file(path) if path.is_file() else {}
     if done.get("finished"):
         had = done["train_cfg"]
         if not cfg.quick and any(had.get(k) != v for k, v in budget.items()):

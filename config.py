@@ -15,6 +15,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from coco import DataError
@@ -57,6 +58,18 @@ def atomic_save(obj, path):
     tmp = str(path) + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)   # readers see the old or the new file, never half of one
+
+
+# numpy's RNG state (an array) is the one thing a generator checkpoint holds beyond tensors and plain values
+NUMPY_STATE = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
+               type(np.dtype(np.uint32))]
+
+
+def load_file(path):
+    """torch.load of a file this project wrote (a generator checkpoint, a module file) with weights_only=True, so
+    that no code in the file runs: tensors, plain values and numpy's RNG-state arrays only."""
+    with torch.serialization.safe_globals(NUMPY_STATE):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_module(path, kind, module, config, **extra):

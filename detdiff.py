@@ -29,7 +29,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import autoencoder
@@ -218,14 +217,14 @@ def pipeline(cfg, mcfg_overrides=None):
             autoencoder.train_autoencoder(cfg, root, ae_path, log, device=device, dtype=dtype)
         timing["autoencoder"] = time.time() - t
     if cfg.space == "latent" and ae_path.is_file():
-        f = torch.load(ae_path, map_location="cpu", weights_only=False)
+        f = config.load_file(ae_path)
         summary["autoencoder"] = {k: f.get(k) for k in ("psnr_val", "scale", "latent_shape", "seconds", "fingerprint")}
 
     # -- generator: the layout-conditioned UNet with the perception loss
     ckpt_path = out / "ckpt.pt"
     if "generator" in run:
         t = time.time()
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+        ck = config.load_file(ckpt_path) if ckpt_path.is_file() else None
         if ck is not None and ck.get("finished") and not cfg.resume:
             log(f"[generator] reusing {ckpt_path} (step {ck['step']})")
         else:
@@ -233,7 +232,7 @@ def pipeline(cfg, mcfg_overrides=None):
             train.train(cfg, mcfg_overrides)
         timing["generator"] = time.time() - t
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = config.load_file(ckpt_path)
         h = ck["history"]
         summary["generator"] = dict(steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2), dtype=ck.get("dtype"),
                                     img_s=round(ck.get("img_s", 0.0), 1), finished=bool(ck.get("finished")),
@@ -342,7 +341,7 @@ def main(argv=None):
         ck_path = out / "ckpt.pt"
         if not ck_path.is_file():
             raise SystemExit(f"error: {ck_path}: no checkpoint to resume from")
-        saved = torch.load(ck_path, map_location="cpu", weights_only=False)
+        saved = config.load_file(ck_path)
         changed = {k: v for k, v in targs.items()
                    if k not in RESUME_OVERRIDES and saved["train_cfg"].get(k, getattr(TrainConfig, k)) != v}
         if changed or margs:

@@ -31,6 +31,7 @@ training data; "difficulty" is optional ("none" | "easy" | "hard") and --difficu
 import argparse
 import contextlib
 import json
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -176,10 +177,10 @@ def load_checkpoint(path, weights="ema", device="cpu"):
     if not Path(path).is_file():
         raise SystemExit(f"error: {path}: checkpoint not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = config.load_file(path)
         model = UNet(UNetConfig(**ck["model_cfg"]))
         model.load_state_dict(ck[weights])
-    except (KeyError, RuntimeError, EOFError, TypeError) as e:
+    except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as e:
         raise SystemExit(f"error: {path}: not a detdiff checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
     return model.to(device).eval(), data.tokenizer_from(ck["tokenizer"]), diff, ck

@@ -242,7 +242,7 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None):
     if cfg.resume:
         if not ckpt_path.is_file():
             raise SystemExit(f"error: {ckpt_path}: no checkpoint to resume from")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = config.load_file(ckpt_path)
     elif ckpt_path.exists():
         raise SystemExit(f"error: {out} already holds a run (ckpt.pt); pass --resume to continue it or --out for a "
                          f"new folder")

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import autoencoder
 import coco
 import config
+import crops
+import detector
 
 
 def test_dtype_auto_follows_the_cpu_flags(tmp_path):
@@ -74,3 +77,29 @@ def test_a_missing_file_or_another_kind_is_one_line_naming_it(tmp_path):
     with pytest.raises(coco.DataError) as e:
         config.load_module(tmp_path / "m.pt", "tiny", lambda c: Tiny(**c), "tiny module")
     assert "m.pt: not a tiny module" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- every kind of file the project writes loads with weights_only=True ----------------------------------------
+
+def test_every_file_the_project_writes_loads_without_running_code(ckpt, tmp_path):
+    """A generator checkpoint (with numpy's RNG state, allowed by name), a detector, an autoencoder and a crop
+    classifier file all load with weights_only=True; a pickle that would run code is refused."""
+    ck = config.load_file(ckpt)
+    assert {"model", "ema", "opt", "rng", "train_cfg"} <= ck.keys() and ck["rng"][0]["numpy"][0] == "MT19937"
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(ckpt, weights_only=True)                   # numpy's state needs the allow-list
+    det = detector.Detector(detector.DetectorConfig(2, ("a", "b"), 32, width=8, dilations=(1,)))
+    detector.save_detector(det, tmp_path / "detector.pt")
+    ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(channels=4, factor=2))
+    config.save_module(tmp_path / "autoencoder.pt", autoencoder.KIND, ae, dict(channels=4, factor=2))
+    clf = crops.CropClassifier(2, ("a", "b"), 4, 8, 0.1)
+    crops.save_crop_classifier(clf, tmp_path / "crops.pt")
+    for name in ("detector.pt", "autoencoder.pt", "crops.pt"):
+        assert "state_dict" in torch.load(tmp_path / name, weights_only=True)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code from the file",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        config.load_file(tmp_path / "evil.pt")
