@@ -92,11 +92,12 @@ class DecodedLayouts:
         labels, difficulty (B, M), masks (B, M, S, S) float, valid (B, M)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         orders = self.draw_orders(idx) if orders is None else orders
-        i, o = idx.to(self.store)[:, None], orders.to(self.store)                 # (B, 1), (B, M)
+        idx, o = idx.to(self.store), orders.to(self.store)                      # (B,), (B, M)
+        i = idx[:, None]
         out = dict(boxes=self.boxes[i, o], labels=self.labels[i, o], difficulty=self.difficulty[i, o],
                    masks=self.masks[i, o], valid=self.valid[i, o], slots=self.obj_tokens[i, o])
         if self.images is not None:
-            out["image"] = self.images[idx.to(self.store)]
+            out["image"] = self.images[idx]
         out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
         if "image" in out:
             out["image"] = out["image"].float().div(127.5).sub(1.0)                 # data.to_model_range's mapping

@@ -118,7 +118,7 @@ def resolve_dtype(dtype, device, flags=None):
     """--dtype auto -> (dtype, why): bf16 autocast where the hardware computes in bf16 (a CUDA device that
     supports it; an x86 CPU with AVX-512 BF16 or AMX, read from /proc/cpuinfo), else fp32, because a CPU without
     bf16 instructions emulates them and runs many times slower than in fp32. Other values pass through."""
-    if dtype not in ("auto", "fp32", "bf16", "fp16"):
+    if dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     if dtype != "auto":
         return dtype, "as asked"
@@ -170,6 +170,13 @@ def resolve_device(spec="auto", local_rank=0):
 
 
 TORCH_DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+DTYPES = ("auto", *TORCH_DTYPES)   # every --dtype flag's choices
+
+
+def sampling_dtype(dtype, device):
+    """The dtype sampling runs in for a resolved training dtype: fp16 only on CUDA (elsewhere fp32), others as they
+    are. The grid stage, evaluate.py and the periodic sample grids all sample this way."""
+    return dtype if dtype != "fp16" or torch.device(device).type == "cuda" else "fp32"
 
 
 def autocast(device, dtype):

@@ -114,7 +114,7 @@ def pipeline(cfg, mcfg_overrides=None):
     if not cfg.resume:                               # and an image size the UNet (or autoencoder) cannot divide
         train.check_sizes(cfg, mcfg_overrides)
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
-    sample_dtype = dtype if dtype != "fp16" or device.type == "cuda" else "fp32"
+    sample_dtype = config.sampling_dtype(dtype, device)
     if cfg.detector and not cfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
         cfg.detector = str(Path(cfg.detector).resolve())
     if cfg.detector_weights:

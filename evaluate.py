@@ -66,7 +66,7 @@ PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability", "masks")
 
 @dataclass
 class EvalConfig:
-    CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=("auto", "fp32", "bf16", "fp16"))
+    CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=config.DTYPES)
     parts: str = ",".join(PARTS)  # comma-separated subset of PARTS
     n_layouts: int = 300          # val layouts generated (all val images if fewer); fidelity, easy/hard, FID, crops
     sampler: str = "dpm++2m"      # sample.SAMPLERS; DPM-Solver++ 20 steps matches DDIM-50's fidelity here
@@ -148,13 +148,13 @@ def evaluate(run, cfg=None):
         raise SystemExit(f"error: --parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     if cfg.sampler not in sample.SAMPLERS:
         raise SystemExit(f"error: --sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
-    if cfg.dtype not in ("auto", *config.TORCH_DTYPES):
+    if cfg.dtype not in config.DTYPES:
         raise SystemExit(f"error: --dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
     device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
     cfg = replace(cfg, device=str(device), dtype=dtype)           # what ran, in metrics.json and for the ablations
     # sampling in fp16 only on CUDA (the generator's rule, train.py's sample grids)
-    gen_dtype = dtype if dtype != "fp16" or device.type == "cuda" else "fp32"
+    gen_dtype = config.sampling_dtype(dtype, device)
     run = Path(run)
     if not (run / "ckpt.pt").is_file():
         raise SystemExit(f"error: {run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")

@@ -301,7 +301,7 @@ def _source(a, dataset, device):
 def _device_flags(p, dtype=True):
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps")
     if dtype:
-        p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+        p.add_argument("--dtype", default="auto", choices=config.DTYPES,
                        help="the training's autocast; auto: bf16 where the hardware computes in it, else fp32")
 
 

@@ -353,7 +353,7 @@ def main(argv=None):
                     f"Default -1: {ATTR_GUIDANCE:g} for such a checkpoint, else 1")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--weights", choices=("ema", "model"), default="ema")
-    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    ap.add_argument("--dtype", choices=config.DTYPES, default="auto",
                     help="autocast dtype; auto: bf16 where the hardware has it (config.resolve_dtype), else fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--autoencoder", default="", help="latent-space checkpoints: the autoencoder it learned with "

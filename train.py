@@ -44,7 +44,7 @@ from unet import UNet, UNetConfig
 
 @dataclass
 class TrainConfig:
-    CHOICES: ClassVar[dict] = dict(dtype=("auto", "fp32", "bf16", "fp16"), schedule=("cosine", "linear"),
+    CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"),
                                    loss_weight=("minsnr", "none"), space=("pixel", "latent"), location=("grid", "axis"),
                                    stage=("all", "data", "detector", "attributes", "autoencoder", "generator", "grid"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
@@ -160,7 +160,7 @@ def save_grid(ema, diff, tok, val_batch, cfg, path, device, autoencoder=None, dt
     g = torch.Generator(device="cpu").manual_seed(1234)    # own generator: the training RNG stream is untouched
     x = sample.generate(ema, diff, val_batch["tokens"].to(device), tok.null_prompt().to(device),
                         size=cfg.image_size, steps=cfg.sample_steps, guidance=cfg.guidance, generator=g,
-                        dtype=dtype if dtype != "fp16" or device.type == "cuda" else "fp32", progress=False,
+                        dtype=config.sampling_dtype(dtype, device), progress=False,
                         autoencoder=autoencoder)
     tiles = []
     for real, fake, boxes, labels, valid in zip(val_batch["image"], x.cpu(), val_batch["boxes"],
