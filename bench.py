@@ -92,9 +92,7 @@ def make_batch(tok, B, S, n_objects, device, seed=0):
     xy = torch.rand(B, n_objects, 2, generator=g) * 0.6
     boxes = torch.cat([xy, xy + 0.1 + torch.rand(B, n_objects, 2, generator=g) * 0.3], -1)    # (B, n, 4) xyxy
     labels = torch.randint(0, len(tok.class_names), (B, n_objects), generator=g)
-    c = (torch.arange(S) + 0.5) / S
-    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))                              # (B, n, 1, 1)
-    masks = (c[None, None, None] >= x0) & (c[None, None, None] < x1) & (c[..., None] >= y0) & (c[..., None] < y1)
+    masks = data.box_pixels(boxes, S)                                                          # (B, n, S, S)
     return dict(image=(torch.rand(B, 3, S, S, generator=g) * 2 - 1).to(device),
                 tokens=torch.stack([tok.encode(b, l) for b, l in zip(boxes, labels)]).to(device),
                 boxes=nn.functional.pad(boxes, (0, 0, 0, tok.max_objects - n_objects)).to(device),

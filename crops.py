@@ -7,7 +7,6 @@ trainability part and `sample.py --classifier`).
 
     python evaluate.py --run runs/shapes --parts crops      # writes RUN/eval/crop_classifier.pt
 """
-import math
 import time
 
 import torch
@@ -19,6 +18,7 @@ from tqdm import tqdm
 import config
 import data
 import detector
+import optim
 
 KIND = "detdiff-crop-classifier"       # config.save_module's kind of crop_classifier.pt
 
@@ -101,7 +101,7 @@ def train_crop_classifier(dataset, steps=1000, batch=128, seed=0, size=16, conte
     for step in range(steps):
         # learning rate: short linear warmup, then cosine decay to 0
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = optim.warmup_cosine(lr, step, 20, step / steps)
         # augmentation: box jitter (each edge up to `jitter` of the side), horizontal flip
         k = torch.randint(len(labels), (batch,), generator=g)
         wh = (boxes[k, 2:] - boxes[k, :2]).repeat(1, 2)

@@ -4,7 +4,8 @@ DetDiffusion (PAPER.md sections 1-2) conditions a diffusion model on a layout wr
 "An image with {objects}", one object = (category c, location l, perception-aware attribute d).
 This file owns everything between a data set on disk (read by `coco.py`) and that token sequence:
 
-  1. images:   `to_model_range` / `from_model_range`, the one place pixels map to [-1, 1] and back
+  1. pixels:   `to_model_range` / `from_model_range`, the one place pixels map to [-1, 1] and back, and
+               `box_pixels`, the one rule for which pixels lie in a box
   2. reader:   `CocoLayoutDataset` (resize to S x S, drop objects under 2% of the image, cap objects per image
                keeping the largest, shuffle object order) and `collate`
   3. tokens:   `LayoutTokenizer` (GeoDiffusion's location grid, category and [easy]/[hard] tokens)
@@ -40,7 +41,7 @@ DIFFICULTY = ("none", "easy", "hard")  # code 0 = no attribute yet, 1 = [easy], 
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Pixel range: the only place images map to the model's [-1, 1] and back.
+# 1. Pixels: the only place images map to the model's [-1, 1] and back, and the one pixel-in-box rule.
 
 def to_model_range(image):
     """uint8 (H, W, 3) array or PIL image -> float32 tensor (3, H, W) in [-1, 1]."""
@@ -56,6 +57,29 @@ def from_model_range(x):
         raise ValueError(f"from_model_range wants (3, H, W), got {tuple(x.shape)}")
     x = (x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
     return x.round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def box_spans(boxes, S, grow=0):
+    """The one pixel-in-box rule of the project: on an S x S grid, pixel (i, j) belongs to a box when its centre
+    ((j + 0.5) / S, (i + 0.5) / S) lies in [x0, x1) x [y0, y1): the left and top edges in, the right and bottom
+    edges out, so boxes that share an edge share no pixel. boxes (..., 4) xyxy in [0, 1]; grow: pixels added on
+    every side. -> centres (S,), in_x (..., S), in_y (..., S) (the box's columns and rows)."""
+    dt = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    c = (torch.arange(S, device=boxes.device, dtype=dt) + 0.5) / S
+    x0, y0, x1, y1 = (boxes[..., i, None].to(dt) for i in range(4))      # (..., 1)
+    g = grow / S
+    return c, (c >= x0 - g) & (c < x1 + g), (c >= y0 - g) & (c < y1 + g)
+
+
+def flip_boxes(boxes):
+    """Boxes (..., 4) xyxy in [0, 1] of an image mirrored left-right: (1 - x1, y0, 1 - x0, y1)."""
+    return torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
+
+
+def box_pixels(boxes, S, grow=0):
+    """bool (..., S, S): the pixels of each box under box_spans' rule. boxes (..., 4) xyxy in [0, 1]."""
+    _, in_x, in_y = box_spans(torch.as_tensor(boxes), S, grow)
+    return in_y[..., :, None] & in_x[..., None, :]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +205,29 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, drop_last=True
 # tokens (2n of them) instead of n^2 grid tokens. Every object fills a fixed slot of T tokens, which lets
 # the layout encoder pool one embedding per object.
 
+def object_slots(ids, layout):
+    """ids (B, L) -> slots (B, M, T) and valid (B, M): slot k holds object k's T tokens, and it is a real object
+    when its first token is a category. `layout` is anything that carries the token layout (a LayoutTokenizer or
+    the UNet's config): max_objects, tokens_per_object, class_offset, loc_offset."""
+    M, T = layout.max_objects, layout.tokens_per_object
+    slots = ids[:, 1:1 + M * T].reshape(ids.shape[0], M, T)
+    c = slots[..., 0]
+    return slots, (c >= layout.class_offset) & (c < layout.loc_offset)
+
+
+def slot_boxes(slots, layout):
+    """slots (..., T) -> boxes (..., 4) xyxy in [0, 1]: the location tokens read back to their bin centres, the
+    inverse of LayoutTokenizer.encode (within half a bin). A slot with no object gives a junk box; mask it with
+    object_slots' valid. `layout` also carries bins, location."""
+    n, T = layout.bins, slots.shape[-1]
+    loc = (slots[..., 1:T - 1] - layout.loc_offset).clamp(min=0)   # (..., 2) grid, (..., 4) axis
+    if layout.location == "grid":                                  # index = y n + x
+        q = torch.stack([loc % n, loc // n], -1).flatten(-2)       # (..., 4) x0, y0, x1, y1
+    else:                                                          # x tokens 0..n-1, y tokens n..2n-1
+        q = loc - torch.tensor([0, n, 0, n], device=slots.device)
+    return q.float() / (n - 1)
+
+
 class LayoutTokenizer:
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<null>", "[none]", "[easy]", "[hard]")
 
@@ -240,22 +287,14 @@ class LayoutTokenizer:
         return ids
 
     def object_slots(self, ids):
-        """ids (B, L) -> slots (B, M, T) and valid (B, M): slot k holds object k's tokens."""
-        M, T = self.max_objects, self.tokens_per_object
-        slots = ids[:, 1:1 + M * T].reshape(ids.shape[0], M, T)
-        c = slots[..., 0]
-        return slots, (c >= self.class_offset) & (c < self.loc_offset)
+        """ids (B, L) -> slots (B, M, T) and valid (B, M): slot k holds object k's tokens (object_slots)."""
+        return object_slots(ids, self)
 
     def decode(self, ids):
         """LongTensor (seq_len,) -> dict(boxes (m, 4) bin centres, labels (m,), difficulty (m,))."""
-        slots, valid = self.object_slots(torch.as_tensor(ids).reshape(1, -1))
+        slots, valid = object_slots(torch.as_tensor(ids).reshape(1, -1), self)
         obj = slots[0][valid[0]]  # (m, T)
-        loc = obj[:, 1:-1] - self.loc_offset
-        if self.location == "grid":
-            xy = torch.stack([loc % self.bins, loc // self.bins], -1).reshape(-1, 4)  # x0, y0, x1, y1
-        else:
-            xy = loc - torch.tensor([0, self.bins, 0, self.bins])
-        return dict(boxes=xy.float() / (self.bins - 1), labels=obj[:, 0] - self.class_offset,
+        return dict(boxes=slot_boxes(obj, self), labels=obj[:, 0] - self.class_offset,
                     difficulty=obj[:, -1] - self.diff_offset)
 
     def render(self, ids):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import config
 import data
+import optim
 
 logger = logging.getLogger("detdiff.detector")
 KIND = "detdiff-centernet"       # config.save_module's kind of detector.pt
@@ -229,7 +230,7 @@ def train(dataset, model_cfg=None, cfg=DetTrainConfig(), indices=None, log=None,
             if step >= cfg.steps:
                 break
             # learning rate: linear warmup, then cosine decay to 0
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            lr = optim.warmup_cosine(cfg.lr, step, cfg.warmup, step / cfg.steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             # augmentation: resize to the model's side, random horizontal flip (boxes flip with the image);
@@ -241,8 +242,7 @@ def train(dataset, model_cfg=None, cfg=DetTrainConfig(), indices=None, log=None,
             if cfg.hflip:
                 flip = (torch.rand(x.shape[0]) < 0.5).to(device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                flipped = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
-                boxes = torch.where(flip[:, None, None], flipped, boxes)
+                boxes = torch.where(flip[:, None, None], data.flip_boxes(boxes), boxes)
             # forward under autocast (the loss in fp32), backward, clip, step
             with config.autocast(device, dtype):
                 loss, parts = detector_loss(model, dict(batch, image=x, boxes=boxes), cfg)

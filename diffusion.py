@@ -88,12 +88,9 @@ class Diffusion(nn.Module):
 
 
 def foreground_weight(boxes, valid, S, w=2.0, p=0.2):
-    """GeoDiffusion's foreground re-weighting: pixels inside a box weigh w / area^p (the smaller box wins
+    """GeoDiffusion's foreground re-weighting: pixels inside a box (data.box_pixels) weigh w / area^p (the smaller box wins
     where boxes overlap), background 1; normalised to mean 1 per image. boxes (B, M, 4) in [0, 1] -> (B, 1, S, S)."""
-    c = (torch.arange(S, device=boxes.device) + 0.5) / S
-    x0, y0, x1, y1 = (boxes[..., i, None, None] for i in range(4))                        # (B, M, 1, 1)
-    inside = (c[None, None, None, :] >= x0) & (c[None, None, None, :] < x1) & \
-             (c[None, None, :, None] >= y0) & (c[None, None, :, None] < y1) & valid[..., None, None]  # (B, M, S, S)
+    inside = data.box_pixels(boxes, S) & valid[..., None, None]                          # (B, M, S, S)
     area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).clamp(min=1e-6)
     wt = torch.where(inside, (w / area ** p)[..., None, None], 1.0)                      # (B, M, S, S)
     wt = wt.amax(1, keepdim=True) if boxes.shape[1] else torch.ones(boxes.shape[0], 1, S, S, device=boxes.device)

@@ -2,8 +2,8 @@
 (`object_masks`, read off the sampling steps by `sample.generate(mask_steps=k)`), and how well they fit the object
 the image actually drew (`drawn_masks`, `mask_fit`: evaluate.py's `masks` part).
 
-One pixel-in-box rule for both, `box_pixels`: a pixel belongs to a box when its centre lies inside it, edges
-included.
+Which pixels lie in a box is the project's one rule, `data.box_pixels` (a pixel whose centre is in
+[x0, x1) x [y0, y1)), here as `box_pixels` on numpy arrays.
 
     python sample.py --ckpt runs/shapes/ckpt.pt --masks head     # RLE masks in the COCO json, masks.png
     python evaluate.py --run runs/shapes --parts masks
@@ -11,17 +11,14 @@ included.
 import numpy as np
 import torch
 
+import data
 import figures
 
 
 def box_pixels(box, S, grow=0):
-    """bool (S, S): the pixels whose centre lies in `box` ([0, 1] xyxy, edges included) grown by `grow` pixels on
-    every side. (unet.box_masks paints the same test with the right and bottom edges excluded.)"""
-    c = (np.arange(S) + 0.5) / S
-    g = grow / S
-    x = (c >= box[0] - g) & (c <= box[2] + g)
-    y = (c >= box[1] - g) & (c <= box[3] + g)
-    return y[:, None] & x[None, :]
+    """bool numpy (S, S): the pixels of `box` ([0, 1] xyxy) grown by `grow` pixels on every side, by
+    data.box_pixels' rule."""
+    return data.box_pixels(torch.as_tensor(np.asarray(box, np.float64)), S, grow).numpy()
 
 
 def object_masks(probs, layouts, threshold=0.5):

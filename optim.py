@@ -1,5 +1,6 @@
 """The optimisation pieces the generator's loop (train.py) and the autoencoder's (autoencoder.py) share: AdamW with
-weight decay on weight matrices only, linear warm-up then cosine decay, batches as a pure function of
+weight decay on weight matrices only, linear warm-up then cosine decay (also the detector's and the crop
+classifier's), batches as a pure function of
 (seed, step) so that a resumed run sees exactly the batches the killed one would have, the EMA of the weights, and
 the RNG state a checkpoint carries.
 
@@ -20,12 +21,19 @@ def make_optimizer(raw, cfg):
                               dict(params=no_decay, weight_decay=0)], lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def lr_at(cfg, step, progress):
-    """Linear warm-up for `warmup` steps, then cosine decay from lr to lr * min_lr_frac as progress goes 0 -> 1."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+def warmup_cosine(lr, step, warmup, progress, min_frac=0.0):
+    """The project's one learning-rate schedule: linear warm-up for `warmup` steps, then cosine decay from lr to
+    lr * min_frac as progress goes 0 -> 1 (the generator, the autoencoder, the detector, the crop classifier)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
     c = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * c)
+    return lr * (min_frac + (1 - min_frac) * c)
+
+
+def lr_at(cfg, step, progress):
+    """warmup_cosine with a config's lr, warmup and min_lr_frac (TrainConfig; progress is the run's fraction of
+    its steps or of its time budget)."""
+    return warmup_cosine(cfg.lr, step, cfg.warmup, progress, cfg.min_lr_frac)
 
 
 def batch_indices(n, batch, step, seed, rank=0, world=1):

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 import coco_map
+import data
 import detector
 import sample
 
@@ -22,8 +23,7 @@ def training_layouts(ck, n, seed):
     for i, f in zip(pick.tolist(), flip.tolist()):
         lay = dict(pool[i])
         if f:
-            b = lay["boxes"]
-            lay["boxes"] = torch.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], 1)
+            lay["boxes"] = data.flip_boxes(lay["boxes"])
         out.append(lay)
     return out
 

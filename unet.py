@@ -12,7 +12,7 @@ here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
   is what teaches placement at CPU scale.
   `cond="paint"` (beyond the paper) is "object" plus LayoutDiffusion's position-aware fusion (Zheng et al., CVPR
   2023): each object's embedding and the pixel's position inside its box are painted into the box as a feature
-  map (`paint_objects`; the boxes are read back from the prompt's location tokens, `object_boxes`), and a 1x1
+  map (`paint_objects`; the boxes are read back from the prompt's location tokens, `data.slot_boxes`), and a 1x1
   convolution of that map, area-averaged to each resolution, is added to the input of every ResBlock. So every
   pixel of a box is told which object it belongs to and where in it it lies, instead of having to find that out
   through cross-attention at 16 and 8 px. The prompt itself is the paper's in all three settings. "paint" is the
@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import data
 from perception import MaskHead
 
 
@@ -121,28 +122,13 @@ def timestep_embedding(t, dim, omega=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Objects painted into their boxes (cond="paint"; LayoutDiffusion's position-aware fusion, beyond the paper)
 
-def object_boxes(tokens, cfg):
-    """The boxes (B, M, 4) xyxy in [0, 1] of a prompt's object slots, read back from their location tokens: the
-    inverse of data.LayoutTokenizer.encode (bin centres, within half a bin). Empty slots give junk boxes; the
-    caller masks them with object_valid. So the UNet still takes only the tokens."""
-    M, T, n = cfg.max_objects, cfg.tokens_per_object, cfg.bins
-    slots = tokens[:, 1:1 + M * T].reshape(tokens.shape[0], M, T)                 # (B, M, T)
-    loc = (slots[..., 1:T - 1] - cfg.loc_offset).clamp(min=0)                      # (B, M, 2) grid, (B, M, 4) axis
-    if cfg.location == "grid":                                                     # index = y n + x
-        q = torch.stack([loc % n, loc // n], -1).flatten(2)                        # (B, M, 4) x0, y0, x1, y1
-    else:                                                                          # x tokens 0..n-1, y tokens n..2n-1
-        q = loc - torch.tensor([0, n, 0, n], device=tokens.device)
-    return q.float() / (n - 1)
-
-
 def box_masks(boxes, valid, S):
-    """Where each object is on an S x S grid: inside (B, M, S, S), 1 at the pixels whose centre lies in object i's
-    box, and uv (B, 2, S, S), each pixel's position relative to its box, from -1 at the left / top edge to 1 at the
+    """Where each object is on an S x S grid: inside (B, M, S, S), 1 at object i's pixels (data.box_spans' rule:
+    centre in [x0, x1) x [y0, y1)), and uv (B, 2, S, S), each pixel's position relative to its box, from -1 at the left / top edge to 1 at the
     right / bottom edge, summed over the boxes it lies in (0 outside every box). boxes (B, M, 4) xyxy in [0, 1],
     valid (B, M) bool (empty slots are nowhere)."""
-    c = (torch.arange(S, device=boxes.device, dtype=torch.float32) + 0.5) / S       # pixel centres (S,)
+    c, in_x, in_y = data.box_spans(boxes.float(), S)                                # (S,), (B, M, S) x2
     x0, y0, x1, y1 = (boxes[..., i, None].float() for i in range(4))               # (B, M, 1)
-    in_x, in_y = (c >= x0) & (c < x1), (c >= y0) & (c < y1)                          # (B, M, S)
     u = (2 * (c - x0) / (x1 - x0).clamp(min=1e-6) - 1) * in_x                        # (B, M, S) along x
     v = (2 * (c - y0) / (y1 - y0).clamp(min=1e-6) - 1) * in_y                        # (B, M, S) along y
     inside = (in_y[..., :, None] & in_x[..., None, :] & valid[..., None, None]).float()  # (B, M, S, S)
@@ -214,8 +200,7 @@ class LayoutEncoder(nn.Module):
         pad = tokens == cfg.pad_id                                               # (B, L)
         h = self.tok_emb(tokens) + self.role_emb(self.role)[None]                # (B, L, D)
         h = self.ln(self.transformer(h, src_key_padding_mask=pad))
-        first = tokens[:, 1:1 + M * T:T]                                         # (B, M) first token of each slot
-        valid = (first >= cfg.class_offset) & (first < cfg.loc_offset)           # a category starts a real object
+        ids, valid = data.object_slots(tokens, cfg)                              # (B, M, T), (B, M) real objects
         if cfg.cond != "tokens":
             slots = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m (t d)", t=T)  # (B, M, T*D)
             objects = self.pool(slots)                                           # (B, M, D)
@@ -226,7 +211,7 @@ class LayoutEncoder(nn.Module):
             objects = rearrange(h[:, 1:1 + M * T], "b (m t) d -> b m t d", t=T).mean(2)  # (B, M, D) for the mask head
             context, mask = h, ~pad                                              # paper: every token is a key
         return dict(context=context, context_mask=mask, objects=objects, object_valid=valid,
-                    boxes=object_boxes(tokens, cfg))
+                    boxes=data.slot_boxes(ids, cfg))                          # read back from the tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -279,3 +279,41 @@ def test_cli_show_writes_a_grid(tiny_shapes, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (4 * (16 * 4 + 2) + 2, 16 * 4 + 4)
     assert "objects per category" in r.stdout
+
+
+def test_box_pixels_by_hand_and_the_edge_rule():
+    """A 4 x 4 grid has pixel centres 1/8, 3/8, 5/8, 7/8. A pixel is in [x0, x1) x [y0, y1): a box whose right
+    edge passes through a centre leaves that pixel out, its left edge takes it in; grow widens by whole pixels."""
+    got = data.box_pixels(torch.tensor([1 / 8, 1 / 8, 5 / 8, 3 / 8]), 4)
+    want = torch.zeros(4, 4, dtype=torch.bool)
+    want[0, 0:2] = True                                    # x centres 1/8, 3/8 (5/8 on the edge: out); y 1/8 only
+    assert torch.equal(got, want)
+    grown = data.box_pixels(torch.tensor([0.3, 0.3, 0.45, 0.45]), 4, grow=1)
+    want = torch.zeros(4, 4, dtype=torch.bool)
+    want[0:3, 0:3] = True                                  # [0.05, 0.7) holds 1/8, 3/8, 5/8
+    assert torch.equal(grown, want)
+
+
+def test_box_pixels_against_a_loop_and_boxes_that_share_an_edge():
+    """Random boxes at S = 7 against a per-pixel Python loop; two boxes that meet at x = 0.5 share no pixel and
+    together cover the pixels of the box that spans both."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(20, 2, generator=g) * 0.6
+    boxes = torch.cat([xy, xy + 0.05 + torch.rand(20, 2, generator=g) * 0.4], 1)
+    got = data.box_pixels(boxes, 7)                                                    # (20, 7, 7)
+    for b, m in zip(boxes.tolist(), got):
+        ref = [[b[0] <= (j + 0.5) / 7 < b[2] and b[1] <= (i + 0.5) / 7 < b[3] for j in range(7)] for i in range(7)]
+        assert m.tolist() == ref
+    left, right, both = data.box_pixels(torch.tensor([[0.1, 0.1, 0.5, 0.9], [0.5, 0.1, 0.9, 0.9],
+                                                      [0.1, 0.1, 0.9, 0.9]]), 8)
+    assert not (left & right).any() and torch.equal(left | right, both)
+
+
+
+def test_flip_boxes_mirrors_the_pixels():
+    """A box mirrored left-right covers the mirror image of its pixels (boxes whose edges miss the pixel
+    centres), and flipping twice gives the box back."""
+    boxes = torch.tensor([[0.1, 0.2, 0.45, 0.9], [0.6, 0.0, 0.95, 0.3]])
+    assert torch.allclose(data.flip_boxes(boxes)[0], torch.tensor([0.55, 0.2, 0.9, 0.9]))
+    assert torch.equal(data.box_pixels(data.flip_boxes(boxes), 8), data.box_pixels(boxes, 8).flip(-1))
+    assert torch.allclose(data.flip_boxes(data.flip_boxes(boxes)), boxes)

@@ -11,6 +11,7 @@ import coco
 import coco_map
 import data
 import detector
+import optim
 from conftest import TINY_DETECTOR, one_line_naming
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,6 +62,18 @@ def test_detector_trained_a_few_steps_beats_chance(shapes32):
         trained, chance = coco_map.evaluate(model, ds), coco_map.evaluate(RandomBoxes(5), ds)
         assert chance["AP50"] < 0.05                 # random boxes hardly ever overlap an object by IoU 0.5
         assert trained["AP50"] > chance["AP50"] + margin, (trained, chance)
+
+
+def test_detector_lr_follows_the_shared_schedule(shapes32):
+    """Each logged step's learning rate is optim.warmup_cosine's at that step (the schedule every loop uses)."""
+    train = data.CocoLayoutDataset(shapes32, "train", size=32)
+    cfg = detector.DetTrainConfig(steps=6, batch_size=2, lr=5e-3, warmup=3, log_every=1)
+    lines = []
+    detector.train(train, detector.DetectorConfig(num_classes=5, class_names=tuple(train.class_names), image_size=32,
+                                                  **TINY_DETECTOR), cfg, log=lines.append)
+    got = [line.split(" lr ")[1].split()[0] for line in lines]
+    assert got == [f"{optim.warmup_cosine(5e-3, s, 3, s / 6):.1e}" for s in range(6)]
+    assert got[:3] == ["1.7e-03", "3.3e-03", "5.0e-03"]                      # the warm-up, by hand
 
 
 def test_detector_save_load_roundtrip(tmp_path):

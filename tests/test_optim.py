@@ -19,6 +19,15 @@ def test_lr_warmup_then_cosine():
     assert optim.lr_at(cfg, 50, 0.5) == pytest.approx(0.55) and optim.lr_at(cfg, 99, 1.0) == pytest.approx(0.1)
 
 
+def test_warmup_cosine_by_hand():
+    """lr 2, warm-up 4: 0.5, 1, 1.5, 2 over the warm-up; then 2 * (1 + cos(pi p)) / 2: 1 at p = 0.5, 0 at p = 1
+    (the floor min_frac lifts the end to lr * min_frac)."""
+    assert [optim.warmup_cosine(2.0, s, 4, 0.0) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert optim.warmup_cosine(2.0, 10, 4, 0.5) == pytest.approx(1.0)
+    assert optim.warmup_cosine(2.0, 10, 4, 1.0) == pytest.approx(0.0)
+    assert optim.warmup_cosine(2.0, 10, 4, 2.0, min_frac=0.25) == pytest.approx(0.5)     # past the end: the floor
+
+
 def test_batches_cover_each_epoch_and_split_across_ranks():
     n, B = 10, 5
     seen = [i for s in range(2) for i in optim.batch_indices(n, B, s, seed=3)]

@@ -1,8 +1,11 @@
 """The UNet and layout encoder of unet.py: shapes, conditioning wiring, sin-cos initialisation."""
+import numpy as np
 import pytest
 import torch
 
 import data
+import diffusion
+import masks
 import unet
 from conftest import TINY_MODEL
 
@@ -131,14 +134,14 @@ def test_attention_core_runs_in_fp32_under_cpu_autocast(monkeypatch):
 
 
 @pytest.mark.parametrize("location", ["grid", "axis"])
-def test_object_boxes_read_back_what_the_tokenizer_wrote(location):
-    """unet.object_boxes inverts LayoutTokenizer.encode: the same boxes as the tokenizer's own decode, each
-    within half a bin of the box that was encoded."""
+def test_the_unet_reads_back_the_boxes_the_tokenizer_wrote(location):
+    """The layout encoder's boxes (data.slot_boxes read with the UNet's config) invert LayoutTokenizer.encode:
+    the same boxes as the tokenizer's own decode, each within half a bin of the box that was encoded."""
     tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=3, location=location)
     cfg = unet.UNetConfig.for_tokenizer(tok)
     boxes = torch.tensor([[0.1, 0.2, 0.55, 0.9], [0.0, 0.33, 1.0, 0.6]])
     ids = tok.encode(boxes, torch.tensor([1, 0]))[None]
-    got = unet.object_boxes(ids, cfg)[0]                                       # (M, 4), slot 3 empty
+    got = data.slot_boxes(data.object_slots(ids, cfg)[0], cfg)[0]                # (M, 4), slot 3 empty
     assert torch.allclose(got[:2], tok.decode(ids[0])["boxes"])
     assert (got[:2] - boxes).abs().max() <= 0.5 / (tok.bins - 1) + 1e-6
 
@@ -205,3 +208,16 @@ def test_unet_builds_at_width_48():
     m = unet.UNet(unet.UNetConfig.for_tokenizer(tok, base_channels=48, mask_dim=0))
     out = m(torch.zeros(1, 3, 8, 8), torch.tensor([3]), tok.null_prompt()[None])
     assert out.shape == (1, 3, 8, 8)
+
+
+def test_every_user_of_the_pixel_in_box_rule_agrees():
+    """The perception head's box clip (masks.box_pixels), the painted layout (unet.box_masks) and the foreground
+    weight (diffusion.foreground_weight) take exactly data.box_pixels' pixels, on boxes whose edges fall on
+    pixel centres."""
+    boxes = torch.tensor([[[1 / 16, 3 / 16, 9 / 16, 15 / 16], [0.5, 0.0, 1.0, 0.5]]])    # (1, 2, 4), S = 8
+    valid = torch.tensor([[True, True]])
+    want = data.box_pixels(boxes, 8)                                                   # (1, 2, 8, 8)
+    assert torch.equal(unet.box_masks(boxes, valid, 8)[0].bool(), want)
+    assert all(np.array_equal(masks.box_pixels(b.numpy(), 8), w.numpy()) for b, w in zip(boxes[0], want[0]))
+    fg = diffusion.foreground_weight(boxes, valid, 8)[0, 0]
+    assert torch.equal(fg > fg.min(), want[0].any(0))
