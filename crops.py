@@ -46,9 +46,9 @@ def _objects(layouts):
     n = torch.tensor([len(lay["labels"]) for lay in layouts], dtype=torch.long)
     boxes = torch.cat([torch.as_tensor(lay["boxes"], dtype=torch.float32).reshape(-1, 4) for lay in layouts])
     labels = torch.cat([torch.as_tensor(lay["labels"]).long().reshape(-1) for lay in layouts])
-    diff = torch.cat([torch.as_tensor(lay.get("difficulty", [0] * k)).long().reshape(-1)
+    difficulty = torch.cat([torch.as_tensor(lay.get("difficulty", [0] * k)).long().reshape(-1)
                       for lay, k in zip(layouts, n.tolist())])
-    return boxes, labels, diff, torch.repeat_interleave(torch.arange(len(layouts)), n)
+    return boxes, labels, difficulty, torch.repeat_interleave(torch.arange(len(layouts)), n)
 
 
 def object_crops(images, layouts, size=16, context=0.1):
@@ -56,9 +56,9 @@ def object_crops(images, layouts, size=16, context=0.1):
     difficulty (N,), image_index (N,)."""
     if len(images) != len(layouts):
         raise ValueError(f"{len(images)} images but {len(layouts)} layouts")
-    boxes, labels, diff, index = _objects(layouts)
+    boxes, labels, difficulty, index = _objects(layouts)
     x = torch.stack([data.to_model_range(im) for im in images])  # (B, 3, S, S)
-    return _crop(x, _rois(boxes, index, x.shape[-2:], context), size), labels, diff, index
+    return _crop(x, _rois(boxes, index, x.shape[-2:], context), size), labels, difficulty, index
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,14 +138,14 @@ def classify(clf, crops, labels=None, batch=1024):
 
 def crop_accuracy(clf, images, layouts):
     """dict(overall=..., none=..., easy=..., hard=...), each dict(accuracy, count); accuracy None when count 0."""
-    crops, labels, diff, _ = object_crops(images, layouts, clf.size, clf.context)
+    crops, labels, difficulty, _ = object_crops(images, layouts, clf.size, clf.context)
     correct = classify(clf, crops)[0] == labels
 
     def acc(m):
         n = int(m.sum())
         return dict(accuracy=correct[m].float().mean().item() if n else None, count=n)
     return dict(overall=acc(torch.ones_like(correct)),
-                **{name: acc(diff == code) for code, name in enumerate(data.DIFFICULTY)})
+                **{name: acc(difficulty == code) for code, name in enumerate(data.DIFFICULTY)})
 
 
 def accept_objects(clf, images, layouts, min_prob=0.5):

@@ -156,11 +156,11 @@ class CocoLayoutDataset(torch.utils.data.Dataset):
         it = self.load(i)
         n = len(it["labels"])
         order = torch.randperm(n) if self.shuffle_objects else torch.arange(n)  # PAPER.md s.1: shuffle objects
-        diff = [DIFFICULTY.index(self.attributes.get(int(a), "none")) for a in it["ann_ids"]]
+        difficulty = [DIFFICULTY.index(self.attributes.get(int(a), "none")) for a in it["ann_ids"]]
         out = dict(image=to_model_range(it["image"]),
                    boxes=torch.from_numpy(it["boxes"])[order].reshape(-1, 4),
                    labels=torch.from_numpy(it["labels"])[order],
-                   difficulty=torch.tensor(diff, dtype=torch.long)[order].reshape(-1),
+                   difficulty=torch.tensor(difficulty, dtype=torch.long)[order].reshape(-1),
                    masks=torch.from_numpy(it["masks"]).float()[order].reshape(-1, self.size, self.size),
                    ann_ids=torch.from_numpy(it["ann_ids"])[order], image_id=self.records[i]["image_id"])
         if self.tokenizer is not None:

@@ -125,9 +125,9 @@ def pipeline(cfg, mcfg_overrides=None):
     if saved.is_file():   # reusing a stage is only right if it was made with the same settings
         old = coco.read_json(saved)
         default = {f.name: f.default for f in fields(TrainConfig)}     # a setting added since: its default then
-        diff = sorted(k for k in SAME_RUN if old.get(k, default[k]) != settings[k])
-        if diff:
-            raise SystemExit(f"error: {out} holds a run made with other settings ({', '.join(diff)}); "
+        changed = sorted(k for k in SAME_RUN if old.get(k, default[k]) != settings[k])
+        if changed:
+            raise SystemExit(f"error: {out} holds a run made with other settings ({', '.join(changed)}); "
                              f"choose a new --out")
         if set(SAME_RUN) - set(old):
             saved.write_text(json.dumps(settings, indent=1))
@@ -242,8 +242,8 @@ def pipeline(cfg, mcfg_overrides=None):
     # -- grid: the same val layouts as origin / all-easy / all-hard, and a quick layout-fidelity check
     if "grid" in run:
         t = time.time()
-        grid_path, fid_json = out / "easy_hard.png", out / "fidelity.json"
-        if grid_path.is_file() and fid_json.is_file():
+        grid_path, fidelity_json = out / "easy_hard.png", out / "fidelity.json"
+        if grid_path.is_file() and fidelity_json.is_file():
             log(f"[grid] reusing {grid_path}")
         else:
             for need in (ckpt_path,) if given is not None else (ckpt_path, det_path):
@@ -254,7 +254,7 @@ def pipeline(cfg, mcfg_overrides=None):
             kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False, dtype=sample_dtype,
                       autoencoder=autoencoder.checkpoint_autoencoder(ck, ckpt_path, device=device),
                       attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
-            lays = sample.val_layouts(ck, max(cfg.n_grid, cfg.n_eval))
+            lays = sample.split_layouts(ck, max(cfg.n_grid, cfg.n_eval))
             real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
             real = [real_ds.load(i)["image"] for i in range(len(lays))]
             t_s = time.time()
@@ -266,26 +266,26 @@ def pipeline(cfg, mcfg_overrides=None):
             # layout fidelity (the paper's YOLO score, quick version; evaluate.py has the full one): the
             # real-trained detector on generated images vs on the real val images at the same resolution S
             det = given if given is not None else detector.load_detector(det_path).to(device)
-            fid = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
+            fidelity = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
                        sec_per_img=round(sec_per_img, 4))
             if isinstance(det, detections.ResultsFile):   # a results json has not seen the generated images
                 sample.write_coco(out / "fidelity_generated", "val", origin, lays, names,
                                   ck["tokenizer"]["category_ids"])
-                fid["note"] = (f"no fidelity score: {cfg.detector} is a results json; run that detector on "
+                fidelity["note"] = (f"no fidelity score: {cfg.detector} is a results json; run that detector on "
                                f"{out / 'fidelity_generated'} and score it with `python perception.py eval --data "
                                f"{out / 'fidelity_generated'} --results YOURS.json`")
-                log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); {fid['note']}")
+                log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); {fidelity['note']}")
             else:
                 for name, ims in (("real", real), ("generated", origin)):
-                    fid[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
+                    fidelity[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
                                                      out / f"fidelity_{name}", cfg.det_size, cfg.max_objects)
                 log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val "
-                    f"layouts at {S}px: real {fid['real']['AP50']:.3f}, generated {fid['generated']['AP50']:.3f}; "
+                    f"layouts at {S}px: real {fidelity['real']['AP50']:.3f}, generated {fidelity['generated']['AP50']:.3f}; "
                     f"{sec_per_img:.3f} s per generated image")
-            fid_json.write_text(json.dumps(fid, indent=1))
+            fidelity_json.write_text(json.dumps(fidelity, indent=1))
         timing["grid"] = time.time() - t
-        if fid_json.is_file():
-            summary["fidelity"] = coco.read_json(fid_json)
+        if fidelity_json.is_file():
+            summary["fidelity"] = coco.read_json(fidelity_json)
 
     # -- summary
     summary["seconds"] = {k: round(v, 1) for k, v in timing.items()}

@@ -74,7 +74,7 @@ def conv_bn(cin, cout, stride=1, dilation=1, relu=True):
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
-class ResBlock(nn.Module):
+class DilatedBlock(nn.Module):
     def __init__(self, c, dilation):
         super().__init__()
         self.body = nn.Sequential(conv_bn(c, c, 1, dilation), conv_bn(c, c, 1, dilation, relu=False))
@@ -90,7 +90,7 @@ class Detector(nn.Module):
         super().__init__()
         self.cfg, w = cfg, cfg.width
         self.stem = nn.Sequential(conv_bn(3, w // 4, 2), conv_bn(w // 4, w // 2), conv_bn(w // 2, w, 2))
-        self.trunk = nn.Sequential(*[ResBlock(w, d) for d in cfg.dilations])
+        self.trunk = nn.Sequential(*[DilatedBlock(w, d) for d in cfg.dilations])
 
         def head(cout):
             return nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(w, cout, 1))

@@ -201,7 +201,7 @@ def evaluate(run, cfg=None):
 
     # -- val layouts, generated three ways with the same noise (origin, all easy, all hard)
     t = time.time()
-    lays = sample.val_layouts(ck, cfg.n_layouts)
+    lays = sample.split_layouts(ck, cfg.n_layouts)
     real_val_S = data.CocoLayoutDataset(root, "val", size=S, check_files=False, **keep)
     real = [real_val_S.load(i)["image"] for i in range(len(lays))]
     need_modes = sample.MODES if {"easy_hard", "crops"} & set(parts) else \
@@ -347,7 +347,7 @@ def evaluate(run, cfg=None):
         for name, over in to_train.items():
             a_path = ablations.train_ablation(run, ck, name, over, cfg, log)
             a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path, device=device)
-            a_lays = sample.val_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
+            a_lays = sample.split_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
             a_kw = dict(gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
             ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
             folder = scratch / f"ablation_{name.replace(' ', '_')}"

@@ -226,8 +226,8 @@ def draw_attributes(dataset, attrs, indices, scale=4, ncol=6):
     tiles = []
     for i in indices:
         it = dataset.load(i)
-        diff = [data.DIFFICULTY.index(attrs.get(int(a), "none")) for a in it["ann_ids"]]
-        tiles.append(figures.draw_layout(it["image"], it["boxes"], it["labels"], dataset.class_names, diff, scale))
+        difficulty = [data.DIFFICULTY.index(attrs.get(int(a), "none")) for a in it["ann_ids"]]
+        tiles.append(figures.draw_layout(it["image"], it["boxes"], it["labels"], dataset.class_names, difficulty, scale))
     return figures.image_grid(tiles, ncol=ncol)
 
 

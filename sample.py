@@ -59,7 +59,7 @@ from unet import UNet, UNetConfig
 
 def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guidance=1.0, masks=False):
     """Classifier-free guidance: eps = eps(x, null) + s (eps(x, layout) - eps(x, null)) (Ho & Salimans Eq. 6),
-    both halves in one batched forward.
+    both prompts in one batched forward.
 
     attr_guidance w_d != 1 (beyond the paper) also guides on the attribute alone, with the layout's [none] version
     (`diffusion.drop_attributes`, which a run trains with --p-uncond-attr) as a third prediction:
@@ -73,14 +73,14 @@ def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guid
     plain = drop_attributes(tokens, 1.0) if attr_guidance != 1.0 else tokens            # layout, every attr [none]
     B = x_t.shape[0]
     if guidance == 1.0 and attr_guidance == 1.0:
-        halves = [tokens]
+        prompts = [tokens]
     elif attr_guidance == 1.0:
-        halves = [tokens, null_tokens.expand(B, -1)]
+        prompts = [tokens, null_tokens.expand(B, -1)]
     else:
-        halves = [tokens, plain, null_tokens.expand(B, -1)]
-    n = len(halves)
+        prompts = [tokens, plain, null_tokens.expand(B, -1)]
+    n = len(prompts)
     with amp:
-        args = (torch.cat([x_t] * n), torch.cat([t] * n), torch.cat(halves))
+        args = (torch.cat([x_t] * n), torch.cat([t] * n), torch.cat(prompts))
         out = model(*args, return_features=True) if masks else model(*args)
     e, aux = (out[0].float(), out[1]) if masks else (out.float(), None)
     if n == 1:
@@ -234,7 +234,7 @@ def read_layout(path, i, lay, class_names, max_objects):
                 difficulty=torch.tensor(diffs, dtype=torch.long))
 
 
-def val_layouts(ck, n, split="val"):
+def split_layouts(ck, n, split="val"):
     """The first n layouts of the run's data split, with the attributes the run trained with ("origin")."""
     c = ck["train_cfg"]
     attrs = None
@@ -389,7 +389,7 @@ def run(a):
     a.attr_guidance = resolve_attr_guidance(a.attr_guidance, ck)
     ae = autoencoder.checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
-    layouts = val_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
+    layouts = split_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
     layouts = with_difficulty(layouts, a.difficulty)
     has_head = model.mask_head is not None
     if a.masks == "head" and not has_head:

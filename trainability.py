@@ -16,7 +16,7 @@ import sample
 def training_layouts(ck, n, seed):
     """n new layouts from the training distribution: training images' layouts (with their attributes), drawn
     at random and mirrored left-right half of the time."""
-    pool = sample.val_layouts(ck, 10 ** 9, split="train")
+    pool = sample.split_layouts(ck, 10 ** 9, split="train")
     g = torch.Generator().manual_seed(seed)
     pick, flip = torch.randint(len(pool), (n,), generator=g), torch.rand(n, generator=g) < 0.5
     out = []

@@ -335,7 +335,7 @@ class UNet(nn.Module):
         self.mid2 = ResBlock(ch, ch, tdim, cfg.dropout)
         paint_in += [ch, ch]
         # up path: num_res_blocks + 1 ResBlocks per level, each eating one skip
-        self.up, self.up_levels = nn.ModuleList(), []
+        self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(cfg.channel_mults))):
             blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):

@@ -46,7 +46,7 @@ def test_attributes_reach_the_generator_prompts(run):
     assert ck["attributes_used"] == str((out / "attributes.json").resolve())
     side = perception.load_attributes(out / "attributes.json", "val")
     ds = data.CocoLayoutDataset(tiny_data_root(ck), "val", size=16, max_objects=4)
-    lays = sample.val_layouts(ck, 4)
+    lays = sample.split_layouts(ck, 4)
     for i, lay in enumerate(lays):                                         # "origin" = the sidecar's labels
         want = [data.DIFFICULTY.index(side[a]) for a in ds[i]["ann_ids"].tolist()]
         assert lay["difficulty"].tolist() == want and all(c in (1, 2) for c in want)

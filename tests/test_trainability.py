@@ -8,7 +8,7 @@ import trainability
 
 def test_training_layouts_are_drawn_and_mirrored(ckpt):
     ck = torch.load(ckpt, weights_only=False)
-    pool = sample.val_layouts(ck, 100, split="train")
+    pool = sample.split_layouts(ck, 100, split="train")
     lays = trainability.training_layouts(ck, 40, seed=3)
     assert len(lays) == 40 and lays[0]["boxes"].equal(trainability.training_layouts(ck, 40, seed=3)[0]["boxes"])
     mirrored = 0
