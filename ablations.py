@@ -7,6 +7,7 @@ the same budget (by default as many steps as the run), then scored by evaluate.p
 from dataclasses import replace
 
 
+import coco
 import config
 import train
 
@@ -35,7 +36,7 @@ def ablation_budget(cfg, ck):
 
 def train_ablation(run, ck, name, overrides, cfg, log):
     """The checkpoint of one ablation generator, trained into RUN/ablations/<name> (reused when finished) on the
-    evaluation's device and dtype (cfg.device, cfg.dtype)."""
+    evaluation's device and dtype (cfg.device, cfg.dtype). A finished one of another budget is a DataError."""
     tc, budget = ck["train_cfg"], ablation_budget(cfg, ck)
     if not overrides and (not budget or budget.get("steps") == ck["step"]):
         return run / "ckpt.pt"                    # 'both on' at the run's own budget is the run itself
@@ -45,19 +46,18 @@ def train_ablation(run, ck, name, overrides, cfg, log):
     if done.get("finished"):
         had = done["train_cfg"]
         if not cfg.quick and any(had.get(k) != v for k, v in budget.items()):
-            raise SystemExit(f"error: {path}: trained with another budget ({', '.join(f'{k} {had.get(k)}' for k in budget)}"
-                             f" instead of {', '.join(f'{k} {v}' for k, v in budget.items())}); remove that folder "
-                             f"to retrain it, or pass the budget it had (--ablation-steps / --ablation-minutes)")
+            raise coco.DataError(f"{path}: trained with another budget ({', '.join(f'{k} {had.get(k)}' for k in budget)}"
+                                 f" instead of {', '.join(f'{k} {v}' for k, v in budget.items())}); remove that folder "
+                                 f"to retrain it, or pass the budget it had (--ablation-steps / --ablation-minutes)")
         log(f"[ablations] reusing {path}")
         return path
     attrs = str(run / "attributes.json") if tc["attributes"] == "auto" else tc["attributes"]
     if ck.get("autoencoder"):                     # a latent-space run: the same frozen autoencoder
         overrides = dict(overrides, autoencoder=ck["autoencoder"]["path"])
     tcfg = train.TrainConfig(**{**tc, "attributes": attrs, **budget, **overrides, "out": str(out),
-                                "resume": path.is_file(), "stage": "generator", "device": cfg.device,
-                                "dtype": cfg.dtype})
+                                "resume": path.is_file(), "device": cfg.device, "dtype": cfg.dtype})
     if cfg.quick:
         tcfg = replace(tcfg, steps=3, minutes=0, sample_every=0, ckpt_every=0, log_every=1)
     log(f"[ablations] training {name} into {out}")
-    train.train(tcfg)
+    train.train(tcfg, pipeline_cfg=ck.get("pipeline_cfg"))      # the run's stage settings, for its evaluation
     return path

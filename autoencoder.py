@@ -193,26 +193,24 @@ def autoencoder_path(cfg, out):
 
 def load_autoencoder(path, expect=None, owner=""):
     """autoencoder.pt -> (frozen Autoencoder in eval mode, fingerprint). `expect`: the fingerprint a checkpoint
-    (`owner`) recorded; another autoencoder is an error (its latents mean something else)."""
-    try:
-        ae, _ = config.load_module(path, KIND, lambda c: Autoencoder(AutoencoderConfig(**c)), "detdiff autoencoder",
-                                   hint="train one with python detdiff.py --space latent --stage autoencoder, or "
-                                   "pass --autoencoder PATH")
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    (`owner`) recorded. A missing file, a file of another kind, or another autoencoder (its latents mean something
+    else) is a one-line DataError naming the file."""
+    ae, _ = config.load_module(path, KIND, lambda c: Autoencoder(AutoencoderConfig(**c)), "detdiff autoencoder",
+                               hint="train one with python detdiff.py --space latent --stage autoencoder, or "
+                               "pass --autoencoder PATH")
     fp = ae_fingerprint(ae.state_dict())
     if expect and fp != expect:
-        raise SystemExit(f"error: {path}: autoencoder {fp} is not the one {owner or 'the checkpoint'} was trained "
-                         f"with ({expect}); pass that one with --autoencoder")
+        raise DataError(f"{path}: autoencoder {fp} is not the one {owner or 'the checkpoint'} was trained "
+                        f"with ({expect}); pass that one with --autoencoder")
     return ae.requires_grad_(False), fp
 
 
 def checkpoint_autoencoder(ck, ckpt_path, path="", device="cpu"):
     """The frozen autoencoder a latent-space checkpoint learned with, None for a pixel-space one: `path` if given,
-    else the one the checkpoint recorded, else autoencoder.pt beside it. Another autoencoder is an error."""
+    else the one the checkpoint recorded, else autoencoder.pt beside it. Another autoencoder is a DataError."""
     if ck.get("space", "pixel") == "pixel":
         if path:
-            raise SystemExit(f"error: {ckpt_path}: a pixel-space checkpoint takes no --autoencoder")
+            raise DataError(f"{ckpt_path}: a pixel-space checkpoint takes no --autoencoder")
         return None
     info = ck["autoencoder"]
     options = [Path(path)] if path else [Path(info["path"]), Path(ckpt_path).parent / "autoencoder.pt"]

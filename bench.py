@@ -74,10 +74,7 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.compile = (not a.quick) if a.compile is None else a.compile
     a.rounds = a.rounds or (2 if a.quick else 5)
-    try:
-        a.device, a.device_why = config.resolve_device(a.device)
-    except config.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    a.device, a.device_why = config.resolve_device(a.device)          # a DataError for a device this machine lacks
     return a
 
 
@@ -278,7 +275,8 @@ class Bench:
         self.res["sampling_s_per_img"] = rows
 
     def peak_rss(self, steps):
-        """Peak resident memory of a default generator run; the child reports its own ru_maxrss (KB on Linux)."""
+        """Peak resident memory of a default generator run; the child reports its own ru_maxrss (KB on Linux). A
+        failed child is a RuntimeError carrying the end of its stderr."""
         code = ("import resource, runpy, sys; sys.argv = ['detdiff.py'] + sys.argv[1:]; "
                 "runpy.run_path('detdiff.py', run_name='__main__'); "
                 "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
@@ -290,7 +288,8 @@ class Bench:
                                 "--minutes", "0", "--out", str(Path(tmp) / "run"), "--device", str(self.dev)],
                                cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
-            raise SystemExit(f"error: the peak-memory run failed:\n{p.stderr[-2000:]}")
+            raise RuntimeError(f"the peak-memory run (detdiff.py --stage generator) exited {p.returncode}:\n"
+                               f"{p.stderr[-2000:]}")
         mb = float(p.stdout.split("peak_rss_mb")[-1])
         self.res["peak_rss"] = dict(peak_rss_mb=round(mb), steps=steps, seconds=round(time.time() - t0, 1))
         self.log(f"peak RSS of `detdiff.py --stage generator --steps {steps}`: {mb:.0f} MB ({time.time() - t0:.0f}s)")
@@ -355,9 +354,18 @@ def profile(a, steps=3):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    if a.profile:
-        return profile(a)
+    try:
+        a = parse_args(argv)
+        if a.profile:
+            profile(a)
+        else:
+            run(a)
+    except config.DataError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(a):
+    """The whole bench: every row, the table, and the json at a.out."""
     bn, dev = Bench(a), a.device
     r = bn.res
     r.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), hardware=hardware(dev),

@@ -46,6 +46,15 @@ def add_flags(parser, cls, skip=(), only=None, given_only=False):
                                 help=f"default {f.default}")
 
 
+def check_choices(cfg):
+    """A settings dataclass built in code (not from flags) against its CHOICES: a one-line DataError naming the
+    flag, the value and the choices, before anything runs."""
+    for name, allowed in getattr(cfg, "CHOICES", {}).items():
+        if getattr(cfg, name) not in allowed:
+            raise DataError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, got "
+                            f"{getattr(cfg, name)!r}")
+
+
 def pick(ns, cls, **kw):
     """The dataclass `cls` from the fields a parsed namespace has (others keep their defaults), plus `kw`."""
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}, **kw)

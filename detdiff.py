@@ -17,15 +17,17 @@
 
 Where each stage's concept lives: data.py (and shapes.py, the embedded data set), detector.py (the perceptive model
 trained from scratch; detections.py for the user's, coco_map.py for its mAP), perception.py (the attribute and the
-perception loss), autoencoder.py (latent mode), train.py (the generator's training loop and `TrainConfig`, every
-setting; `--help` lists them), sample.py and evaluate.py (the grid stage and `--evaluate`). The notation (beta_t,
-alpha_bar_t, x_t, eps, eps_theta, L_simple, L_p, lambda) is tabled in diffusion.py.
+perception loss), autoencoder.py (latent mode), train.py (the generator's training loop and `TrainConfig`, its
+settings; the stages' settings are `PipelineConfig` here; `--help` lists both), sample.py and evaluate.py (the grid
+stage and `--evaluate`). The notation (beta_t, alpha_bar_t, x_t, eps, eps_theta, L_simple, L_p, lambda) is tabled
+in diffusion.py.
 """
 import argparse
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,38 @@ from unet import UNetConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command line: every field of TrainConfig and of UNetConfig is a flag
+# The main job's settings beyond the generator's (TrainConfig, train.py)
+
+STAGES = ("data", "detector", "attributes", "autoencoder", "generator", "grid")
+
+
+@dataclass
+class PipelineConfig:
+    """Which stages run, the perceptive model (detector), the attribute, the quick fidelity check, --evaluate.
+    Every field is a flag of detdiff.py, beside TrainConfig's and UNetConfig's; perception.py has the detector and
+    attribute stages as commands too."""
+    CHOICES: ClassVar[dict] = dict(stage=("all",) + STAGES)
+    stage: str = "all"               # all | data | detector | attributes | autoencoder | generator | grid
+    detector: str = ""               # the perceptive model (attribute and fidelity metric) from the user instead of
+                                     # training one: a detdiff detector .pt, a COCO results .json made on the data
+                                     # set's own images (attribute only), or torchvision:NAME (e.g. torchvision:
+                                     # fasterrcnn_resnet50_fpn) with --detector-weights FILE; nothing is downloaded
+    detector_weights: str = ""       # local weights file of a torchvision:NAME detector
+    detector_classes: str = ""       # data-set class=detector class,... where names differ (every class must map)
+    det_steps: int = 1000            # detector (perception metric) optimizer steps, trained from scratch
+    det_size: int = 64               # detector input side
+    attr_steps: int = 400            # steps of each held-out fold's detector (perception-aware attribute)
+    attr_folds: int = 2
+    gamma: float = 0.4               # attribute: confidence threshold (our choice; the paper's is unknown)
+    beta: float = 0.5                # attribute: IoU threshold
+    class_aware: bool = False        # attribute: a prediction must also have the object's class
+    n_eval: int = 100                # val layouts generated for the grid stage's quick layout-fidelity check
+    evaluate: bool = False           # then run evaluate.py on the run folder: report.md, metrics.json (see its
+                                     # docstring; about 25 min on shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: every field of TrainConfig, PipelineConfig and UNetConfig is a flag
 
 RESUME_OVERRIDES = {"steps", "minutes", "log_every", "sample_every", "ckpt_every", "out", "resume", "device", "stage",
                     "n_eval", "evaluate", "attr_guidance"}
@@ -71,7 +104,8 @@ def build_parser():
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--paper", action="store_true", default=argparse.SUPPRESS,
                     help="the paper's settings: " + " ".join(f"{k}={v}" for k, v in PAPER_SETTINGS.items()))
-    config.add_flags(ap.add_argument_group("run"), TrainConfig, given_only=True)
+    config.add_flags(ap.add_argument_group("generator (TrainConfig)"), TrainConfig, given_only=True)
+    config.add_flags(ap.add_argument_group("stages (PipelineConfig)"), PipelineConfig, given_only=True)
     config.add_flags(ap.add_argument_group("model (UNetConfig)"), UNetConfig, only=model_fields(), given_only=True)
     return ap
 
@@ -83,221 +117,276 @@ def parse_flags(argv=None):
 
 
 def split_args(given):
-    """Flat dict of flags -> (TrainConfig kwargs, UNetConfig kwargs); an unknown key is an error."""
-    tnames, mnames = {f.name for f in fields(TrainConfig)}, {f.name for f in model_fields()}
-    unknown = set(given) - tnames - mnames
+    """Flat dict of flags -> (TrainConfig kwargs, PipelineConfig kwargs, UNetConfig kwargs); an unknown key is an
+    error."""
+    groups = [{f.name for f in fields(TrainConfig)}, {f.name for f in fields(PipelineConfig)},
+              {f.name for f in model_fields()}]
+    unknown = set(given) - set().union(*groups)
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return {k: v for k, v in given.items() if k in tnames}, {k: v for k, v in given.items() if k in mnames}
+    return tuple({k: v for k, v in given.items() if k in names} for names in groups)
+
+
+def resumed_settings(targs, pargs, margs):
+    """--resume: the run's saved settings, with only RESUME_OVERRIDES allowed to change."""
+    out = train.run_folder(TrainConfig(**targs))
+    ck_path = out / "ckpt.pt"
+    if not ck_path.is_file():
+        raise coco.DataError(f"{ck_path}: no checkpoint to resume from")
+    saved = config.load_file(ck_path)
+    old = {**asdict(PipelineConfig()), **saved.get("pipeline_cfg", {}), **saved["train_cfg"]}
+    changed = {k for k, v in {**targs, **pargs}.items()
+               if k not in RESUME_OVERRIDES and old.get(k, getattr(TrainConfig, k, None)) != v}
+    if changed or margs:
+        raise coco.DataError(f"--resume keeps the run's saved settings; these differ: "
+                             f"{sorted(changed) + sorted(margs)} (only {sorted(RESUME_OVERRIDES)} may change)")
+    pnames = {f.name for f in fields(PipelineConfig)}
+    return ({**saved["train_cfg"], **targs, "out": str(out)},
+            {**{k: v for k, v in old.items() if k in pnames}, **pargs})
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The main job: data -> detector -> attributes -> generator -> grid, then a summary (PAPER.md sections 1-3)
+# The main job: data -> detector -> attributes -> (autoencoder) -> generator -> grid, then a summary
+# (PAPER.md sections 1-3). Each stage is a function of the open run `r`; a stage whose output exists is reused.
 
-STAGES = TrainConfig.CHOICES["stage"][1:]      # data, detector, attributes, autoencoder, generator, grid
 SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
             "detector", "detector_weights", "detector_classes", "det_steps", "det_size", "attr_steps", "attr_folds",
             "gamma", "beta", "class_aware", "seed", "space",
             "autoencoder", "ae_steps", "ae_factor", "ae_channels", "ae_latent_channels", "ae_edge_weight")
 
 
-def pipeline(cfg, mcfg_overrides=None):
-    """Run the stages of the main job into one run folder; a stage whose output exists is reused (and says so)."""
-    out = Path(cfg.out or Path("runs") / Path(cfg.data).name)
-    cfg.out = str(out)
-    if cfg.stage not in ("all",) + STAGES:
-        raise SystemExit(f"error: --stage must be all or one of {', '.join(STAGES)}, got {cfg.stage!r}")
-    if cfg.space not in ("pixel", "latent"):
-        raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
-    root = data.resolve_data(cfg.data)               # a missing or bad data set stops before anything is written
-    device, device_why = config.resolve_device(cfg.device)      # so does a device this machine lacks
+def pipeline(cfg, pcfg=None, mcfg_overrides=None):
+    """Run the stages of `pcfg` (PipelineConfig; default all) with the generator settings `cfg` (TrainConfig) and
+    UNetConfig overrides into one run folder. Returns the summary (also RUN/summary.json)."""
+    r = open_run(cfg, pcfg or PipelineConfig(), mcfg_overrides)
+    stage_data(r)
+    stage_detector(r)
+    stage_attributes(r)
+    stage_autoencoder(r)
+    stage_generator(r, mcfg_overrides)
+    stage_grid(r)
+    r.summary["seconds"] = {k: round(v, 1) for k, v in r.timing.items()}
+    r.summary["seconds"]["total"] = round(time.time() - r.t_all, 1)
+    (r.out / "summary.json").write_text(json.dumps(r.summary, indent=1))
+    r.log(summary_text(r.summary))
+    r.logf.close()
+    if r.pcfg.evaluate:                           # the paper's experiments on this run (evaluate.py)
+        blind = ("fidelity", "easy_hard") if isinstance(r.given, detections.ResultsFile) else ()   # see evaluate.py
+        r.summary["evaluate"] = evaluate.evaluate(r.out, evaluate.EvalConfig(
+            parts=",".join(p for p in evaluate.PARTS if p not in blind), device=cfg.device, dtype=cfg.dtype))
+    return r.summary
+
+
+class Run:
+    """The open run the stages share: settings, folder, device, log, summary, timings."""
+
+
+def open_run(cfg, pcfg, mcfg_overrides):
+    """Every check that can fail before a stage runs (settings, data set, device, image size, a folder made with
+    other settings), then the run folder, its pipeline.json and log."""
+    config.check_choices(cfg)
+    config.check_choices(pcfg)
+    r = Run()
+    r.cfg, r.pcfg, r.out = cfg, pcfg, train.run_folder(cfg)
+    cfg.out = str(r.out)
+    r.root = data.resolve_data(cfg.data)             # a missing or bad data set stops before anything is written
+    r.device, device_why = config.resolve_device(cfg.device)    # so does a device this machine lacks
     if not cfg.resume:                               # and an image size the UNet (or autoencoder) cannot divide
         train.check_sizes(cfg, mcfg_overrides)
-    dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
-    sample_dtype = config.sampling_dtype(dtype, device)
-    if cfg.detector and not cfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
-        cfg.detector = str(Path(cfg.detector).resolve())
-    if cfg.detector_weights:
-        cfg.detector_weights = str(Path(cfg.detector_weights).resolve())
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in SAME_RUN}
-    saved = out / "pipeline.json"
+    r.dtype, dtype_why = config.resolve_dtype(cfg.dtype, r.device)
+    if pcfg.detector and not pcfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
+        pcfg.detector = str(Path(pcfg.detector).resolve())
+    if pcfg.detector_weights:
+        pcfg.detector_weights = str(Path(pcfg.detector_weights).resolve())
+    r.out.mkdir(parents=True, exist_ok=True)
+    both = {**asdict(cfg), **asdict(pcfg)}
+    settings, saved = {k: both[k] for k in SAME_RUN}, r.out / "pipeline.json"
     if saved.is_file():   # reusing a stage is only right if it was made with the same settings
         old = coco.read_json(saved)
-        default = {f.name: f.default for f in fields(TrainConfig)}     # a setting added since: its default then
+        default = {**asdict(TrainConfig()), **asdict(PipelineConfig())}    # a setting added since: its default then
         changed = sorted(k for k in SAME_RUN if old.get(k, default[k]) != settings[k])
         if changed:
-            raise SystemExit(f"error: {out} holds a run made with other settings ({', '.join(changed)}); "
-                             f"choose a new --out")
-        if set(SAME_RUN) - set(old):
-            saved.write_text(json.dumps(settings, indent=1))
-    else:
+            raise coco.DataError(f"{r.out} holds a run made with other settings ({', '.join(changed)}); "
+                                 f"choose a new --out")
+    if not saved.is_file() or set(SAME_RUN) - set(coco.read_json(saved)):
         saved.write_text(json.dumps(settings, indent=1))
-    logf = open(out / "log.txt", "a")
+    r.logf = open(r.out / "log.txt", "a")
 
     def log(msg):
         tqdm.write(msg)
-        logf.write(msg + "\n")
-        logf.flush()
-    run = set(STAGES) if cfg.stage == "all" else {cfg.stage}
-    log(f"[device] every stage on {device} ({device_why}), dtype {dtype} ({dtype_why})")
-    t_all, summary = time.time(), dict(run=str(out))
-    timing = {}
+        r.logf.write(msg + "\n")
+        r.logf.flush()
+    r.log = log
+    r.stages = set(STAGES) if pcfg.stage == "all" else {pcfg.stage}
+    log(f"[device] every stage on {r.device} ({device_why}), dtype {r.dtype} ({dtype_why})")
+    r.t_all, r.summary, r.timing = time.time(), dict(run=str(r.out)), {}
+    return r
 
-    # -- data: the embedded `shapes` set is built on first use; a COCO folder is checked
+
+def stage_data(r):
+    """The embedded `shapes` set is built on first use; a COCO folder is checked."""
     t = time.time()
-    det_cfg = dict(size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
-    train_ds, val_ds = (data.CocoLayoutDataset(root, sp, **det_cfg) for sp in ("train", "val"))
-    summary["data"] = dict(root=str(root), classes=list(train_ds.class_names), train_images=len(train_ds),
-                           val_images=len(val_ds))
-    timing["data"] = time.time() - t
-    log(f"[data] {root}: {len(train_ds)} train / {len(val_ds)} val images, classes {', '.join(train_ds.class_names)}")
+    det_cfg = dict(size=r.pcfg.det_size, min_area=r.cfg.min_area, max_objects=r.cfg.max_objects)
+    r.train_ds, r.val_ds = (data.CocoLayoutDataset(r.root, sp, **det_cfg) for sp in ("train", "val"))
+    names = r.train_ds.class_names
+    r.summary["data"] = dict(root=str(r.root), classes=list(names), train_images=len(r.train_ds),
+                             val_images=len(r.val_ds))
+    r.timing["data"] = time.time() - t
+    r.log(f"[data] {r.root}: {len(r.train_ds)} train / {len(r.val_ds)} val images, classes {', '.join(names)}")
+    # the user's perceptive model (--detector), opened here so its classes are checked before anything is trained
+    r.given = detections.run_detector(r.out, asdict(r.pcfg), names, r.train_ds.category_ids, r.device) \
+        if r.pcfg.detector else None
 
-    # -- detector: the user's (--detector), or trained from scratch on the real training split; the perception
-    #    metric of every later stage and, with --detector, the attribute's too
-    det_path, det_json = out / "detector.pt", out / "detector.json"
-    given = detections.run_detector(out, asdict(cfg), train_ds.class_names, train_ds.category_ids, device) \
-        if cfg.detector else None                 # classes checked here, before anything is trained
-    if "detector" in run:
+
+def stage_detector(r):
+    """The user's detector (--detector), or one trained from scratch on the real training split: the perception
+    metric of every later stage and, with --detector, the attribute's too."""
+    det_path, det_json, pcfg = r.out / "detector.pt", r.out / "detector.json", r.pcfg
+    crowd = coco.split_paths(r.root, "val")[0]
+    if "detector" in r.stages:
         t = time.time()
-        if det_json.is_file() and (given is not None or det_path.is_file()):
-            log(f"[detector] reusing {det_json}")
-        elif given is not None:
-            val_src = given.subset({r["image_id"] for r in val_ds.records}) \
-                if isinstance(given, detections.ResultsFile) else given
-            r = coco_map.evaluate(val_src, val_ds, crowd_json=coco.split_paths(root, "val")[0])
-            det_json.write_text(json.dumps(dict(mAP=r["mAP"], AP50=r["AP50"], AP75=r["AP75"], seconds=0.0,
-                                                source=detections.describe(given),
-                                                per_category=r["per_category"]), indent=1))
-            log(f"[detector] given: {detections.describe(given)}; val mAP {r['mAP']:.3f} AP50 {r['AP50']:.3f}")
+        if det_json.is_file() and (r.given is not None or det_path.is_file()):
+            r.log(f"[detector] reusing {det_json}")
+        elif r.given is not None:
+            val_src = r.given.subset({x["image_id"] for x in r.val_ds.records}) \
+                if isinstance(r.given, detections.ResultsFile) else r.given
+            m = coco_map.evaluate(val_src, r.val_ds, crowd_json=crowd)
+            det_json.write_text(json.dumps(dict(mAP=m["mAP"], AP50=m["AP50"], AP75=m["AP75"], seconds=0.0,
+                                                source=detections.describe(r.given),
+                                                per_category=m["per_category"]), indent=1))
+            r.log(f"[detector] given: {detections.describe(r.given)}; val mAP {m['mAP']:.3f} AP50 {m['AP50']:.3f}")
         else:
-            det = detector.train(train_ds, detector.DetectorConfig(
-                len(train_ds.class_names), tuple(train_ds.class_names), cfg.det_size),
-                detector.DetTrainConfig(steps=cfg.det_steps, seed=cfg.seed, log_every=max(cfg.det_steps // 5, 1)), log=log,
-                device=device, dtype=dtype)
+            names = tuple(r.train_ds.class_names)
+            det = detector.train(r.train_ds, detector.DetectorConfig(len(names), names, pcfg.det_size),
+                                 detector.DetTrainConfig(steps=pcfg.det_steps, seed=r.cfg.seed,
+                                                         log_every=max(pcfg.det_steps // 5, 1)),
+                                 log=r.log, device=r.device, dtype=r.dtype)
             secs = time.time() - t
             detector.save_detector(det, det_path)
-            r = coco_map.evaluate(det, val_ds, crowd_json=coco.split_paths(root, "val")[0])
-            det_json.write_text(json.dumps(dict(mAP=r["mAP"], AP50=r["AP50"], AP75=r["AP75"], seconds=round(secs, 1),
-                                                per_category=r["per_category"]), indent=1))
-            log(f"[detector] trained in {secs:.0f}s: val mAP {r['mAP']:.3f} AP50 {r['AP50']:.3f} AP75 {r['AP75']:.3f}")
-        timing["detector"] = time.time() - t
+            m = coco_map.evaluate(det, r.val_ds, crowd_json=crowd)
+            det_json.write_text(json.dumps(dict(mAP=m["mAP"], AP50=m["AP50"], AP75=m["AP75"], seconds=round(secs, 1),
+                                                per_category=m["per_category"]), indent=1))
+            r.log(f"[detector] trained in {secs:.0f}s: val mAP {m['mAP']:.3f} AP50 {m['AP50']:.3f} "
+                  f"AP75 {m['AP75']:.3f}")
+        r.timing["detector"] = time.time() - t
     if det_json.is_file():
-        summary["detector"] = coco.read_json(det_json)
+        r.summary["detector"] = coco.read_json(det_json)
 
-    # -- attributes: [easy] / [hard] for every object from held-out-fold detectors (PAPER.md section 2)
-    attr_path = out / "attributes.json"
-    if "attributes" in run and cfg.attributes == "auto":
+
+def stage_attributes(r):
+    """[easy] / [hard] for every object from held-out-fold detectors (PAPER.md section 2)."""
+    attr_path, cfg, pcfg = r.out / "attributes.json", r.cfg, r.pcfg
+    if "attributes" in r.stages and cfg.attributes == "auto":
         t = time.time()
         if attr_path.is_file():
-            log(f"[attributes] reusing {attr_path}")
+            r.log(f"[attributes] reusing {attr_path}")
         else:
-            perception.make_attributes(root, out, perception.AttributeConfig(
-                gamma=cfg.gamma, beta=cfg.beta, class_aware=cfg.class_aware, folds=cfg.attr_folds,
-                image_size=cfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects, steps=cfg.attr_steps,
-                seed=cfg.seed), source=given, log=log,      # given=None: held-out folds of our own detector
-                device=device, dtype=dtype)
-        timing["attributes"] = time.time() - t
+            perception.make_attributes(r.root, r.out, perception.AttributeConfig(
+                gamma=pcfg.gamma, beta=pcfg.beta, class_aware=pcfg.class_aware, folds=pcfg.attr_folds,
+                image_size=pcfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects, steps=pcfg.attr_steps,
+                seed=cfg.seed), source=r.given, log=r.log,      # given=None: held-out folds of our own detector
+                device=r.device, dtype=r.dtype)
+        r.timing["attributes"] = time.time() - t
     if attr_path.is_file() and cfg.attributes == "auto":
         s = coco.read_json(attr_path)["summary"]["train"]
-        summary["attributes"] = dict(hard_fraction=s["hard_fraction"],
-                                     per_category={k: v["hard_fraction"] for k, v in s["per_category"].items()},
-                                     per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()},
-                                     warning=s.get("warning"))
+        r.summary["attributes"] = dict(
+            hard_fraction=s["hard_fraction"], per_category={k: v["hard_fraction"] for k, v in s["per_category"].items()},
+            per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()}, warning=s.get("warning"))
 
-    # -- autoencoder (--space latent, or asked for by name): trained on the real images, then frozen
-    ae_path = autoencoder.autoencoder_path(cfg, out)
-    if "autoencoder" in run and (cfg.space == "latent" or cfg.stage == "autoencoder"):
+
+def stage_autoencoder(r):
+    """--space latent (or asked for by name): the autoencoder trained on the real images, then frozen."""
+    cfg, ae_path = r.cfg, autoencoder.autoencoder_path(r.cfg, r.out)
+    if "autoencoder" in r.stages and (cfg.space == "latent" or r.pcfg.stage == "autoencoder"):
         t = time.time()
         if ae_path.is_file():
-            log(f"[autoencoder] reusing {ae_path}")
+            r.log(f"[autoencoder] reusing {ae_path}")
         elif cfg.autoencoder != "auto":
-            raise SystemExit(f"error: {ae_path}: autoencoder not found")
+            raise coco.DataError(f"{ae_path}: autoencoder not found")
         else:
-            autoencoder.train_autoencoder(cfg, root, ae_path, log, device=device, dtype=dtype)
-        timing["autoencoder"] = time.time() - t
+            autoencoder.train_autoencoder(cfg, r.root, ae_path, r.log, device=r.device, dtype=r.dtype)
+        r.timing["autoencoder"] = time.time() - t
     if cfg.space == "latent" and ae_path.is_file():
         f = config.load_file(ae_path)
-        summary["autoencoder"] = {k: f.get(k) for k in ("psnr_val", "scale", "latent_shape", "seconds", "fingerprint")}
+        r.summary["autoencoder"] = {k: f.get(k) for k in ("psnr_val", "scale", "latent_shape", "seconds", "fingerprint")}
 
-    # -- generator: the layout-conditioned UNet with the perception loss
-    ckpt_path = out / "ckpt.pt"
-    if "generator" in run:
+
+def stage_generator(r, mcfg_overrides):
+    """The layout-conditioned UNet with the perception loss (train.py)."""
+    ckpt_path = r.out / "ckpt.pt"
+    if "generator" in r.stages:
         t = time.time()
         ck = config.load_file(ckpt_path) if ckpt_path.is_file() else None
-        if ck is not None and ck.get("finished") and not cfg.resume:
-            log(f"[generator] reusing {ckpt_path} (step {ck['step']})")
+        if ck is not None and ck.get("finished") and not r.cfg.resume:
+            r.log(f"[generator] reusing {ckpt_path} (step {ck['step']})")
         else:
-            logf.flush()
-            train.train(cfg, mcfg_overrides)
-        timing["generator"] = time.time() - t
+            r.logf.flush()
+            train.train(r.cfg, mcfg_overrides, pipeline_cfg=asdict(r.pcfg))
+        r.timing["generator"] = time.time() - t
     if ckpt_path.is_file():
         ck = config.load_file(ckpt_path)
         h = ck["history"]
-        summary["generator"] = dict(steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2), dtype=ck.get("dtype"),
-                                    img_s=round(ck.get("img_s", 0.0), 1), finished=bool(ck.get("finished")),
-                                    loss_last100=round(float(np.mean(h["loss"][-100:])), 4),
-                                    l_p_last100=round(float(np.mean(h["l_p"][-100:])), 4) if h.get("l_p") else None)
+        r.summary["generator"] = dict(
+            steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2), dtype=ck.get("dtype"),
+            img_s=round(ck.get("img_s", 0.0), 1), finished=bool(ck.get("finished")),
+            loss_last100=round(float(np.mean(h["loss"][-100:])), 4),
+            l_p_last100=round(float(np.mean(h["l_p"][-100:])), 4) if h.get("l_p") else None)
 
-    # -- grid: the same val layouts as origin / all-easy / all-hard, and a quick layout-fidelity check
-    if "grid" in run:
+
+def stage_grid(r):
+    """The same val layouts as origin / all-easy / all-hard (easy_hard.png), and a quick layout-fidelity check."""
+    grid_path, fidelity_json = r.out / "easy_hard.png", r.out / "fidelity.json"
+    if "grid" in r.stages:
         t = time.time()
-        grid_path, fidelity_json = out / "easy_hard.png", out / "fidelity.json"
         if grid_path.is_file() and fidelity_json.is_file():
-            log(f"[grid] reusing {grid_path}")
+            r.log(f"[grid] reusing {grid_path}")
         else:
-            for need in (ckpt_path,) if given is not None else (ckpt_path, det_path):
-                if not need.is_file():
-                    raise SystemExit(f"error: {need}: missing; run the stage that makes it first (--stage all)")
-            model, tok, diff, ck = sample.load_checkpoint(ckpt_path, device=device)
-            S, names = ck["train_cfg"]["image_size"], tok.class_names
-            kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False, dtype=sample_dtype,
-                      autoencoder=autoencoder.checkpoint_autoencoder(ck, ckpt_path, device=device),
-                      attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
-            lays = sample.split_layouts(ck, max(cfg.n_grid, cfg.n_eval))
-            real_ds = data.CocoLayoutDataset(root, "val", size=S, check_files=False)
-            real = [real_ds.load(i)["image"] for i in range(len(lays))]
-            t_s = time.time()
-            origin = sample.generate_layouts(model, diff, tok, lays, S, **kw)
-            sec_per_img = (time.time() - t_s) / len(lays)
-            gen = dict(origin=origin, **{d: sample.generate_layouts(model, diff, tok, sample.with_difficulty(
-                lays[:cfg.n_grid], d), S, **kw) for d in ("easy", "hard")})
-            evaluate.easy_hard_figure(real, gen, lays, names, grid_path, n=cfg.n_grid)
-            # layout fidelity (the paper's YOLO score, quick version; evaluate.py has the full one): the
-            # real-trained detector on generated images vs on the real val images at the same resolution S
-            det = given if given is not None else detector.load_detector(det_path).to(device)
-            fidelity = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
-                       sec_per_img=round(sec_per_img, 4))
-            if isinstance(det, detections.ResultsFile):   # a results json has not seen the generated images
-                sample.write_coco(out / "fidelity_generated", "val", origin, lays, names,
-                                  ck["tokenizer"]["category_ids"])
-                fidelity["note"] = (f"no fidelity score: {cfg.detector} is a results json; run that detector on "
-                               f"{out / 'fidelity_generated'} and score it with `python perception.py eval --data "
-                               f"{out / 'fidelity_generated'} --results YOURS.json`")
-                log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); {fidelity['note']}")
-            else:
-                for name, ims in (("real", real), ("generated", origin)):
-                    fidelity[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
-                                                     out / f"fidelity_{name}", cfg.det_size, cfg.max_objects)
-                log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val "
-                    f"layouts at {S}px: real {fidelity['real']['AP50']:.3f}, generated {fidelity['generated']['AP50']:.3f}; "
-                    f"{sec_per_img:.3f} s per generated image")
+            fidelity = grid_and_fidelity(r, grid_path)
             fidelity_json.write_text(json.dumps(fidelity, indent=1))
-        timing["grid"] = time.time() - t
+        r.timing["grid"] = time.time() - t
         if fidelity_json.is_file():
-            summary["fidelity"] = coco.read_json(fidelity_json)
+            r.summary["fidelity"] = coco.read_json(fidelity_json)
 
-    # -- summary
-    summary["seconds"] = {k: round(v, 1) for k, v in timing.items()}
-    summary["seconds"]["total"] = round(time.time() - t_all, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(summary_text(summary))
-    logf.close()
-    if cfg.evaluate:                              # the paper's experiments on this run (evaluate.py)
-        blind = ("fidelity", "easy_hard") if isinstance(given, detections.ResultsFile) else ()   # see evaluate.py
-        summary["evaluate"] = evaluate.evaluate(out, evaluate.EvalConfig(
-            parts=",".join(p for p in evaluate.PARTS if p not in blind), device=cfg.device, dtype=cfg.dtype))
-    return summary
+
+def grid_and_fidelity(r, grid_path):
+    """Generate the val layouts, draw the grid, and score the generated images with the run's detector against
+    the real ones at the same resolution (the paper's YOLO score, quick version; evaluate.py has the full one)."""
+    cfg, out, ckpt_path, det_path = r.cfg, r.out, r.out / "ckpt.pt", r.out / "detector.pt"
+    for need in (ckpt_path,) if r.given is not None else (ckpt_path, det_path):
+        if not need.is_file():
+            raise coco.DataError(f"{need}: missing; run the stage that makes it first (--stage all)")
+    model, tok, diff, ck = sample.load_checkpoint(ckpt_path, device=r.device)
+    S, names = ck["train_cfg"]["image_size"], tok.class_names
+    kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False,
+              dtype=config.sampling_dtype(r.dtype, r.device),
+              autoencoder=autoencoder.checkpoint_autoencoder(ck, ckpt_path, device=r.device),
+              attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
+    lays = sample.split_layouts(ck, max(cfg.n_grid, r.pcfg.n_eval))
+    real_ds = data.CocoLayoutDataset(r.root, "val", size=S, check_files=False)
+    real = [real_ds.load(i)["image"] for i in range(len(lays))]
+    t_s = time.time()
+    origin = sample.generate_layouts(model, diff, tok, lays, S, **kw)
+    sec_per_img = (time.time() - t_s) / len(lays)
+    gen = dict(origin=origin, **{d: sample.generate_layouts(model, diff, tok, sample.with_difficulty(
+        lays[:cfg.n_grid], d), S, **kw) for d in ("easy", "hard")})
+    evaluate.easy_hard_figure(real, gen, lays, names, grid_path, n=cfg.n_grid)
+    det = r.given if r.given is not None else detector.load_detector(det_path).to(r.device)
+    fidelity = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
+                    sec_per_img=round(sec_per_img, 4))
+    if isinstance(det, detections.ResultsFile):   # a results json has not seen the generated images
+        sample.write_coco(out / "fidelity_generated", "val", origin, lays, names, ck["tokenizer"]["category_ids"])
+        fidelity["note"] = (f"no fidelity score: {r.pcfg.detector} is a results json; run that detector on "
+                            f"{out / 'fidelity_generated'} and score it with `python perception.py eval --data "
+                            f"{out / 'fidelity_generated'} --results YOURS.json`")
+        r.log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); {fidelity['note']}")
+        return fidelity
+    for name, ims in (("real", real), ("generated", origin)):
+        fidelity[name] = evaluate.detector_ap(det, ims, lays, names, ck["tokenizer"]["category_ids"],
+                                              out / f"fidelity_{name}", r.pcfg.det_size, cfg.max_objects)
+    r.log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on {len(lays)} val layouts "
+          f"at {S}px: real {fidelity['real']['AP50']:.3f}, generated {fidelity['generated']['AP50']:.3f}; "
+          f"{sec_per_img:.3f} s per generated image")
+    return fidelity
 
 
 def summary_text(s):
@@ -335,30 +424,19 @@ def summary_text(s):
 
 
 def main(argv=None):
-    targs, margs = split_args(parse_flags(argv))
-    if targs.get("resume"):
-        out = Path(targs.get("out") or Path("runs") / Path(targs.get("data", "shapes")).name)
-        ck_path = out / "ckpt.pt"
-        if not ck_path.is_file():
-            raise SystemExit(f"error: {ck_path}: no checkpoint to resume from")
-        saved = config.load_file(ck_path)
-        changed = {k: v for k, v in targs.items()
-                   if k not in RESUME_OVERRIDES and saved["train_cfg"].get(k, getattr(TrainConfig, k)) != v}
-        if changed or margs:
-            raise SystemExit(f"error: --resume keeps the run's saved settings; these differ: "
-                             f"{sorted(changed) + sorted(margs)} (only {sorted(RESUME_OVERRIDES)} may change)")
-        targs = {**saved["train_cfg"], **targs, "out": str(out)}
-    cfg = TrainConfig(**targs)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the generator stage only, every rank trains
-        if cfg.stage != "generator":
-            raise SystemExit("error: under torchrun pass --stage generator (the other stages run in one process: "
-                             "python detdiff.py --stage detector / attributes / grid)")
+    targs, pargs, margs = split_args(parse_flags(argv))
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            train.train(cfg, margs)
+        if targs.get("resume"):
+            targs, pargs = resumed_settings(targs, pargs, margs)
+        cfg, pcfg = TrainConfig(**targs), PipelineConfig(**pargs)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the generator stage only, every rank trains
+            if pcfg.stage != "generator":
+                raise coco.DataError("under torchrun pass --stage generator (the other stages run in one process: "
+                                     "python detdiff.py --stage detector / attributes / grid)")
+            train.train(cfg, margs, pipeline_cfg=asdict(pcfg))
         else:
-            pipeline(cfg, margs)
-    except coco.DataError as err:
+            pipeline(cfg, pcfg, margs)
+    except (coco.DataError, FloatingPointError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

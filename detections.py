@@ -195,12 +195,22 @@ def open_source(spec, class_names, weights="", class_map="", category_ids=None, 
     return det if tuple(det.cfg.class_names) == tuple(class_names) else Relabelled(det, m)
 
 
-def run_detector(run, train_cfg, class_names, category_ids, device="cpu"):
+def stage_settings(ck):
+    """The main job's stage settings a generator checkpoint carries (detdiff.PipelineConfig as a dict: detector,
+    det_size, det_steps, ...); a checkpoint from before they were split off the generator's has them in train_cfg."""
+    settings = ck.get("pipeline_cfg") or ck["train_cfg"]
+    if "det_size" not in settings:
+        raise coco.DataError("the checkpoint has no detector settings (trained by train.py alone); evaluate a run "
+                             "folder of `python detdiff.py`")
+    return settings
+
+
+def run_detector(run, settings, class_names, category_ids, device="cpu"):
     """The perceptive model of a `python detdiff.py` run folder, on `device`: the user's (--detector, kept in the
-    run's settings) or the one its detector stage trained (RUN/detector.pt)."""
-    if train_cfg.get("detector"):
-        return open_source(train_cfg["detector"], class_names, train_cfg.get("detector_weights", ""),
-                           train_cfg.get("detector_classes", ""), category_ids, device)
+    run's stage settings) or the one its detector stage trained (RUN/detector.pt)."""
+    if settings.get("detector"):
+        return open_source(settings["detector"], class_names, settings.get("detector_weights", ""),
+                           settings.get("detector_classes", ""), category_ids, device)
     return load_detector(Path(run) / "detector.pt").to(device)
 
 

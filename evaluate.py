@@ -39,6 +39,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from typing import ClassVar
 from pathlib import Path
 
@@ -95,8 +96,7 @@ class EvalConfig:
                                   # wall-clock budget (--minutes), N = N steps
     ablation_minutes: float = 0.0  # > 0: a wall-clock budget of this many minutes instead of ablation_steps
     ablation_rows: str = ""       # comma-separated rows of ablations.ablation_settings to train ("loss off,
-                                  # attribute off");
-                                  # default: every row
+                                  # attribute off"); default: every row
     quick: bool = False           # tiny numbers everywhere (tests, a first look)
     device: str = "auto"          # auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"           # auto | fp32 | bf16 | fp16: autocast of the sampling and of the networks trained
@@ -131,35 +131,40 @@ def easy_hard_figure(real, generated, layouts, names, path, n=8):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The whole evaluation
+# The whole evaluation, phase by phase
 
 def summary_stats(values):
     return dict(mean=round(float(np.mean(values)), 4), std=round(float(np.std(values)), 4), n=len(values))
 
 
-def evaluate(run, cfg=None):
-    """Run the parts of `cfg` on the finished run folder `run`; write RUN/metrics.json and RUN/report.md."""
+def check_settings(cfg):
+    """Check every setting before anything runs (a DataError names it); resolve quick, device, dtype. No keys."""
     cfg = cfg or EvalConfig()
     if cfg.quick:
         cfg = replace(cfg, **QUICK)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise SystemExit(f"error: --parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+        raise coco.DataError(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     if cfg.sampler not in sample.SAMPLERS:
-        raise SystemExit(f"error: --sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
+        raise coco.DataError(f"--sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
     if cfg.dtype not in config.DTYPES:
-        raise SystemExit(f"error: --dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
+        raise coco.DataError(f"--dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
     device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
     cfg = replace(cfg, device=str(device), dtype=dtype)           # what ran, in metrics.json and for the ablations
-    # sampling in fp16 only on CUDA (the generator's rule, train.py's sample grids)
-    gen_dtype = config.sampling_dtype(dtype, device)
+    gen_dtype = config.sampling_dtype(dtype, device)             # fp16 only on CUDA (the generator's rule)
+    line = (f"[evaluate] device {device} ({device_why}), dtype {dtype} ({dtype_why})"
+            + (f", sampling in {gen_dtype}" if gen_dtype != dtype else ""))
+    return cfg, parts, device, gen_dtype, line
+
+
+def open_run(run, cfg, parts, device, gen_dtype, line):
+    """Open RUN's log, generator and detector; check they serve the parts and rows (DataErrors). Fills meta."""
     run = Path(run)
     if not (run / "ckpt.pt").is_file():
-        raise SystemExit(f"error: {run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
-    scratch = run / "eval"
-    scratch.mkdir(exist_ok=True)
+        raise coco.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
+    (run / "eval").mkdir(exist_ok=True)
     logf = open(run / "log.txt", "a")
 
     def log(msg):
@@ -167,26 +172,25 @@ def evaluate(run, cfg=None):
         logf.write(msg + "\n")
         logf.flush()
 
-    t_all = time.time()
-    log(f"[evaluate] device {device} ({device_why}), dtype {dtype} ({dtype_why})"
-        + (f", sampling in {gen_dtype}" if gen_dtype != dtype else ""))
+    started = time.time()
+    log(line)
     model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt", device=device)
-    tc = ck["train_cfg"]
+    tc, st = ck["train_cfg"], detections.stage_settings(ck)     # the generator's settings, the stages'
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
-    if not tc.get("detector") and not (run / "detector.pt").is_file():
-        raise SystemExit(f"error: {run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
-    det = detections.run_detector(run, tc, names, ids, device)   # the run's own, or the one given with --detector
+    if not st.get("detector") and not (run / "detector.pt").is_file():
+        raise coco.DataError(f"{run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
+    det = detections.run_detector(run, st, names, ids, device)   # the run's own, or the one given with --detector
     blind = [p for p in ("fidelity", "easy_hard") if p in parts] if isinstance(det, detections.ResultsFile) else []
     if blind or (cfg.ablations and isinstance(det, detections.ResultsFile)):
-        raise SystemExit(f"error: {tc['detector']}: a results json cannot score generated images "
-                         f"({', '.join(blind) or 'ablations'}); "
-                         f"pass --parts {','.join(p for p in parts if p not in blind) or 'crops'} or train the run "
-                         f"with a detector checkpoint or torchvision:NAME")
+        raise coco.DataError(f"{st['detector']}: a results json cannot score generated images "
+                             f"({', '.join(blind) or 'ablations'}); "
+                             f"pass --parts {','.join(p for p in parts if p not in blind) or 'crops'} or train the "
+                             f"run with a detector checkpoint or torchvision:NAME")
     rows = ablations.ablation_settings(tc)
     pick = [r.strip() for r in cfg.ablation_rows.split(",") if r.strip()] or list(rows)
     if set(pick) - set(rows):
-        raise SystemExit(f"error: --ablation-rows: unknown {', '.join(sorted(set(pick) - set(rows)))} (choose "
-                         f"from {', '.join(rows)})")
+        raise coco.DataError(f"--ablation-rows: unknown {', '.join(sorted(set(pick) - set(rows)))} (choose "
+                             f"from {', '.join(rows)})")
     to_train = {n: rows[n] for n in rows if n in pick}
     root = data.resolve_data(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
@@ -197,177 +201,204 @@ def evaluate(run, cfg=None):
     M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}", guidance=cfg.guidance,
                        attr_guidance=cfg.attr_guidance, image_size=S, generator_steps=ck["step"],
                        generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={}))
-    sec = M["meta"]["seconds"]
+    ap_kw = dict(names=names, ids=ids, det_size=st["det_size"], max_objects=tc["max_objects"])
+    # the opened run, what the phases share; cfg: what runs (quick numbers, device, dtype and w_d resolved); M:
+    # metrics.json, each phase adding its keys; generate_val adds the val layouts and images
+    return SimpleNamespace(path=run, cfg=cfg, parts=parts, device=device, log=log, logf=logf, started=started,
+                           model=model, tok=tok, diff=diff, ck=ck, stages=st, det=det, to_train=to_train, root=root, keep=keep,
+                           gen_kw=gen_kw, ap_kw=ap_kw, M=M)
 
-    # -- val layouts, generated three ways with the same noise (origin, all easy, all hard)
+
+def generate_val(R):
+    """Adds R.lays, R.real (R.real_val_S), R.gens[seed][mode], R.head_masks. meta.n_layouts, sec_per_image."""
+    cfg, parts, S, M, sec = R.cfg, R.parts, R.ck["train_cfg"]["image_size"], R.M, R.M["meta"]["seconds"]
     t = time.time()
-    lays = sample.split_layouts(ck, cfg.n_layouts)
-    real_val_S = data.CocoLayoutDataset(root, "val", size=S, check_files=False, **keep)
+    lays = sample.split_layouts(R.ck, cfg.n_layouts)
+    real_val_S = data.CocoLayoutDataset(R.root, "val", size=S, check_files=False, **R.keep)
     real = [real_val_S.load(i)["image"] for i in range(len(lays))]
     need_modes = sample.MODES if {"easy_hard", "crops"} & set(parts) else \
         ("origin",) if {"fidelity", "fid", "masks"} & set(parts) else ()
     n_seeds = cfg.noise_seeds if {"easy_hard", "crops"} & set(parts) else 1
-    with_masks = "masks" in parts and model.mask_head is not None
+    with_masks = "masks" in parts and R.model.mask_head is not None
     gens, head_masks = [{} for _ in range(n_seeds)], None         # gens[k][mode]: images made with noise seed seed+k
     for k, m in tqdm([(k, m) for k in range(n_seeds) for m in need_modes], desc=f"generate {len(lays)} val layouts"):
-        kw = dict(gen_kw, seed=cfg.seed + k)
+        kw = dict(R.gen_kw, seed=cfg.seed + k)
         if with_masks and (k, m) == (0, "origin"):               # the same images, and the head's masks beside them
             kw.update(mask_steps=cfg.mask_steps, mask_threshold=cfg.mask_threshold)
-        gens[k][m] = sample.generate_layouts(model, diff, tok, sample.with_difficulty(lays, m), S, **kw)
+        gens[k][m] = sample.generate_layouts(R.model, R.diff, R.tok, sample.with_difficulty(lays, m), S, **kw)
         if "mask_steps" in kw:
             gens[k][m], head_masks = gens[k][m]
-    gen = gens[0]
     sec["generate_val"] = round(time.time() - t, 1)
     M["meta"]["n_layouts"] = len(lays)
-    if gen:
-        M["meta"]["sec_per_image"] = round(sec["generate_val"] / (len(lays) * len(gen) * n_seeds), 4)
-    ap_kw = dict(names=names, ids=ids, det_size=tc["det_size"], max_objects=tc["max_objects"])
+    if gens[0]:
+        M["meta"]["sec_per_image"] = round(sec["generate_val"] / (len(lays) * len(gens[0]) * n_seeds), 4)
+    R.lays, R.real, R.real_val_S, R.gens, R.head_masks = lays, real, real_val_S, gens, head_masks
 
-    # -- 1. layout fidelity; 3. easy vs hard
-    if "fidelity" in parts or "easy_hard" in parts:
-        t = time.time()
-        r = detector_ap(det, real, lays, folder=scratch / "val_real", **ap_kw)
-        M.update(real_map=r["mAP"], real_map50=r["AP50"], real_map75=r["AP75"])
-        per_seed = [{} for _ in gens]
-        for k, g in enumerate(gens if "easy_hard" in parts else gens[:1]):
-            for m in g if "easy_hard" in parts else ("origin",):
-                r = detector_ap(det, g[m], sample.with_difficulty(lays, m), folder=scratch / f"val_{m}", **ap_kw)
-                per_seed[k][m] = r["AP50"]
-                if m == "origin" and k == 0:
-                    M.update(fidelity_map=r["mAP"], fidelity_map50=r["AP50"], fidelity_map75=r["AP75"])
-        if "easy_hard" in parts:
-            for m in sample.MODES:
-                M[f"{m}_ap50"] = round(float(np.mean([p[m] for p in per_seed])), 4)
-            M["easy_hard"] = dict(noise_seeds=[cfg.seed + k for k in range(n_seeds)], ap50=per_seed,
-                                  easy_minus_hard=summary_stats([p["easy"] - p["hard"] for p in per_seed]))
-            easy_hard_figure(real, gen, lays, names, run / "easy_hard_eval.png")
-        else:
-            M["origin_ap50"] = per_seed[0]["origin"]
-        sec["fidelity"] = round(time.time() - t, 1)
-        log(f"[fidelity] detector AP50 on {len(lays)} val layouts: real {M['real_map50']:.3f}, generated "
-            f"{M['fidelity_map50']:.3f}" + (f"; easy {M['easy_ap50']:.3f} origin {M['origin_ap50']:.3f} hard "
-                                            f"{M['hard_ap50']:.3f}" if "easy_ap50" in M else ""))
 
-    # -- 2. FID
-    net = None
-    if "fid" in parts or cfg.ablations:
-        t = time.time()
-        path, why = fid.find_inception(cfg.inception or None)
-        if path is None:
-            if "fid" in parts:
-                M["fid"] = None
-                M["meta"]["notes"]["fid"] = f"skipped: {why}"
-            log(f"[fid] skipped: {why}")
-        else:
-            net = fid.load_inception(path, device)
-            real_feats = fid.inception_features(net, real, device=device)
-        if net is not None and "fid" in parts:    # (--ablations alone needs only the real features)
-            gen_feats = fid.inception_features(net, gen["origin"], device=device)
-            M["fid"] = round(fid.fid_from_features(real_feats, gen_feats), 3)
-            M["meta"]["notes"]["fid"] = f"{path}; {len(real)} real vs {len(real)} generated val images at {S}px"
-            log(f"[fid] {M['fid']:.2f} ({len(real)} generated vs {len(real)} real val images)")
-        sec["fid"] = round(time.time() - t, 1)
+def fidelity_part(R):
+    """1, 3: the detector on real and generated val images. real_map*, fidelity_map*, *_ap50, easy_hard."""
+    parts, M, det, lays, gens, real, ap_kw = R.parts, R.M, R.det, R.lays, R.gens, R.real, R.ap_kw
+    t = time.time()
+    r = detector_ap(det, real, lays, folder=R.path / "eval" / "val_real", **ap_kw)
+    M.update(real_map=r["mAP"], real_map50=r["AP50"], real_map75=r["AP75"])
+    per_seed = [{} for _ in gens]
+    for k, g in enumerate(gens if "easy_hard" in parts else gens[:1]):
+        for m in g if "easy_hard" in parts else ("origin",):
+            r = detector_ap(det, g[m], sample.with_difficulty(lays, m), folder=R.path / "eval" / f"val_{m}", **ap_kw)
+            per_seed[k][m] = r["AP50"]
+            if m == "origin" and k == 0:
+                M.update(fidelity_map=r["mAP"], fidelity_map50=r["AP50"], fidelity_map75=r["AP75"])
+    if "easy_hard" in parts:
+        for m in sample.MODES:
+            M[f"{m}_ap50"] = round(float(np.mean([p[m] for p in per_seed])), 4)
+        M["easy_hard"] = dict(noise_seeds=[R.cfg.seed + k for k in range(len(gens))], ap50=per_seed,
+                              easy_minus_hard=summary_stats([p["easy"] - p["hard"] for p in per_seed]))
+        easy_hard_figure(real, gens[0], lays, R.tok.class_names, R.path / "easy_hard_eval.png")
+    else:
+        M["origin_ap50"] = per_seed[0]["origin"]
+    M["meta"]["seconds"]["fidelity"] = round(time.time() - t, 1)
+    R.log(f"[fidelity] detector AP50 on {len(lays)} val layouts: real {M['real_map50']:.3f}, generated "
+          f"{M['fidelity_map50']:.3f}" + (f"; easy {M['easy_ap50']:.3f} origin {M['origin_ap50']:.3f} hard "
+                                          f"{M['hard_ap50']:.3f}" if "easy_ap50" in M else ""))
 
-    # -- 6. class consistency
-    clf = None
-    if "crops" in parts:
-        t = time.time()
-        real_train_S = data.CocoLayoutDataset(root, "train", size=S, **keep)
-        clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed,
-                                          device=device)
-        crops.save_crop_classifier(clf, scratch / "crop_classifier.pt")
-        M["crop_acc_real"] = round(crops.crop_accuracy(clf, real, lays)["overall"]["accuracy"], 4)
-        for m in sample.MODES:                                  # the mean over the noise seeds
-            M[f"crop_acc_{m}"] = round(float(np.mean([crops.crop_accuracy(clf, g[m], sample.with_difficulty(lays, m))
-                                                      ["overall"]["accuracy"] for g in gens])), 4)
-        sec["crops"] = round(time.time() - t, 1)
-        log(f"[crops] crop classifier accuracy: real {M['crop_acc_real']:.3f}, generated easy "
-            f"{M['crop_acc_easy']:.3f}, origin {M['crop_acc_origin']:.3f}, hard {M['crop_acc_hard']:.3f}")
 
-    # -- 7. exported instance masks against what the images drew
-    if "masks" in parts:
-        t = time.time()
-        if head_masks is None:
-            M["meta"]["notes"]["masks"] = "skipped: the generator has no perception head (--pal-weight 0)"
-        else:
-            g = masks.mask_fit(gen["origin"], lays, head_masks)
-            truth = [real_val_S.load(i) for i in range(len(lays))]
-            if not all(r["boxes"].shape == tuple(lay["boxes"].shape) and np.allclose(r["boxes"], lay["boxes"].numpy())
-                       for r, lay in zip(truth, lays)):
-                raise SystemExit(f"error: {coco.split_paths(root, 'val')[0]}: the val objects no longer match the "
+def fid_part(R):
+    """2: FID of the generated val images. fid; returns (Inception net, real features), None without one."""
+    M, real, device, S = R.M, R.real, R.device, R.ck["train_cfg"]["image_size"]
+    t = time.time()
+    net = real_feats = None
+    path, why = fid.find_inception(R.cfg.inception or None)
+    if path is None:
+        if "fid" in R.parts:
+            M["fid"] = None
+            M["meta"]["notes"]["fid"] = f"skipped: {why}"
+        R.log(f"[fid] skipped: {why}")
+    else:
+        net = fid.load_inception(path, device)
+        real_feats = fid.inception_features(net, real, device=device)
+    if net is not None and "fid" in R.parts:    # (--ablations alone needs only the real features)
+        gen_feats = fid.inception_features(net, R.gens[0]["origin"], device=device)
+        M["fid"] = round(fid.fid_from_features(real_feats, gen_feats), 3)
+        M["meta"]["notes"]["fid"] = f"{path}; {len(real)} real vs {len(real)} generated val images at {S}px"
+        R.log(f"[fid] {M['fid']:.2f} ({len(real)} generated vs {len(real)} real val images)")
+    M["meta"]["seconds"]["fid"] = round(time.time() - t, 1)
+    return net, real_feats
+
+
+def crops_part(R):
+    """6: crop classifier trained on real crops, scored on val objects. crop_acc_*; returns the classifier."""
+    cfg, M, lays = R.cfg, R.M, R.lays
+    t = time.time()
+    real_train_S = data.CocoLayoutDataset(R.root, "train", size=R.ck["train_cfg"]["image_size"], **R.keep)
+    clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed,
+                                      device=R.device)
+    crops.save_crop_classifier(clf, R.path / "eval" / "crop_classifier.pt")
+    M["crop_acc_real"] = round(crops.crop_accuracy(clf, R.real, lays)["overall"]["accuracy"], 4)
+    for m in sample.MODES:                                  # the mean over the noise seeds
+        M[f"crop_acc_{m}"] = round(float(np.mean([crops.crop_accuracy(clf, g[m], sample.with_difficulty(lays, m))
+                                                  ["overall"]["accuracy"] for g in R.gens])), 4)
+    M["meta"]["seconds"]["crops"] = round(time.time() - t, 1)
+    R.log(f"[crops] crop classifier accuracy: real {M['crop_acc_real']:.3f}, generated easy "
+          f"{M['crop_acc_easy']:.3f}, origin {M['crop_acc_origin']:.3f}, hard {M['crop_acc_hard']:.3f}")
+    return clf
+
+
+def masks_part(R):
+    """7: exported instance masks against what the images drew. mask_iou_{head,box,real_gt,real_box}."""
+    cfg, M, lays = R.cfg, R.M, R.lays
+    t = time.time()
+    if R.head_masks is None:
+        M["meta"]["notes"]["masks"] = "skipped: the generator has no perception head (--pal-weight 0)"
+    else:
+        g = masks.mask_fit(R.gens[0]["origin"], lays, R.head_masks)
+        truth = [R.real_val_S.load(i) for i in range(len(lays))]
+        if not all(r["boxes"].shape == tuple(lay["boxes"].shape) and np.allclose(r["boxes"], lay["boxes"].numpy())
+                   for r, lay in zip(truth, lays)):
+            raise coco.DataError(f"{coco.split_paths(R.root, 'val')[0]}: the val objects no longer match the "
                                  f"layouts the run was given (was the data set changed?)")
-            r = masks.mask_fit(real, lays, [x["masks"] for x in truth])
-            M.update(mask_iou_head=g["iou"], mask_iou_box=g["box_iou"], mask_iou_real_gt=r["iou"],
-                     mask_iou_real_box=r["box_iou"])
-            M["meta"]["notes"]["masks"] = (f"{g['n']} of {g['of']} generated and {r['n']} of {r['of']} real objects "
-                                           f"judged; head masks: last {cfg.mask_steps} steps, > {cfg.mask_threshold:g}")
-            log(f"[masks] IoU with the drawn object: head masks {g['iou']:.3f}, filled boxes {g['box_iou']:.3f} "
-                f"(real val: true masks {r['iou']:.3f}, boxes {r['box_iou']:.3f})")
-        sec["masks"] = round(time.time() - t, 1)
+        r = masks.mask_fit(R.real, lays, [x["masks"] for x in truth])
+        M.update(mask_iou_head=g["iou"], mask_iou_box=g["box_iou"], mask_iou_real_gt=r["iou"],
+                 mask_iou_real_box=r["box_iou"])
+        M["meta"]["notes"]["masks"] = (f"{g['n']} of {g['of']} generated and {r['n']} of {r['of']} real objects "
+                                       f"judged; head masks: last {cfg.mask_steps} steps, > {cfg.mask_threshold:g}")
+        R.log(f"[masks] IoU with the drawn object: head masks {g['iou']:.3f}, filled boxes {g['box_iou']:.3f} "
+              f"(real val: true masks {r['iou']:.3f}, boxes {r['box_iou']:.3f})")
+    M["meta"]["seconds"]["masks"] = round(time.time() - t, 1)
 
-    # -- 4. trainability
-    if "trainability" in parts:
-        t = time.time()
-        glays = trainability.training_layouts(ck, cfg.n_generated, cfg.seed + 1)
-        extra, kept = {}, {}
-        for m in tqdm(sample.MODES, desc=f"generate {len(glays)} training layouts"):
-            ml = sample.with_difficulty(glays, m)
-            ims = sample.generate_layouts(model, diff, tok, ml, S, **dict(gen_kw, seed=cfg.seed + 1))
-            sets = {m: (ims, ml)}
-            if m == "hard" and clf is not None:    # the class filter: drop images with an object it rejects
-                ok = [bool(a.all()) for a in crops.accept_objects(clf, ims, ml, cfg.min_prob)]
-                sets["hard_filtered"] = ([i for i, k in zip(ims, ok) if k], [l for l, k in zip(ml, ok) if k])
-                kept["hard_filtered"] = sum(ok)
-            for name, (ii, ll) in sets.items():
-                folder = scratch / f"train_{name}"
-                if folder.exists():
-                    shutil.rmtree(folder)
-                if not ii:
-                    log(f"[trainability] {name}: no generated image left, set skipped")
-                    continue
-                sample.write_coco(folder, "train", ii, ll, names, ids)
-                extra[name] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
-        det_cfg = detector.DetectorConfig(len(names), tuple(names), tc["det_size"])
-        real_train_S = data.CocoLayoutDataset(root, "train", size=S, **keep)
-        runs = trainability.trainability(ck, det_cfg, real_train_S, real_val_S, extra, cfg, log, device, dtype)
-        M["trainability"] = dict(runs=runs, real_images=max(1, round(cfg.real_fraction * len(real_train_S))),
-                                 generated_images={k: len(v) for k, v in extra.items()},
-                                 det_steps=cfg.det_steps or tc["det_steps"], seeds=cfg.seeds,
-                                 filter=dict(min_prob=cfg.min_prob, kept=kept.get("hard_filtered"),
-                                             of=len(glays)) if clf is not None else None)
-        for name, rs in runs.items():
-            M[f"train_{'real' if name == 'real' else 'aug_' + name}_map50"] = summary_stats([r["AP50"] for r in rs])["mean"]
-            M["trainability"][name] = summary_stats([r["AP50"] for r in rs])
-        sec["trainability"] = round(time.time() - t, 1)
 
-    # -- 5. ablations
-    if cfg.ablations:
-        t = time.time()
-        M["ablations"] = {}
-        for name, over in to_train.items():
-            a_path = ablations.train_ablation(run, ck, name, over, cfg, log)
-            a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path, device=device)
-            a_lays = sample.split_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
-            a_kw = dict(gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
-            ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
-            folder = scratch / f"ablation_{name.replace(' ', '_')}"
-            r = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)
-            attrs_on = a_ck["train_cfg"]["attributes"] != "none"
-            row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
-                       steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],
-                       fidelity_map=r["mAP"], fidelity_map50_plain=None,
-                       fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims, device=device)), 3)
-                       if net is not None else None)
-            if attrs_on and cfg.attr_guidance != 1.0:   # the same generator under plain guidance (w_d 1)
-                ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **dict(a_kw, attr_guidance=1.0))
-                row["fidelity_map50_plain"] = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)["AP50"]
-            M["ablations"][name] = row
-            log(f"[ablations] {name}: {row['steps']} steps, fidelity AP50 {row['fidelity_map50']:.3f}"
-                + (f" ({row['fidelity_map50_plain']:.3f} at w_d 1)" if row["fidelity_map50_plain"] is not None else "")
-                + f", FID {row['fid']}")
-        sec["ablations"] = round(time.time() - t, 1)
+def trainability_part(R, clf):
+    """4: detectors on a real subset, alone and with generated images. train_*_map50, trainability."""
+    cfg, M, ck, tc, keep, log, scratch = R.cfg, R.M, R.ck, R.ck["train_cfg"], R.keep, R.log, R.path / "eval"
+    S, names, ids = tc["image_size"], R.tok.class_names, ck["tokenizer"]["category_ids"]
+    t = time.time()
+    glays = trainability.training_layouts(ck, cfg.n_generated, cfg.seed + 1)
+    extra, kept = {}, {}
+    for m in tqdm(sample.MODES, desc=f"generate {len(glays)} training layouts"):
+        ml = sample.with_difficulty(glays, m)
+        ims = sample.generate_layouts(R.model, R.diff, R.tok, ml, S, **dict(R.gen_kw, seed=cfg.seed + 1))
+        sets = {m: (ims, ml)}
+        if m == "hard" and clf is not None:    # the class filter: drop images with an object it rejects
+            ok = [bool(a.all()) for a in crops.accept_objects(clf, ims, ml, cfg.min_prob)]
+            sets["hard_filtered"] = ([i for i, k in zip(ims, ok) if k], [l for l, k in zip(ml, ok) if k])
+            kept["hard_filtered"] = sum(ok)
+        for name, (ii, ll) in sets.items():
+            folder = scratch / f"train_{name}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            if not ii:
+                log(f"[trainability] {name}: no generated image left, set skipped")
+                continue
+            sample.write_coco(folder, "train", ii, ll, names, ids)
+            extra[name] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
+    det_cfg, det_steps = detector.DetectorConfig(len(names), tuple(names), R.stages["det_size"]), \
+        cfg.det_steps or R.stages["det_steps"]
+    real_train_S = data.CocoLayoutDataset(R.root, "train", size=S, **keep)
+    runs = trainability.trainability(det_steps, det_cfg, real_train_S, R.real_val_S, extra, cfg, log, R.device,
+                                     cfg.dtype)
+    M["trainability"] = dict(runs=runs, real_images=max(1, round(cfg.real_fraction * len(real_train_S))),
+                             generated_images={k: len(v) for k, v in extra.items()},
+                             det_steps=det_steps, seeds=cfg.seeds,
+                             filter=dict(min_prob=cfg.min_prob, kept=kept.get("hard_filtered"),
+                                         of=len(glays)) if clf is not None else None)
+    for name, rs in runs.items():
+        M[f"train_{'real' if name == 'real' else 'aug_' + name}_map50"] = summary_stats([r["AP50"] for r in rs])["mean"]
+        M["trainability"][name] = summary_stats([r["AP50"] for r in rs])
+    M["meta"]["seconds"]["trainability"] = round(time.time() - t, 1)
 
-    sec["total"] = round(time.time() - t_all, 1)
+
+def ablations_part(R, net, real_feats):
+    """5: train the ablation rows, score their fidelity (w_d and w_d 1) and FID. metrics["ablations"]."""
+    cfg, M, det, device, ap_kw, S = R.cfg, R.M, R.det, R.device, R.ap_kw, R.ck["train_cfg"]["image_size"]
+    t = time.time()
+    M["ablations"] = {}
+    for name, over in R.to_train.items():
+        a_path = ablations.train_ablation(R.path, R.ck, name, over, cfg, R.log)
+        a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path, device=device)
+        a_lays = sample.split_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
+        a_kw = dict(R.gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
+        ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
+        folder = R.path / "eval" / f"ablation_{name.replace(' ', '_')}"
+        r = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)
+        attrs_on = a_ck["train_cfg"]["attributes"] != "none"
+        row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
+                   steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],
+                   fidelity_map=r["mAP"], fidelity_map50_plain=None,
+                   fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims, device=device)), 3)
+                   if net is not None else None)
+        if attrs_on and cfg.attr_guidance != 1.0:   # the same generator under plain guidance (w_d 1)
+            ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **dict(a_kw, attr_guidance=1.0))
+            row["fidelity_map50_plain"] = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)["AP50"]
+        M["ablations"][name] = row
+        R.log(f"[ablations] {name}: {row['steps']} steps, fidelity AP50 {row['fidelity_map50']:.3f}"
+              + (f" ({row['fidelity_map50_plain']:.3f} at w_d 1)" if row["fidelity_map50_plain"] is not None else "")
+              + f", FID {row['fid']}")
+    M["meta"]["seconds"]["ablations"] = round(time.time() - t, 1)
+
+
+def write_metrics(R):
+    """Merge with the earlier metrics.json, write it and report.md. meta.seconds.total; returns the metrics."""
+    run, M = R.path, R.M
+    M["meta"]["seconds"]["total"] = total = round(time.time() - R.started, 1)
     if (run / "metrics.json").is_file():          # parts not run this time keep their earlier results
         old = coco.read_json(run / "metrics.json")
         for k in ("seconds", "notes"):
@@ -377,9 +408,26 @@ def evaluate(run, cfg=None):
         M = {**old, **M, "meta": {**old["meta"], **M["meta"]}}
     (run / "metrics.json").write_text(json.dumps(M, indent=1))
     (run / "report.md").write_text(report.report(M))
-    log(f"[evaluate] {run / 'report.md'}, {run / 'metrics.json'} in {sec['total']:.0f}s")
-    logf.close()
+    R.log(f"[evaluate] {run / 'report.md'}, {run / 'metrics.json'} in {total:.0f}s")
+    R.logf.close()
     return M
+
+
+def evaluate(run, cfg=None):
+    """Run the parts of `cfg` on the finished run folder `run`; write RUN/metrics.json and RUN/report.md."""
+    R = open_run(run, *check_settings(cfg))
+    generate_val(R)
+    if "fidelity" in R.parts or "easy_hard" in R.parts:
+        fidelity_part(R)
+    net, real_feats = fid_part(R) if "fid" in R.parts or R.cfg.ablations else (None, None)
+    clf = crops_part(R) if "crops" in R.parts else None
+    if "masks" in R.parts:
+        masks_part(R)
+    if "trainability" in R.parts:
+        trainability_part(R, clf)
+    if R.cfg.ablations:
+        ablations_part(R, net, real_feats)
+    return write_metrics(R)
 
 
 # ----------------------------------------------------------------------------------------------------------------

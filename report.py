@@ -1,5 +1,5 @@
 """The report of evaluate.py: RUN/metrics.json as RUN/report.md, one section per part of PAPER.md section 4 (and the
-two beyond it), with the targets the issues set and whether this run met them.
+two beyond it), with the project's targets for the default run and whether this run met them.
 
     python evaluate.py --run runs/shapes          # writes RUN/metrics.json and, from it, RUN/report.md
 """
@@ -11,7 +11,7 @@ def fmt(v, nd=3):
 
 
 def targets(M):
-    """The experiments issue's targets on shapes: (what, measured, met or None when not measured)."""
+    """The project's targets for the default run on shapes: (what, measured, met or None when not measured)."""
     out = []
     if M.get("real_map50"):
         ratio = M["fidelity_map50"] / M["real_map50"]
@@ -33,6 +33,7 @@ def targets(M):
 
 
 def report(M):
+    """RUN/metrics.json -> report.md: a header, then the paper's parts, the experiments, what is beyond the paper."""
     meta, L = M["meta"], []
     L += [f"# detdiff evaluation of `{meta['run']}`", "",
           f"Generator: {meta['generator_steps']} steps ({meta['generator_minutes']} min), {meta['image_size']} px. "
@@ -40,6 +41,13 @@ def report(M):
           + (f", {meta['sec_per_image']} s per image" if "sec_per_image" in meta else "") + ". "
           f"{meta.get('n_layouts', 0)} val layouts. Seconds per part (the latest run of each): "
           + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items() if k != "total") + ".", ""]
+    L += paper_parts(M, meta) + experiments(M, meta) + beyond_the_paper(M, meta)
+    return "\n".join(L)
+
+
+def paper_parts(M, meta):
+    """Sections 1-3: layout fidelity, FID, easy vs hard."""
+    L = []
     if "fidelity_map50" in M:
         L += ["## 1. Layout fidelity (the paper's YOLO score)", "",
               "The run's detector, trained on real images, on the real val images and on images generated for the "
@@ -65,6 +73,12 @@ def report(M):
         L += ["", "![easy / hard](easy_hard_eval.png)", "",
               "Rows: real val images; generated with origin, all-easy and all-hard attributes (easy boxes green, "
               "hard red).", ""]
+    return L
+
+
+def experiments(M, meta):
+    """Sections 4-5: trainability and the ablations."""
+    L = []
     if "trainability" in M:
         T = M["trainability"]
         L += ["## 4. Trainability", "",
@@ -93,6 +107,12 @@ def report(M):
                      f"{r['minutes']} | {fmt(r['fidelity_map50'])} | {fmt(r.get('fidelity_map50_plain'))} | "
                      f"{fmt(r['fidelity_map'])} | {fmt(r['fid'], 2)} |")
         L.append("")
+    return L
+
+
+def beyond_the_paper(M, meta):
+    """Sections 6-7 (class consistency, exported masks) and the targets."""
+    L = []
     if "crop_acc_real" in M:
         L += ["## 6. Class consistency (beyond the paper)", "",
               "A crop classifier trained on real object crops; its accuracy on the objects of each image set. A "
@@ -115,4 +135,4 @@ def report(M):
         L += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
         L += [f"| {what} | {val} | {'yes' if ok else '**no**'} |" for what, val, ok in t]
         L.append("")
-    return "\n".join(L)
+    return L

@@ -173,16 +173,18 @@ def resolve_attr_guidance(w, ck):
 # Checkpoints, layouts, outputs
 
 def load_checkpoint(path, weights="ema", device="cpu"):
-    """A checkpoint alone -> (model in eval mode, tokenizer, diffusion, checkpoint dict)."""
+    """A checkpoint alone -> (model in eval mode, tokenizer, diffusion, checkpoint dict). A missing file, or one that
+    is not a generator checkpoint, is a one-line DataError naming it."""
     if not Path(path).is_file():
-        raise SystemExit(f"error: {path}: checkpoint not found")
+        raise coco.DataError(f"{path}: checkpoint not found")
     try:
         ck = config.load_file(path)
         model = UNet(UNetConfig(**ck["model_cfg"]))
         model.load_state_dict(ck[weights])
+        diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
     except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"error: {path}: not a detdiff checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
-    diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
+        why = " ".join(str(e).split())[:120]          # load_state_dict's message spans lines
+        raise coco.DataError(f"{path}: not a detdiff checkpoint ({type(e).__name__}: {why})") from None
     return model.to(device).eval(), data.tokenizer_from(ck["tokenizer"]), diff, ck
 
 
@@ -240,8 +242,8 @@ def split_layouts(ck, n, split="val"):
     attrs = None
     if ck.get("attributes_used"):
         if not Path(ck["attributes_used"]).is_file():
-            raise SystemExit(f"error: {ck['attributes_used']}: the attribute sidecar this run trained with is "
-                             f"missing (restore it, or sample from a --layouts json)")
+            raise coco.DataError(f"{ck['attributes_used']}: the attribute sidecar this run trained with is missing "
+                                 f"(restore it, or sample from a --layouts json)")
         side = coco.read_json(ck["attributes_used"])["attributes"]
         attrs = perception.load_attributes(ck["attributes_used"], split) if split in side else None
     ds = data.CocoLayoutDataset(data.resolve_data(c["data"]), split, size=c["image_size"], min_area=c["min_area"],

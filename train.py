@@ -1,11 +1,9 @@
 """The generator's training loop (PAPER.md sections 1 and 3): the layout-conditioned UNet eps_theta(x_t, t, tokens)
-learns L = L_simple + lambda L_p, nanoGPT-style: every run setting in `TrainConfig` (each field a flag of
-`python detdiff.py`), a flat loop with labelled phases, checkpoints that carry their config, `--resume`, bf16
-autocast where the hardware has it, torch.compile and DDP as switches.
-
-The main job (detdiff.py) runs it as its `generator` stage; evaluate.py's ablations run it with one setting
-changed. The schedule, L_simple and the condition dropout are diffusion.py's, L_p is perception.py's, the
-optimisation pieces optim.py's.
+learns L = L_simple + lambda L_p, nanoGPT-style: the generator's settings in `TrainConfig` (each field a flag of
+`python detdiff.py`), `train` = set_up / loop / end with labelled phases, checkpoints that carry their config,
+`--resume`, bf16 autocast where the hardware has it, torch.compile and DDP as switches. The main job (detdiff.py)
+runs it as its `generator` stage; evaluate.py's ablations run it with one setting changed. The schedule, L_simple
+and the condition dropout are diffusion.py's, L_p is perception.py's, the optimisation pieces optim.py's.
 
     python detdiff.py --stage generator --steps 200 --out runs/quick      # this loop alone, on a run folder
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...           # DDP (gloo on CPU, nccl on CUDA)
@@ -45,8 +43,7 @@ from unet import UNet, UNetConfig
 @dataclass
 class TrainConfig:
     CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"),
-                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"), location=("grid", "axis"),
-                                   stage=("all", "data", "detector", "attributes", "autoencoder", "generator", "grid"))
+                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"), location=("grid", "axis"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
@@ -101,24 +98,6 @@ class TrainConfig:
                                      # -1: ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
     n_grid: int = 8                  # validation layouts in the grid
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    # the main job's other stages (python detdiff.py runs them all; perception.py has them as commands too)
-    stage: str = "all"               # all | data | detector | attributes | autoencoder | generator | grid
-    detector: str = ""               # the perceptive model (attribute and fidelity metric) from the user instead of
-                                     # training one: a detdiff detector .pt, a COCO results .json made on the data
-                                     # set's own images (attribute only), or torchvision:NAME (e.g. torchvision:
-                                     # fasterrcnn_resnet50_fpn) with --detector-weights FILE; nothing is downloaded
-    detector_weights: str = ""       # local weights file of a torchvision:NAME detector
-    detector_classes: str = ""       # data-set class=detector class,... where names differ (every class must map)
-    det_steps: int = 1000            # detector (perception metric) optimizer steps, trained from scratch
-    det_size: int = 64               # detector input side
-    attr_steps: int = 400            # steps of each held-out fold's detector (perception-aware attribute)
-    attr_folds: int = 2
-    gamma: float = 0.4               # attribute: confidence threshold (our choice; the paper's is unknown)
-    beta: float = 0.5                # attribute: IoU threshold
-    class_aware: bool = False        # attribute: a prediction must also have the object's class
-    n_eval: int = 100                # val layouts generated for the grid stage's quick layout-fidelity check
-    evaluate: bool = False           # then run evaluate.py on the run folder: report.md, metrics.json (see its
-                                     # docstring; about 25 min on shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,7 +113,7 @@ def attributes_path(cfg, out):
         p = Path(out) / "attributes.json"
         return p.resolve() if p.is_file() else None
     if not Path(cfg.attributes).is_file():
-        raise SystemExit(f"error: {cfg.attributes}: attribute sidecar not found (--attributes auto|none|PATH)")
+        raise config.DataError(f"{cfg.attributes}: attribute sidecar not found (--attributes auto|none|PATH)")
     return Path(cfg.attributes).resolve()
 
 
@@ -153,21 +132,6 @@ def check_sizes(cfg, mcfg_overrides=None):
     if S % down:
         raise config.DataError(f"{what} is not divisible by {down}, the UNet's downsampling (--channel-mults "
                                f"{','.join(map(str, mults))}: one halving per level after the first)")
-
-
-def save_grid(ema, diff, tok, val_batch, cfg, path, device, autoencoder=None, dtype="fp32"):
-    """Real validation images (left) beside generated ones for the same layouts (right), boxes drawn."""
-    g = torch.Generator(device="cpu").manual_seed(1234)    # own generator: the training RNG stream is untouched
-    x = sample.generate(ema, diff, val_batch["tokens"].to(device), tok.null_prompt().to(device),
-                        size=cfg.image_size, steps=cfg.sample_steps, guidance=cfg.guidance, generator=g,
-                        dtype=config.sampling_dtype(dtype, device), progress=False,
-                        autoencoder=autoencoder)
-    tiles = []
-    for real, fake, boxes, labels, valid in zip(val_batch["image"], x.cpu(), val_batch["boxes"],
-                                                val_batch["labels"], val_batch["valid"]):
-        for im in (real, fake):
-            tiles.append(figures.draw_layout(data.from_model_range(im), boxes[valid], labels[valid], tok.class_names))
-    figures.image_grid(tiles, ncol=4).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,222 +178,272 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
     return loss, l_simple, l_p
 
 
-def train(cfg, mcfg_overrides=None, interrupt_at=None):
-    """Train a generator with settings `cfg` (TrainConfig). `interrupt_at` (tests only) behaves as if the
-    process were killed right after that step. Returns the unwrapped model (rank 0 writes the run folder)."""
+def run_folder(cfg):
+    """The run folder: --out, or runs/<data set name> (the one place its default is decided)."""
+    return Path(cfg.out or Path("runs") / Path(cfg.data).name)
+
+
+class Run:
+    """All a generator run holds while it trains: built by `set_up`, advanced by `loop`, closed by `end`."""
+
+
+def train(cfg, mcfg_overrides=None, interrupt_at=None, pipeline_cfg=None):
+    """Train a generator with settings `cfg` (TrainConfig): set-up, the loop, the end. The checkpoint keeps
+    `pipeline_cfg` (the main job's other settings) for evaluate.py. `interrupt_at` (tests only) acts as if the
+    process were killed right after that step. Returns the unwrapped model; rank 0 writes the run folder."""
+    run = set_up(cfg, mcfg_overrides, pipeline_cfg)
+    if loop(run, interrupt_at):
+        end(run)
+    return run.raw
+
+
+def set_up(cfg, mcfg_overrides=None, pipeline_cfg=None):
+    """Processes and device, the run folder (never silently overwritten), data, model, EMA and optimiser."""
+    r = Run()
+    r.cfg, r.pipeline_cfg = cfg, pipeline_cfg or {}
     # -- processes and device: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) \
-        if ddp else (0, 1, 0)
-    device, device_why = config.resolve_device(cfg.device, local)      # auto: cuda, then mps, then cpu
+    r.ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    r.rank, r.world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) \
+        if r.ddp else (0, 1, 0)
+    config.check_choices(cfg)
+    r.device, device_why = config.resolve_device(cfg.device, local)    # auto: cuda, then mps, then cpu
     if not cfg.resume:                            # a resumed run keeps its checkpoint's shapes
         check_sizes(cfg, mcfg_overrides)
-    if ddp:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
     if cfg.steps <= 0 and cfg.minutes <= 0:
-        raise SystemExit("error: --minutes 0 needs --steps N > 0 (a run needs a time budget or a step count)")
-    if cfg.space not in ("pixel", "latent"):
-        raise SystemExit(f"error: --space must be pixel or latent, got {cfg.space!r}")
-
-    # -- run folder: never silently overwrite a run
-    out = Path(cfg.out or Path("runs") / Path(cfg.data).name)
-    ckpt_path, log_path = out / "ckpt.pt", out / "log.txt"
-    ck = None
+        raise config.DataError("--minutes 0 needs --steps N > 0 (a run needs a time budget or a step count)")
+    if r.ddp:
+        if r.device.type == "cuda":
+            torch.cuda.set_device(r.device)
+        dist.init_process_group("nccl" if r.device.type == "cuda" else "gloo")
+    r.master = r.rank == 0
+    r.dtype, dtype_why = config.resolve_dtype(cfg.dtype, r.device)
+    r.out = run_folder(cfg)
+    r.ckpt_path, ck = r.out / "ckpt.pt", None
     if cfg.resume:
-        if not ckpt_path.is_file():
-            raise SystemExit(f"error: {ckpt_path}: no checkpoint to resume from")
-        ck = config.load_file(ckpt_path)
-    elif ckpt_path.exists():
-        raise SystemExit(f"error: {out} already holds a run (ckpt.pt); pass --resume to continue it or --out for a "
-                         f"new folder")
-    if ddp:
+        if not r.ckpt_path.is_file():
+            raise config.DataError(f"{r.ckpt_path}: no checkpoint to resume from")
+        ck = config.load_file(r.ckpt_path)
+    elif r.ckpt_path.exists():
+        raise config.DataError(f"{r.out} already holds a run (ckpt.pt); pass --resume to continue it or --out for a "
+                               f"new folder")
+    if r.ddp:
         dist.barrier()                            # every rank has checked the folder before rank 0 writes to it
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-    logf = open(log_path, "a") if master else None
+    if r.master:
+        r.out.mkdir(parents=True, exist_ok=True)
+    r.logf = open(r.out / "log.txt", "a") if r.master else None
+    set_up_data(r, ck)
+    set_up_model(r, ck, mcfg_overrides)
+    if r.master and not ck:
+        (r.out / "config.json").write_text(json.dumps(dict(train=asdict(cfg), model=asdict(r.mcfg)), indent=1))
+        log(r, f"{sum(p.numel() for p in r.raw.parameters()) / 1e6:.2f}M parameters, {len(r.train_ds)} train "
+               f"images, {r.world} process(es) on {r.device} ({device_why}), dtype {r.dtype} ({dtype_why}), run "
+               f"folder {r.out}")
+    return r
 
-    def log(msg):
-        if master:
-            tqdm.write(msg)
-            logf.write(msg + "\n")
-            logf.flush()
 
-    # -- data and tokenizer
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
+def log(r, msg):
+    if r.master:
+        tqdm.write(msg)
+        r.logf.write(msg + "\n")
+        r.logf.flush()
+
+
+def set_up_data(r, ck):
+    """Seeds, tokenizer, attributes, the train split (decoded once into tensors, batches.py), the grid's val batch
+    and, in latent space, the frozen autoencoder (the one a resumed run learned with) and every image's latent."""
+    cfg = r.cfg
+    torch.manual_seed(cfg.seed + r.rank)
+    random.seed(cfg.seed + r.rank)
+    np.random.seed(cfg.seed + r.rank)
     root = data.resolve_data(cfg.data)
-    probe = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
-                                   max_objects=cfg.max_objects)
-    tok = data.LayoutTokenizer(probe.class_names, bins=cfg.bins, max_objects=cfg.max_objects, location=cfg.location)
-    attr_path = attributes_path(cfg, out)           # the perception-aware attribute of every object (PAPER.md s.2)
-    attrs = {sp: perception.load_attributes(attr_path, sp) if attr_path else None for sp in ("train", "val")}
-    log(f"attributes: {attr_path}" if attr_path else "attributes: none (every object gets the [none] token)")
-    train_ds = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
-                                      max_objects=cfg.max_objects, shuffle_objects=True, tokenizer=tok,
-                                      attributes=attrs["train"])
+    r.probe = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
+                                     max_objects=cfg.max_objects)
+    r.tok = tok = data.LayoutTokenizer(r.probe.class_names, bins=cfg.bins, max_objects=cfg.max_objects,
+                                       location=cfg.location)
+    r.attr_path = attributes_path(cfg, r.out)       # the perception-aware attribute of every object (PAPER.md s.2)
+    attrs = {sp: perception.load_attributes(r.attr_path, sp) if r.attr_path else None for sp in ("train", "val")}
+    log(r, f"attributes: {r.attr_path}" if r.attr_path else "attributes: none (every object gets the [none] token)")
+    r.train_ds = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
+                                        max_objects=cfg.max_objects, shuffle_objects=True, tokenizer=tok,
+                                        attributes=attrs["train"])
     val_ds = data.CocoLayoutDataset(root, "val", size=cfg.image_size, min_area=cfg.min_area,
                                     max_objects=cfg.max_objects, tokenizer=tok, attributes=attrs["val"])
-    val_batch = data.collate([val_ds[i] for i in range(min(cfg.n_grid, len(val_ds)))], cfg.max_objects)
-    null = tok.null_prompt().to(device)
-
-    # -- latent space: the frozen autoencoder (the one a resumed run learned with) encodes every image once
-    ae = ae_info = latents = None
+    r.val_batch = data.collate([val_ds[i] for i in range(min(cfg.n_grid, len(val_ds)))], cfg.max_objects)
+    r.null = tok.null_prompt().to(r.device)
+    r.ae = r.ae_info = r.latents = None
     if cfg.space == "latent":
-        ae_path = autoencoder.autoencoder_path(cfg, out)
-        ae, fp = autoencoder.load_autoencoder(ae_path, ck["autoencoder"]["fingerprint"] if ck else None, ckpt_path)
-        ae, ae_info = ae.to(device), dict(path=str(ae_path), fingerprint=fp)
-        latents = autoencoder.encode_dataset(ae, train_ds, device, progress=master)            # (N, c, S/f, S/f)
-        log(f"latent space: {ae_path} ({fp}) encodes {cfg.image_size}px images as {tuple(latents.shape[1:])} latents")
+        ae_path = autoencoder.autoencoder_path(cfg, r.out)
+        ae, fp = autoencoder.load_autoencoder(ae_path, ck["autoencoder"]["fingerprint"] if ck else None, r.ckpt_path)
+        r.ae, r.ae_info = ae.to(r.device), dict(path=str(ae_path), fingerprint=fp)
+        r.latents = autoencoder.encode_dataset(r.ae, r.train_ds, r.device, progress=r.master)   # (N, c, S/f, S/f)
+        log(r, f"latent space: {ae_path} ({fp}) encodes {cfg.image_size}px images as {tuple(r.latents.shape[1:])} "
+               f"latents")
+    r.decoded = batches.DecodedLayouts(r.train_ds, r.device, images=r.latents is None, progress=r.master)
+    log(r, f"data: {len(r.decoded)} training images decoded once, {r.decoded.nbytes / 1e6:.0f} MB kept on "
+           f"{r.decoded.store}")
 
-    # -- model, EMA, optimizer (the checkpoint's shapes win on resume)
+
+def set_up_model(r, ck, mcfg_overrides):
+    """UNet, EMA, schedule, AdamW and GradScaler (the checkpoint's shapes and states win on resume), wrapped in
+    DDP and torch.compile when asked."""
+    cfg = r.cfg
     overrides = dict(dict(mask_dim=0) if cfg.pal_weight == 0 else {}, **(mcfg_overrides or {}))
-    if ae is not None:
-        overrides["in_channels"] = ae.cfg.latent_channels
-    mcfg = UNetConfig(**ck["model_cfg"]) if ck else UNetConfig.for_tokenizer(tok, **overrides)
-    if cfg.pal_weight > 0 and not mcfg.mask_dim:
-        raise SystemExit("error: --pal-weight > 0 needs the perception head (--mask-dim > 0)")
-    raw = UNet(mcfg, loc_xy=tok.location_xy()).to(device)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    diff = diffusion.Diffusion(cfg.timesteps, cfg.schedule).to(device)
-    opt = optim.make_optimizer(raw, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-    step, history = 0, dict(step=[], loss=[], l_simple=[], l_p=[])
+    if r.ae is not None:
+        overrides["in_channels"] = r.ae.cfg.latent_channels
+    r.mcfg = UNetConfig(**ck["model_cfg"]) if ck else UNetConfig.for_tokenizer(r.tok, **overrides)
+    if cfg.pal_weight > 0 and not r.mcfg.mask_dim:
+        raise config.DataError("--pal-weight > 0 needs the perception head (--mask-dim > 0)")
+    r.raw = UNet(r.mcfg, loc_xy=r.tok.location_xy()).to(r.device)
+    r.ema = copy.deepcopy(r.raw).eval().requires_grad_(False)
+    r.diff = diffusion.Diffusion(cfg.timesteps, cfg.schedule).to(r.device)
+    r.opt = optim.make_optimizer(r.raw, cfg)
+    r.scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == "fp16")
+    r.step, r.history, r.elapsed_before = 0, dict(step=[], loss=[], l_simple=[], l_p=[]), 0.0
     if ck:
-        raw.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        scaler.load_state_dict(ck["scaler"])
-        step, history = ck["step"], ck["history"]
-        optim.set_rng_state(ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0])
-        log(f"resumed {ckpt_path} at step {step}")
-    model = raw
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None)
+        r.raw.load_state_dict(ck["model"])
+        r.ema.load_state_dict(ck["ema"])
+        r.opt.load_state_dict(ck["opt"])
+        r.scaler.load_state_dict(ck["scaler"])
+        r.step, r.history, r.elapsed_before = ck["step"], ck["history"], ck["elapsed"]
+        optim.set_rng_state(ck["rng"][r.rank] if r.rank < len(ck["rng"]) else ck["rng"][0])
+        log(r, f"resumed {r.ckpt_path} at step {r.step}")
+    r.model = r.raw
+    if r.ddp:
+        r.model = nn.parallel.DistributedDataParallel(r.raw, device_ids=[r.device.index] if r.device.type == "cuda"
+                                                      else None)
     if cfg.compile:
-        model = torch.compile(model)
-    amp = config.autocast(device, dtype)
-    if master and not ck:
-        (out / "config.json").write_text(json.dumps(dict(train=asdict(cfg), model=asdict(mcfg)), indent=1))
-        log(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(train_ds)} train images, "
-            f"{world} process(es) on {device} ({device_why}), dtype {dtype} ({dtype_why}), run folder {out}")
+        r.model = torch.compile(r.model)
+    r.amp = config.autocast(r.device, r.dtype)
 
-    def checkpoint():
-        states = [None] * world
-        if ddp:
-            dist.all_gather_object(states, optim.rng_state())
-        else:
-            states = [optim.rng_state()]
-        if master:
-            config.atomic_save(dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                    scaler=scaler.state_dict(), step=step, rng=states, history=history,
-                                    elapsed=time.time() - t0, finished=finished,
-                                    train_cfg=asdict(cfg), model_cfg=asdict(mcfg),
-                                    img_s=seen / max(time.time() - t_start, 1e-9),
-                                    attributes_used=str(attr_path) if attr_path else "", space=cfg.space, dtype=dtype,
-                                    autoencoder=ae_info,
-                                    tokenizer=dict(class_names=tok.class_names, category_ids=probe.category_ids,
-                                                   bins=tok.bins, max_objects=tok.max_objects, location=tok.location)),
-                               ckpt_path)
 
-    def periodic_outputs():
-        if master:
-            save_grid(ema, diff, tok, val_batch, cfg, out / f"samples_{step:06d}.png", device, ae, dtype)
-            curves = {k: (history["step"], history[k]) for k in ("loss", "l_simple", "l_p") if history.get(k)}
-            figures.loss_curve(curves, out / "loss.png", f"{out.name}: training loss (log scale)")
+def checkpoint(r, finished=False):
+    """Every rank's RNG state, and on rank 0 the checkpoint with everything needed to resume or sample."""
+    states = [None] * r.world
+    if r.ddp:
+        dist.all_gather_object(states, optim.rng_state())
+    else:
+        states = [optim.rng_state()]
+    if r.master:
+        tok = r.tok
+        config.atomic_save(dict(model=r.raw.state_dict(), ema=r.ema.state_dict(), opt=r.opt.state_dict(),
+                                scaler=r.scaler.state_dict(), step=r.step, rng=states, history=r.history,
+                                elapsed=time.time() - r.t0, finished=finished,
+                                train_cfg=asdict(r.cfg), model_cfg=asdict(r.mcfg), pipeline_cfg=r.pipeline_cfg,
+                                img_s=r.seen / max(time.time() - r.t_start, 1e-9),
+                                attributes_used=str(r.attr_path) if r.attr_path else "", space=r.cfg.space,
+                                dtype=r.dtype, autoencoder=r.ae_info,
+                                tokenizer=dict(class_names=tok.class_names, category_ids=r.probe.category_ids,
+                                               bins=tok.bins, max_objects=tok.max_objects, location=tok.location)),
+                           r.ckpt_path)
 
-    # -- the loop: the training split decoded once into tensors on the device (batches.py), one host sync per log line
-    finished = False
-    t0, seen = time.time() - (ck["elapsed"] if ck else 0.0), 0
-    decoded = batches.DecodedLayouts(train_ds, device, images=latents is None, progress=master)
-    log(f"data: {len(decoded)} training images decoded once, {decoded.nbytes / 1e6:.0f} MB kept on {decoded.store}")
-    pending = []                                  # (loss, L_simple, L_p) of the steps not yet read back, on the device
 
-    def read_losses():
-        """Read the pending steps' losses back at once (averaged over processes, so every rank takes the same
-        decision), append them to the history, and stop on a non-finite one."""
-        if not pending:
-            return None
-        lv = torch.stack(pending)                 # (k, 3)
-        pending.clear()
-        if ddp:
-            dist.all_reduce(lv)
-            lv /= world
-        rows = lv.tolist()
-        for k, (l, ls, lp) in enumerate(rows, start=step - len(rows) + 1):
-            if not math.isfinite(l):
-                log(f"error: non-finite loss ({l}) at step {k}; stopping (last good checkpoint: {ckpt_path})")
-                raise SystemExit(f"error: non-finite loss ({l}) at step {k}")
-            history["step"].append(k)
-            history["loss"].append(l)
-            history["l_simple"].append(ls)
-            if cfg.pal_weight > 0:
-                history["l_p"].append(lp)
-        return rows[-1]
+def outputs(r):
+    """Rank 0: real val images (left) beside generated ones for the same layouts (right), boxes drawn, in
+    samples_STEP.png (its own random generator: the training stream is untouched), and the loss curve so far."""
+    if not r.master:
+        return
+    b, tok = r.val_batch, r.tok
+    x = sample.generate(r.ema, r.diff, b["tokens"].to(r.device), r.null, size=r.cfg.image_size,
+                        steps=r.cfg.sample_steps, guidance=r.cfg.guidance, generator=torch.Generator().manual_seed(1234),
+                        dtype=config.sampling_dtype(r.dtype, r.device), progress=False, autoencoder=r.ae)
+    tiles = [figures.draw_layout(data.from_model_range(im), boxes[v], labels[v], tok.class_names)
+             for real, fake, boxes, labels, v in zip(b["image"], x.cpu(), b["boxes"], b["labels"], b["valid"])
+             for im in (real, fake)]
+    figures.image_grid(tiles, ncol=4).save(r.out / f"samples_{r.step:06d}.png")
+    curves = {k: (r.history["step"], r.history[k]) for k in ("loss", "l_simple", "l_p") if r.history.get(k)}
+    figures.loss_curve(curves, r.out / "loss.png", f"{r.out.name}: training loss (log scale)")
 
+
+def read_losses(r):
+    """Read the pending steps' losses back at once (averaged over processes, so every rank takes the same
+    decision), append them to the history, and stop on a non-finite one."""
+    if not r.pending:
+        return None
+    lv = torch.stack(r.pending)                   # (k, 3)
+    r.pending.clear()
+    if r.ddp:
+        dist.all_reduce(lv)
+        lv /= r.world
+    rows = lv.tolist()
+    for k, (l, ls, lp) in enumerate(rows, start=r.step - len(rows) + 1):
+        if not math.isfinite(l):
+            log(r, f"error: non-finite loss ({l}) at step {k}; stopping (last good checkpoint: {r.ckpt_path})")
+            raise FloatingPointError(f"non-finite loss ({l}) at step {k}")
+        r.history["step"].append(k)
+        r.history["loss"].append(l)
+        r.history["l_simple"].append(ls)
+        if r.cfg.pal_weight > 0:
+            r.history["l_p"].append(lp)
+    return rows[-1]
+
+
+def loop(r, interrupt_at=None):
+    """The training loop until the step cap or the time budget, whichever comes first; one host sync per log
+    line. False when `interrupt_at` stopped it (as if the process had been killed)."""
+    cfg = r.cfg
+    r.t0, r.seen, r.pending = time.time() - r.elapsed_before, 0, []   # pending: unread (loss, L_simple, L_p)
     # the progress bar counts steps when a step cap is the run's length, else the seconds of the time budget
     by_time = cfg.minutes > 0 and cfg.steps <= 0
-    bar = tqdm(total=round(60 * cfg.minutes) if by_time else cfg.steps, initial=round(time.time() - t0) if by_time
-               else step, unit="s" if by_time else "it", disable=not master, dynamic_ncols=True)
-    raw.train()
-    t_start = time.time()                         # for images/s (t0 also counts the time before a resume)
-    while cfg.steps <= 0 or step < cfg.steps:
-        elapsed = time.time() - t0
-        if ddp and cfg.minutes > 0:               # every rank uses rank 0's clock: same lr, same stop step
-            clock = torch.tensor([elapsed], device=device)    # on the device for nccl; float32: ms over hours
+    bar = tqdm(total=round(60 * cfg.minutes) if by_time else cfg.steps, initial=round(time.time() - r.t0)
+               if by_time else r.step, unit="s" if by_time else "it", disable=not r.master, dynamic_ncols=True)
+    r.raw.train()
+    r.t_start = time.time()                       # for images/s (t0 also counts the time before a resume)
+    while cfg.steps <= 0 or r.step < cfg.steps:
+        elapsed = time.time() - r.t0
+        if r.ddp and cfg.minutes > 0:             # every rank uses rank 0's clock: same lr, same stop step
+            clock = torch.tensor([elapsed], device=r.device)    # on the device for nccl; float32: ms over hours
             dist.broadcast(clock, 0)
             elapsed = clock.item()
         if cfg.minutes > 0 and elapsed > 60 * cfg.minutes:
-            log(f"time budget of {cfg.minutes} minutes reached at step {step}")
+            log(r, f"time budget of {cfg.minutes} minutes reached at step {r.step}")
             break
-        progress = max(step / cfg.steps if cfg.steps > 0 else 0.0,
+        progress = max(r.step / cfg.steps if cfg.steps > 0 else 0.0,
                        elapsed / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
         # lr for this step
-        lr = optim.lr_at(cfg, step, progress)
-        for g in opt.param_groups:
+        lr = optim.lr_at(cfg, r.step, progress)
+        for g in r.opt.param_groups:
             g["lr"] = lr
         # batch: the layouts' images, tokens, boxes and masks; then one step (train_step: the paper's loss)
-        idx = optim.batch_indices(len(train_ds), cfg.batch_size, step, cfg.seed, rank, world)
-        batch = decoded.batch(idx)                # tokens with the objects shuffled, boxes, masks, valid, image
-        if latents is not None:                   # latent space: x_0 is the image's scaled latent (L_LDM)
-            batch["image"] = latents[torch.as_tensor(idx, device=latents.device)]
-        loss, l_simple, l_p = train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step)
-        step += 1
-        seen += len(idx) * world
-        pending.append(torch.stack([loss.detach().float(), l_simple.detach().float(), l_p.detach().float().mean()]))
-        bar.update(min(round(time.time() - t0), bar.total) - bar.n if by_time else 1)
+        idx = optim.batch_indices(len(r.train_ds), cfg.batch_size, r.step, cfg.seed, r.rank, r.world)
+        batch = r.decoded.batch(idx)              # tokens with the objects shuffled, boxes, masks, valid, image
+        if r.latents is not None:                 # latent space: x_0 is the image's scaled latent (L_LDM)
+            batch["image"] = r.latents[torch.as_tensor(idx, device=r.latents.device)]
+        loss, l_simple, l_p = train_step(r.model, r.raw, r.ema, r.opt, r.scaler, r.diff, r.amp, batch, r.null, cfg,
+                                         r.step)
+        r.step += 1
+        r.seen += len(idx) * r.world
+        r.pending.append(torch.stack([loss.detach().float(), l_simple.detach().float(), l_p.detach().float().mean()]))
+        bar.update(min(round(time.time() - r.t0), bar.total) - bar.n if by_time else 1)
         # log line: the losses read back from the device (every rank, before anything that reads the history)
-        sample_now = cfg.sample_every and step % cfg.sample_every == 0
-        ckpt_now = cfg.ckpt_every and step % cfg.ckpt_every == 0
-        if step % cfg.log_every == 0 or sample_now or ckpt_now:
-            lv, ls, lp = read_losses()
-            ips = seen / max(time.time() - t_start, 1e-9)
-            bar.set_postfix(step=step, loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
-            if step % cfg.log_every == 0:
-                log(f"step {step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
-                    f"{time.time() - t0:.0f}s")
+        sample_now = cfg.sample_every and r.step % cfg.sample_every == 0
+        ckpt_now = cfg.ckpt_every and r.step % cfg.ckpt_every == 0
+        if r.step % cfg.log_every == 0 or sample_now or ckpt_now:
+            lv, ls, lp = read_losses(r)
+            ips = r.seen / max(time.time() - r.t_start, 1e-9)
+            bar.set_postfix(step=r.step, loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
+            if r.step % cfg.log_every == 0:
+                log(r, f"step {r.step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
+                       f"{time.time() - r.t0:.0f}s")
         # periodic sample grid and checkpoint
         if sample_now:
-            periodic_outputs()
+            outputs(r)
         if ckpt_now:
-            checkpoint()
-        if interrupt_at is not None and step >= interrupt_at:
+            checkpoint(r)
+        if interrupt_at is not None and r.step >= interrupt_at:
             bar.close()
-            return raw
+            return False
     bar.close()
-    # -- end: final checkpoint, grid and loss curve
-    read_losses()
-    finished = True
-    checkpoint()
-    if not (cfg.sample_every and step % cfg.sample_every == 0):
-        periodic_outputs()
-    log(f"done: step {step}, {time.time() - t0:.0f}s, {seen / max(time.time() - t_start, 1e-9):.1f} img/s; "
-        f"checkpoint {ckpt_path}")
-    if ddp:
+    return True
+
+
+def end(r):
+    """The final checkpoint (marked finished), grid and loss curve."""
+    read_losses(r)
+    checkpoint(r, finished=True)
+    if not (r.cfg.sample_every and r.step % r.cfg.sample_every == 0):
+        outputs(r)
+    log(r, f"done: step {r.step}, {time.time() - r.t0:.0f}s, {r.seen / max(time.time() - r.t_start, 1e-9):.1f} "
+           f"img/s; checkpoint {r.ckpt_path}")
+    if r.ddp:
         dist.barrier()
         dist.destroy_process_group()
-    return raw

@@ -28,12 +28,10 @@ def training_layouts(ck, n, seed):
     return out
 
 
-def trainability(ck, det_cfg, real_train, real_val, extra, cfg, log, device="cpu", dtype="fp32"):
-    """AP of detectors trained on a real subset alone and with each extra set (name -> dataset), `cfg.seeds`
-    seeds; the subset and the initialisation follow the seed. The detectors train on `device` with the forward
+def trainability(steps, det_cfg, real_train, real_val, extra, cfg, log, device="cpu", dtype="fp32"):
+    """AP of detectors trained `steps` steps on a real subset alone and with each extra set (name -> dataset),
+    `cfg.seeds` seeds; the subset and the initialisation follow the seed. The detectors train on `device` with the forward
     under the autocast `dtype` (resolved: fp32 | bf16 | fp16). Returns {name: [dict(mAP, AP50, AP75) per seed]}."""
-    tc = ck["train_cfg"]
-    steps = cfg.det_steps or tc["det_steps"]
     k = max(1, round(cfg.real_fraction * len(real_train)))
     runs = {name: [] for name in ("real",) + tuple(extra)}
     bar = tqdm(total=cfg.seeds * len(runs), desc="trainability detectors")

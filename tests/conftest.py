@@ -1,11 +1,13 @@
 """Shared fixtures: tiny shapes data sets, tiny model / run / detector settings, and the one-line error check."""
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import detdiff  # noqa: E402
 import shapes  # noqa: E402
 import train  # noqa: E402
 
@@ -31,6 +33,13 @@ def tiny_train_cfg(data_root, out, **kw):
                 dtype="fp32", timesteps=50, device="cpu")
     base.update(kw)
     return train.TrainConfig(**base)
+
+
+def tiny_run_cfgs(data_root, out, **kw):
+    """(TrainConfig, PipelineConfig) of a tiny main job: the settings in kw go to the one that has the field."""
+    pnames = {f.name for f in fields(detdiff.PipelineConfig)}
+    return (tiny_train_cfg(data_root, out, **{k: v for k, v in kw.items() if k not in pnames}),
+            detdiff.PipelineConfig(**{k: v for k, v in kw.items() if k in pnames}))
 
 
 @pytest.fixture(scope="session")

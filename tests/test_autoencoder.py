@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import autoencoder
+import coco
 import detdiff
 import evaluate
 import perception
 import sample
 import train
-from conftest import TINY_MODEL, TINY_STAGES, tiny_train_cfg
+from conftest import TINY_MODEL, TINY_STAGES, one_line_naming, tiny_run_cfgs, tiny_train_cfg
 
 TINY_AE = dict(ae_steps=6, ae_channels=4, ae_factor=4, ae_latent_channels=4)
 
@@ -101,24 +102,26 @@ def test_wrong_autoencoder_is_an_error(tiny_ae, tiny_data, tmp_path):
     other = tmp_path / "other.pt"
     autoencoder.train_autoencoder(tiny_train_cfg(tiny_data, tmp_path, seed=1, **TINY_AE), tiny_data, other,
                                   log=lambda m: None)
-    with pytest.raises(SystemExit, match=r"other.pt: autoencoder \w+ is not the one .*ckpt.pt was trained with"):
-        sample.main(["--ckpt", str(run / "ckpt.pt"), "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"),
-                     "--autoencoder", str(other)])
-    with pytest.raises(SystemExit, match=r"is not the one"):   # resuming with another autoencoder, too
+    ck = torch.load(run / "ckpt.pt", weights_only=False)
+    with pytest.raises(coco.DataError, match=r"other.pt: autoencoder \w+ is not the one .*ckpt.pt was trained") as e:
+        autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", str(other))
+    assert one_line_naming(e, other)
+    with pytest.raises(coco.DataError, match=r"other.pt: autoencoder \w+ is not the one"):   # resuming with it, too
         train.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(other), resume=True, steps=6,
                                    **TINY_AE), TINY_MODEL)
-    pixel = tmp_path / "pixel"
-    train.train(tiny_train_cfg(tiny_data, pixel, steps=1), TINY_MODEL)
-    with pytest.raises(SystemExit, match=r"a pixel-space checkpoint takes no --autoencoder"):
-        sample.main(["--ckpt", str(pixel / "ckpt.pt"), "--n", "1", "--out", str(tmp_path / "s2"),
-                     "--autoencoder", str(other)])
+    with pytest.raises(coco.DataError, match=r"none.pt: detdiff autoencoder not found") as e:
+        autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", str(tmp_path / "none.pt"))
+    assert one_line_naming(e, tmp_path / "none.pt")
+    with pytest.raises(coco.DataError, match=r"pixel/ckpt.pt: a pixel-space checkpoint takes no --autoencoder"):
+        autoencoder.checkpoint_autoencoder(dict(space="pixel"), tmp_path / "pixel" / "ckpt.pt", str(other))
+    assert autoencoder.checkpoint_autoencoder(dict(space="pixel"), tmp_path / "pixel" / "ckpt.pt") is None
 
 
 def test_latent_main_job_and_its_evaluation(tiny_data, tmp_path):
     """--space latent through the whole main job (the autoencoder stage before the generator) and evaluate.py on
     the run: the ablation generators learn on the same frozen autoencoder."""
     out = tmp_path / "run"
-    s = detdiff.pipeline(tiny_train_cfg(tiny_data, out, space="latent", **TINY_STAGES, **TINY_AE), TINY_MODEL)
+    s = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, space="latent", **TINY_STAGES, **TINY_AE), TINY_MODEL)
     assert (out / "autoencoder.pt").is_file() and s["autoencoder"]["latent_shape"] == [4, 4, 4]
     assert (out / "autoencoder.png").is_file()                          # val images over their reconstructions
     assert "autoencoder latents [4, 4, 4], val PSNR" in (out / "log.txt").read_text()

@@ -1,7 +1,11 @@
-"""bench.py: the peer row and the table with a stand-in peer (no timing assertions)."""
+"""bench.py: the peer row and the table with a stand-in peer (no timing assertions), and its errors."""
+import subprocess
+
+import pytest
 import torch
 
 import bench
+import coco
 import flops
 
 
@@ -40,3 +44,19 @@ def test_peer_row_runs_with_a_stand_in_peer():
              train_img_s_bf16=1.0, mfu_bf16=0.1, peer_ratio=p["ratio"]["bf16"], sampler="s", sample_s_per_img=0.1,
              seconds=1.0)
     assert "peer: stand-in:" in bench.table(r) and "ours/peer" in bench.table(r)
+
+
+def test_a_failed_peak_memory_child_is_a_runtime_error_with_its_stderr(monkeypatch):
+    bn = bench.Bench(bench.parse_args(["--quick", "--device", "cpu"]))
+    monkeypatch.setattr(bench.data, "resolve_data", lambda name: None)
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 3, "", "boom\n"))
+    with pytest.raises(RuntimeError, match=r"peak-memory run \(detdiff.py --stage generator\) exited 3:\nboom"):
+        bn.peak_rss(2)
+
+
+def test_bench_main_turns_a_bad_device_into_one_line(capsys):
+    with pytest.raises(coco.DataError, match="^--device gpu0: not a device"):
+        bench.parse_args(["--device", "gpu0"])
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "gpu0"])
+    assert str(e.value).startswith("error: --device gpu0: not a device") and "\n" not in str(e.value)

@@ -2,6 +2,7 @@
 overwritten, the perception-aware attributes reach the generator's prompts, real COCO files and a user's detector),
 and the command line (--paper, unknown flags, the resume guard)."""
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import coco
+import config
 import data
 import detdiff
 import evaluate
@@ -16,13 +18,13 @@ import perception
 import sample
 import train
 import unet
-from conftest import TINY_MODEL, TINY_STAGES, tiny_train_cfg
+from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
 
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("p") / "run"
-    summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)
+    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)
     return out, summary
 
 
@@ -60,7 +62,7 @@ def test_a_second_run_reuses_every_stage(run, tiny_data):
     out, first = run
     log_before = (out / "log.txt").read_text()
     mtimes = {f: (out / f).stat().st_mtime_ns for f in ("detector.pt", "attributes.json", "ckpt.pt", "easy_hard.png")}
-    summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)
+    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)
     new_log = (out / "log.txt").read_text()[len(log_before):]
     for stage in ("detector", "attributes", "generator", "grid"):
         assert f"[{stage}] reusing" in new_log, stage
@@ -70,25 +72,25 @@ def test_a_second_run_reuses_every_stage(run, tiny_data):
 
 def test_other_settings_in_the_same_folder_are_refused(run, tiny_data):
     out, _ = run
-    with pytest.raises(SystemExit, match="holds a run made with other settings \\(pal_weight\\)"):
-        detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, pal_weight=0.0), TINY_MODEL)
+    with pytest.raises(coco.DataError, match="holds a run made with other settings \\(pal_weight\\)"):
+        detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, pal_weight=0.0), TINY_MODEL)
 
 
 def test_a_run_made_before_a_setting_existed_compares_it_with_its_default(run, tiny_data, tmp_path):
     out, _ = run
     saved = json.loads((out / "pipeline.json").read_text())
     (out / "pipeline.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "detector"}))
-    with pytest.raises(SystemExit, match="holds a run made with other settings \\(detector\\)"):
-        detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, detector=str(tmp_path / "det.pt")), TINY_MODEL)
-    detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)       # the default: reused
+    with pytest.raises(coco.DataError, match="holds a run made with other settings \\(detector\\)"):
+        detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, detector=str(tmp_path / "det.pt")), TINY_MODEL)
+    detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)       # the default: reused
     assert json.loads((out / "pipeline.json").read_text())["detector"] == ""          # and now recorded
 
 
 def test_one_stage_needs_its_inputs(tiny_data, tmp_path):
-    with pytest.raises(SystemExit, match="ckpt.pt: missing; run the stage that makes it first"):
-        detdiff.pipeline(tiny_train_cfg(tiny_data, tmp_path / "r", **TINY_STAGES, stage="grid"), TINY_MODEL)
-    with pytest.raises(SystemExit, match="--stage must be all or one of"):
-        detdiff.pipeline(tiny_train_cfg(tiny_data, tmp_path / "r", stage="sampling"), TINY_MODEL)
+    with pytest.raises(coco.DataError, match="ckpt.pt: missing; run the stage that makes it first"):
+        detdiff.pipeline(*tiny_run_cfgs(tiny_data, tmp_path / "r", **TINY_STAGES, stage="grid"), TINY_MODEL)
+    with pytest.raises(coco.DataError, match="--stage must be one of all, data, .*got 'sampling'"):
+        detdiff.pipeline(*tiny_run_cfgs(tiny_data, tmp_path / "r", stage="sampling"), TINY_MODEL)
 
 
 def test_missing_data_is_one_error_line_and_writes_nothing(tmp_path):
@@ -154,8 +156,7 @@ def coco_like(tmp_path_factory):
 def test_the_main_job_on_real_coco_files_with_an_external_detectors_results(coco_like, tmp_path, monkeypatch):
     root, dets, missed = coco_like
     out = tmp_path / "run"
-    cfg = tiny_train_cfg(str(root), out, **TINY_STAGES, detector=str(dets))
-    summary = detdiff.pipeline(cfg, TINY_MODEL)
+    summary = detdiff.pipeline(*tiny_run_cfgs(str(root), out, **TINY_STAGES, detector=str(dets)), TINY_MODEL)
     assert summary["data"]["classes"] == ["person", "car", "dog", "toothbrush"]    # by category id
     assert not (out / "detector.pt").exists()                                     # nothing trained in its place
     det = json.loads((out / "detector.json").read_text())
@@ -169,12 +170,13 @@ def test_the_main_job_on_real_coco_files_with_an_external_detectors_results(coco
     text = detdiff.summary_text(summary)
     assert f"(given: COCO results json {dets})" in text and "fidelity   no fidelity score" in text
     ck = torch.load(out / "ckpt.pt", weights_only=False)
-    assert ck["train_cfg"]["detector"] == str(dets) and ck["tokenizer"]["category_ids"] == [1, 3, 18, 90]
-    with pytest.raises(SystemExit, match="a results json cannot score generated images"):
+    assert ck["pipeline_cfg"]["detector"] == str(dets) and ck["tokenizer"]["category_ids"] == [1, 3, 18, 90]
+    assert "detector" not in ck["train_cfg"]                     # the generator's settings hold only its own
+    with pytest.raises(coco.DataError, match="a results json cannot score generated images"):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity"))
     asked = []                                     # --evaluate runs every part a results json can serve
     monkeypatch.setattr(evaluate, "evaluate", lambda run, cfg: asked.append(cfg.parts))
-    detdiff.pipeline(tiny_train_cfg(str(root), out, **TINY_STAGES, detector=str(dets), evaluate=True), TINY_MODEL)
+    detdiff.pipeline(*tiny_run_cfgs(str(root), out, **TINY_STAGES, detector=str(dets), evaluate=True), TINY_MODEL)
     assert asked == ["fid,crops,trainability,masks"]
 
 
@@ -203,7 +205,7 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_dat
     cmap = "circle=person,square=car,triangle=dog,cross=cat,star=bird"
     monkeypatch.chdir(tmp_path)                    # a relative weights path is kept absolute for evaluate.py
     flags["detector_weights"] = "w.pth"
-    summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, **flags, detector_classes=cmap), TINY_MODEL)
+    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, **flags, detector_classes=cmap), TINY_MODEL)
     assert json.loads((out / "pipeline.json").read_text())["detector_weights"] == str(tmp_path / "w.pth")
     assert not (out / "detector.pt").exists()
     assert "torchvision ssdlite320_mobilenet_v3_large" in json.loads((out / "detector.json").read_text())["source"]
@@ -220,11 +222,11 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(tiny_dat
 def test_paper_flag_sets_the_papers_settings_under_explicit_flags():
     """--paper: token conditioning, lambda 0.01, plain L_simple on the linear schedule, no attribute-only dropout
     (each differs from the defaults); a flag given beside it wins; without it nothing is added."""
-    t, m = detdiff.split_args(detdiff.parse_flags(["--paper", "--schedule", "cosine"]))
-    assert m == {"cond": "tokens"}
+    t, p, m = detdiff.split_args(detdiff.parse_flags(["--paper", "--schedule", "cosine"]))
+    assert m == {"cond": "tokens"} and p == {}
     assert t == {"pal_weight": 0.01, "loss_weight": "none", "fg_reweight": False, "schedule": "cosine",
                  "p_uncond_attr": 0.0}
-    t, m = detdiff.split_args(detdiff.parse_flags(["--paper"]))
+    t, _, m = detdiff.split_args(detdiff.parse_flags(["--paper"]))
     assert t["schedule"] == "linear" and not t["fg_reweight"]
     defaults = {**vars(train.TrainConfig()), **vars(unet.UNetConfig())}
     assert all(defaults[k] != v for k, v in detdiff.PAPER_SETTINGS.items())
@@ -242,8 +244,10 @@ def test_cli_unknown_key_and_resume_guard(tiny_data, tmp_path):
     detdiff.main(["--data", tiny_data, "--out", str(out), "--stage", "generator", "--steps", "1", "--batch-size", "2", "--image-size", "16",
                   "--timesteps", "20", "--sample-every", "0", "--sample-steps", "2", "--n-grid", "1", "--dtype", "fp32",
                   "--base-channels", "8", "--channel-mults", "1,2", "--d-model", "16", "--enc-layers", "1"])
-    with pytest.raises(SystemExit, match="differ"):
+    with pytest.raises(SystemExit, match="^error: --resume keeps the run's saved settings; these differ: \\['lr'\\]"):
         detdiff.main(["--out", str(out), "--resume", "--lr", "0.5"])
+    with pytest.raises(SystemExit, match="these differ: \\['det_steps'\\]"):               # a stage's setting too
+        detdiff.main(["--out", str(out), "--resume", "--det-steps", "5"])
     detdiff.main(["--out", str(out), "--resume", "--steps", "2"])
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
 
@@ -265,3 +269,21 @@ def test_the_main_job_checks_sizes_before_any_stage_writes(tiny_data, tmp_path):
     with pytest.raises(coco.DataError):
         detdiff.pipeline(train.TrainConfig(data=tiny_data, out=str(out), image_size=30))
     assert not out.exists()
+
+
+def test_flags_split_into_the_generators_the_stages_and_the_models_settings():
+    """Every flag lands in exactly one of TrainConfig, PipelineConfig, UNetConfig, and the main job's stage
+    settings are not the generator's: the checkpoint's train_cfg holds only what train.py reads."""
+    t, p, m = detdiff.split_args(detdiff.parse_flags(["--lr", "0.5", "--det-steps", "7", "--stage", "grid",
+                                                      "--base-channels", "8", "--n-eval", "3"]))
+    assert (t, p, m) == ({"lr": 0.5}, {"det_steps": 7, "stage": "grid", "n_eval": 3}, {"base_channels": 8})
+    gen, stages = ({f.name for f in fields(c)} for c in (train.TrainConfig, detdiff.PipelineConfig))
+    assert not gen & stages and {"det_size", "gamma", "beta", "evaluate", "stage"} <= stages
+
+
+@pytest.mark.parametrize("cls, field, bad", [(train.TrainConfig, "space", "latents"),
+                                             (train.TrainConfig, "loss_weight", "snr"),
+                                             (detdiff.PipelineConfig, "stage", "train")])
+def test_settings_built_in_code_are_checked_against_their_choices(cls, field, bad):
+    with pytest.raises(coco.DataError, match=f"^--{field.replace('_', '-')} must be one of .*got '{bad}'$"):
+        config.check_choices(cls(**{field: bad}))

@@ -198,5 +198,5 @@ def test_evaluate_names_a_device_it_lacks_before_anything_runs(tmp_path):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(device="cuda"))
     with pytest.raises(SystemExit, match=r"^error: --device cuda:3: this machine has no CUDA device"):
         evaluate.main(["--run", str(tmp_path), "--device", "cuda:3", "--dtype", "fp32"])
-    with pytest.raises(SystemExit, match=r"^error: --dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
+    with pytest.raises(coco.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(dtype="fp8"))       # the command line's choices refuse it first

@@ -3,16 +3,23 @@ AP through the COCO round trip against hand-made detections, the ablation genera
 modules have their own test files (test_fid.py, test_crops.py, test_masks.py, test_trainability.py,
 test_ablations.py, test_report.py)."""
 import json
+import re
+import shutil
+import subprocess
+import sys
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import ablations
+import coco
 import detdiff
 import evaluate
-from conftest import TINY_MODEL, TINY_STAGES, tiny_train_cfg
+from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
 KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid", "easy_ap50",
         "origin_ap50", "hard_ap50", "train_real_map50", "train_aug_origin_map50", "train_aug_hard_map50",
@@ -22,7 +29,7 @@ KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_ma
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("e") / "run"
-    detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)
+    detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)
     cfg = evaluate.EvalConfig(quick=True, ablations=True, inception=str(out / "no_inception.pt"), crop_size=8)
     return out, evaluate.evaluate(out, cfg)
 
@@ -101,22 +108,90 @@ def test_detector_ap_against_hand_made_detections(tmp_path):
     assert wrong["AP50"] == 0.0
 
 
-def test_bad_input_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"ckpt.pt: missing; evaluate a finished"):
-        evaluate.evaluate(tmp_path)
-    with pytest.raises(SystemExit, match=r"--parts: unknown fidelty"):
-        evaluate.evaluate(tmp_path, evaluate.EvalConfig(parts="fidelty"))
-    with pytest.raises(SystemExit, match=r"--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'"):
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: a one-line coco.DataError naming the setting or the file, before anything heavy runs
+
+def test_bad_settings_are_named_before_the_run_is_opened(tmp_path):
+    # tmp_path is no run folder: the settings are checked first
+    with pytest.raises(coco.DataError, match=r"^--parts: unknown fidelty \(choose from fidelity, easy_hard, fid,"):
+        evaluate.evaluate(tmp_path, evaluate.EvalConfig(parts="fidelity,fidelty"))
+    with pytest.raises(coco.DataError, match=r"^--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'$"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(sampler="dpm"))
+    with pytest.raises(coco.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
+        evaluate.check_settings(evaluate.EvalConfig(dtype="fp8"))
+    assert list(tmp_path.iterdir()) == []                                      # nothing written
+
+
+def test_a_folder_without_ckpt_pt_is_named(tmp_path):
+    with pytest.raises(coco.DataError, match=re.escape(f"{tmp_path / 'ckpt.pt'}: missing; evaluate a finished")):
+        evaluate.evaluate(tmp_path)
+
+
+def run_folder(ckpt, tmp_path, **stages):
+    """A run folder in tmp_path holding only a copy of the tiny generator checkpoint, with the main job's stage
+    settings (PipelineConfig's defaults, `stages` over them)."""
+    ck = torch.load(ckpt, weights_only=False)
+    ck["pipeline_cfg"] = {**asdict(detdiff.PipelineConfig()), **stages}
+    (tmp_path / "run").mkdir()
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    return tmp_path / "run"
+
+
+def test_a_checkpoint_without_stage_settings_is_named(ckpt, tmp_path):
+    """train.py alone (no main job) writes no detector settings: evaluate says so instead of a KeyError."""
+    out = tmp_path / "bare"
+    out.mkdir()
+    shutil.copy(ckpt, out / "ckpt.pt")
+    with pytest.raises(coco.DataError, match="no detector settings .*python detdiff.py"):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu"))
+
+
+def test_a_run_without_detector_pt_is_named(ckpt, tmp_path):
+    out = run_folder(ckpt, tmp_path)
+    with pytest.raises(coco.DataError, match=re.escape(f"{out / 'detector.pt'}: missing; evaluate a finished")):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu"))
+
+
+def test_a_results_json_detector_cannot_score_generated_images(ckpt, tmp_path):
+    dets = tmp_path / "dets.json"
+    dets.write_text("[]")                                     # a valid (empty) COCO results json
+    out = run_folder(ckpt, tmp_path, detector=str(dets))
+    with pytest.raises(coco.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
+                                                       "(fidelity, easy_hard); pass --parts fid or train")):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="fidelity,easy_hard,fid"))
+    with pytest.raises(coco.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
+                                                       "(ablations); pass --parts crops or train")):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="crops", ablations=True))
+
+
+def test_val_objects_that_no_longer_match_the_layouts_are_named(ckpt, tiny_data, tmp_path, monkeypatch):
+    # the layouts the run reads are nudged (as if the data set changed under it): the masks part names the json
+    dets = tmp_path / "dets.json"
+    dets.write_text("[]")                                     # a detector the masks part does not use
+    out = run_folder(ckpt, tmp_path, detector=str(dets))
+    split_layouts = evaluate.sample.split_layouts
+    monkeypatch.setattr(evaluate.sample, "split_layouts",
+                        lambda ck, n: [dict(lay, boxes=lay["boxes"] * 0.5) for lay in split_layouts(ck, n)])
+    json_path = Path(tiny_data) / "annotations" / "instances_val.json"
+    with pytest.raises(coco.DataError, match=re.escape(f"{json_path}: the val objects no longer match the layouts")):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="masks"))
+
+
+def test_the_command_line_says_a_data_error_in_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "evaluate.py", "--run", str(tmp_path), "--device", "cpu"], capture_output=True,
+                       text=True, cwd=Path(evaluate.__file__).parent)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.splitlines() == [f"error: {tmp_path / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` "
+                                     f"run folder"]
 
 
 def test_main_job_switch_runs_the_evaluation(run, tiny_data, monkeypatch):
     out, _ = run
     called = []
     monkeypatch.setattr(evaluate, "evaluate", lambda r, cfg=None: called.append(str(r)) or {"fid": None})
-    summary = detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES, evaluate=True), TINY_MODEL)
+    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, evaluate=True), TINY_MODEL)
     assert called == [str(out)] and summary["evaluate"] == {"fid": None}
-    detdiff.pipeline(tiny_train_cfg(tiny_data, out, **TINY_STAGES), TINY_MODEL)   # off by default
+    detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)   # off by default
     assert called == [str(out)]
 
 
@@ -142,7 +217,7 @@ def test_masks_part_in_the_report(run):
 
 def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_ones(run):
     out, first = run
-    with pytest.raises(SystemExit, match="--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
+    with pytest.raises(coco.DataError, match="^--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", ablations=True,
                                                    ablation_rows="loss off,lambda 7"))
     # no part but the ablations, with an Inception network (a stand-in): its FID per row, the run's own FID kept
@@ -161,7 +236,7 @@ def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_o
 def test_a_finished_ablation_of_another_budget_is_not_reused(run):
     out, _ = run                                   # the quick ablations trained 3 steps; the run itself 4
     ck = torch.load(out / "ckpt.pt", weights_only=False)
-    with pytest.raises(SystemExit, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
+    with pytest.raises(coco.DataError, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
                        r"instead of minutes 0, steps 4\)"):
         ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)
 

@@ -1,5 +1,8 @@
 """sample.py: guidance, the sampling loops, rebuilding from a checkpoint, layouts in and COCO json out."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,10 @@ import crops
 import data
 import diffusion
 import sample
+from conftest import one_line_naming
 from test_diffusion import GaussianEps
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Stub(torch.nn.Module):
@@ -122,18 +128,41 @@ def test_sample_cli_never_writes_into_an_existing_folder(ckpt, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_bad_inputs_give_one_line_errors(ckpt, tmp_path):
-    with pytest.raises(SystemExit, match="nope.pt: checkpoint not found"):
-        sample.main(["--ckpt", str(tmp_path / "nope.pt")])
+def test_load_checkpoint_refuses_a_missing_or_foreign_file_in_one_line(ckpt, tmp_path):
+    with pytest.raises(coco.DataError, match="nope.pt: checkpoint not found") as e:
+        sample.load_checkpoint(tmp_path / "nope.pt")
+    assert one_line_naming(e, tmp_path / "nope.pt")
+    torch.save({"a": 1}, tmp_path / "junk.pt")
+    with pytest.raises(coco.DataError, match=r"junk.pt: not a detdiff checkpoint \(KeyError") as e:
+        sample.load_checkpoint(tmp_path / "junk.pt")
+    assert one_line_naming(e, tmp_path / "junk.pt")
+    torch.save(dict(torch.load(ckpt, weights_only=False), ema={}), tmp_path / "noweights.pt")
+    with pytest.raises(coco.DataError, match=r"noweights.pt: not a detdiff checkpoint \(RuntimeError") as e:
+        sample.load_checkpoint(tmp_path / "noweights.pt")        # load_state_dict's many-line message, on one line
+    assert one_line_naming(e, tmp_path / "noweights.pt")
+
+
+def test_split_layouts_names_a_missing_attribute_sidecar(tmp_path):
+    side = tmp_path / "attributes.json"
+    with pytest.raises(coco.DataError, match="attributes.json: the attribute sidecar this run trained with is "
+                       "missing") as e:
+        sample.split_layouts(dict(train_cfg={}, attributes_used=str(side)), 1)
+    assert one_line_naming(e, side)
+
+
+def test_sample_command_prints_one_error_line_and_exits_1(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "nope.pt")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip() == f"error: {tmp_path / 'nope.pt'}: checkpoint not found"
+
+
+def test_sample_main_turns_a_layout_error_into_one_line(ckpt, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layouts": [{"width": 10, "height": 10, "objects": [{"category": "unicorn",
                                                                                     "bbox": [0, 0, 5, 5]}]}]}))
-    with pytest.raises(SystemExit, match="error: .*bad.json: layout 0 object 0: unknown category 'unicorn'"):
+    with pytest.raises(SystemExit, match="^error: .*bad.json: layout 0 object 0: unknown category 'unicorn'"):
         sample.main(["--ckpt", str(ckpt), "--layouts", str(bad), "--out", str(tmp_path / "x")])
-    notck = tmp_path / "junk.pt"
-    torch.save({"a": 1}, notck)
-    with pytest.raises(SystemExit, match="not a detdiff checkpoint"):
-        sample.load_checkpoint(notck)
 
 
 def test_unknown_sampler_is_refused():
