@@ -176,7 +176,11 @@ def diffusers_peer(encoder, target, S, device):
 class Bench:
     def __init__(self, a):
         self.a, self.dev, self.t0, self.res = a, a.device, time.time(), {}
-        self.dtypes = ["fp32", "bf16"] + (["fp16"] if self.dev.type == "cuda" else [])
+        # bf16 rows only where bf16 is native: a CPU without AVX-512 BF16 / AMX emulates it, many times slower, and
+        # its rows (and its 4096 x 4096 bf16 peak matmul) would take most of an hour to measure what nobody runs
+        native = config.resolve_dtype("auto", self.dev)[0] == "bf16"
+        self.dtypes = ["fp32"] + (["bf16"] if native else []) + (["fp16"] if self.dev.type == "cuda" else [])
+        self.headline = "bf16" if native else "fp32"           # the dtype a run on this machine trains in
         self.tok = {M: data.LayoutTokenizer(shapes.SHAPES, max_objects=M) for M in (1, 8, 16)}
 
     def log(self, msg):
@@ -332,7 +336,8 @@ def table(r):
     out += [f"scaling {k}: " + ", ".join(f"{x} {i:.1f}" for x, i in zip(v["at"], v["img_s"])) + " img/s; cost per "
             f"image x{v['cost_ratio']}, FLOPs x{v['flop_ratio']}" for k, v in r["scaling"].items()]
     out.append(f"peak RSS of a default training run: {r['peak_rss_mb']} MB ({r['peak_rss']['steps']} steps)")
-    out.append(f"headline: train {r['train_img_s_bf16']} img/s bf16, MFU {100 * r['mfu_bf16']:.1f}% of the bf16 peak, "
+    hd = r.get("headline_dtype", "bf16")
+    out.append(f"headline ({hd}): train {r['train_img_s']} img/s, MFU {100 * r['mfu']:.1f}% of the {hd} peak, "
                f"ours/diffusers {r['peer_ratio'] or 'n/a (no diffusers)'}, {r['sampler']} {r['sample_s_per_img']} s/img; "
                f"bench {r['seconds']:.0f}s")
     return "\n".join(out)
@@ -343,7 +348,7 @@ def profile(a, steps=3):
     bn = Bench(a)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if a.device.type == "cuda"
                                                      else [])
-    for dt in ("fp32", "bf16"):
+    for dt in bn.dtypes:
         step = make_step(bn.model(), *bn.batch(a.batch, 32), dt, a.device)
         step(), step()
         with torch.profiler.profile(activities=acts) as p:
@@ -371,7 +376,8 @@ def run(a):
     r.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), hardware=hardware(dev),
              settings=dict(batch=a.batch, rounds=a.rounds, quick=a.quick, compile=a.compile))
     bn.log(f"{r['hardware']['cpu']}, {r['hardware']['cores']} cores, torch {torch.__version__}, device {dev} "
-           f"({a.device_why})")
+           f"({a.device_why}); dtypes {', '.join(bn.dtypes)}" + ("" if "bf16" in bn.dtypes else
+                                                                " (no bf16 rows: this CPU would emulate it)"))
     if os.getloadavg()[0] > 0.5 * os.cpu_count():   # a preempted OpenMP thread stalls the others: steps 10-25x slower
         bn.log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before starting: other "
                f"processes share the CPU, timings will be low and noisy")
@@ -381,7 +387,7 @@ def run(a):
         for dt in bn.dtypes:
             bn.train(f"{name} {S}px{' latent' if mkw.get('latent') else ''} {dt}", S=S, dtype=dt, **mkw)
     if a.compile:
-        bn.train("default 32px bf16 compile", dtype="bf16", compile=True)
+        bn.train(f"default 32px {bn.headline} compile", dtype=bn.headline, compile=True)
     bn.train("default 128px fp32", S=128)
     for M in (1, 16):
         bn.train(f"default 32px fp32 {M} objects", M=M)
@@ -402,10 +408,11 @@ def run(a):
     r["scaling"] = {k: dict(at=at, img_s=[x["img_s"] for x in v], cost_ratio=flops.growth([1 / x["img_s"] for x in v]),
                             flop_ratio=flops.growth([x["gflops_fwd"] for x in v])) for k, (at, v) in rows.items()}
     # the headline keys
-    d = tr["default 32px bf16"]
-    r.update(train_img_s_bf16=d["img_s"], mfu_bf16=d["mfu"], mfu_fp32=tr["default 32px fp32"]["mfu"],
-             gflops_fwd=d["gflops_fwd"], peer_ratio=r.get("peer", {}).get("ratio", {}).get("bf16"),
-             sampler="dpm++2m-20 bf16", sample_s_per_img=r["sampling_s_per_img"]["dpm++2m-20 bf16"],
+    hd = bn.headline
+    d = tr[f"default 32px {hd}"]
+    r.update(headline_dtype=hd, train_img_s=d["img_s"], mfu=d["mfu"], mfu_fp32=tr["default 32px fp32"]["mfu"],
+             gflops_fwd=d["gflops_fwd"], peer_ratio=r.get("peer", {}).get("ratio", {}).get(hd),
+             sampler=f"dpm++2m-20 {hd}", sample_s_per_img=r["sampling_s_per_img"][f"dpm++2m-20 {hd}"],
              peak_rss_mb=r["peak_rss"]["peak_rss_mb"], seconds=round(time.time() - bn.t0, 1))
     r["hardware"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(table(r))

@@ -26,11 +26,12 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import autoencoder
@@ -40,10 +41,13 @@ import config
 import data
 import detections
 import detector
+import diffusion
 import evaluate
 import perception
 import sample
 import train
+import unet
+from report import summary_text
 from train import TrainConfig
 from unet import UNetConfig
 
@@ -56,9 +60,8 @@ STAGES = ("data", "detector", "attributes", "autoencoder", "generator", "grid")
 
 @dataclass
 class PipelineConfig:
-    """Which stages run, the perceptive model (detector), the attribute, the quick fidelity check, --evaluate.
-    Every field is a flag of detdiff.py, beside TrainConfig's and UNetConfig's; perception.py has the detector and
-    attribute stages as commands too."""
+    """Which stages run, the perceptive model (detector), the attribute, the quick fidelity check, --evaluate: each
+    field a flag of detdiff.py beside TrainConfig's and UNetConfig's (perception.py has two stages as commands)."""
     CHOICES: ClassVar[dict] = dict(stage=("all",) + STAGES)
     stage: str = "all"               # all | data | detector | attributes | autoencoder | generator | grid
     detector: str = ""               # the perceptive model (attribute and fidelity metric) from the user instead of
@@ -192,7 +195,7 @@ def open_run(cfg, pcfg, mcfg_overrides):
     r.root = data.resolve_data(cfg.data)             # a missing or bad data set stops before anything is written
     r.device, device_why = config.resolve_device(cfg.device)    # so does a device this machine lacks
     if not cfg.resume:                               # and an image size the UNet (or autoencoder) cannot divide
-        train.check_sizes(cfg, mcfg_overrides)
+        unet.check_sizes(cfg, mcfg_overrides)
     r.dtype, dtype_why = config.resolve_dtype(cfg.dtype, r.device)
     if pcfg.detector and not pcfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
         pcfg.detector = str(Path(pcfg.detector).resolve())
@@ -311,8 +314,45 @@ def stage_autoencoder(r):
         r.summary["autoencoder"] = {k: f.get(k) for k in ("psnr_val", "scale", "latent_shape", "seconds", "fingerprint")}
 
 
+def grid_seconds(r, mcfg_overrides):
+    """What the grid stage will take, measured before the generator trains: a UNet of the run's shape (untrained
+    costs the same) samples 32 val layouts the way the grid stage does (one warm-up step, then two timed), scaled
+    to the stage's images and steps, plus 10 s for loading, the detector's pass and the figure."""
+    cfg, names = r.cfg, r.train_ds.class_names
+    tok = data.LayoutTokenizer(names, bins=cfg.bins, max_objects=cfg.max_objects, location=cfg.location)
+    latent = cfg.ae_latent_channels if cfg.space == "latent" else None
+    model = unet.UNet(train.model_config(cfg, tok, mcfg_overrides, latent)).to(r.device).eval()
+    diff = diffusion.Diffusion(cfg.timesteps, cfg.schedule).to(r.device)
+    lays = sample.with_difficulty([r.val_ds[i] for i in range(min(32, len(r.val_ds)))], "easy")   # 3 prompts
+    tokens = torch.stack([tok.encode(x["boxes"], x["labels"], x["difficulty"]) for x in lays]).to(r.device)
+    kw = dict(size=cfg.image_size // (cfg.ae_factor if latent else 1), sampler=cfg.sampler, guidance=cfg.guidance,
+              progress=False, attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, dict(train_cfg=asdict(cfg))),
+              dtype=config.sampling_dtype(r.dtype, r.device))
+    sample.generate(model, diff, tokens, tok.null_prompt().to(r.device), steps=1, **kw)          # warm-up
+    t = time.time()
+    sample.generate(model, diff, tokens, tok.null_prompt().to(r.device), steps=2, **kw)
+    per_image_step = (time.time() - t) / (2 * len(lays))
+    return (r.pcfg.n_eval + 2 * cfg.n_grid) * cfg.sample_steps * per_image_step + 10.0
+
+
+def generator_budget(r, mcfg_overrides):
+    """--minutes bounds the whole main job: the generator trains what the stages before it and the grid stage
+    (measured, grid_seconds) leave. --stage generator, --resume and --minutes 0 keep --minutes as it is."""
+    cfg = r.cfg
+    if r.pcfg.stage != "all" or cfg.resume or cfg.minutes <= 0:
+        return cfg
+    spent, grid = time.time() - r.t_all, grid_seconds(r, mcfg_overrides)
+    left = 60 * cfg.minutes - spent - grid
+    if left < 30:
+        raise coco.DataError(f"--minutes {cfg.minutes:g}: the stages before the generator took {spent:.0f} s and the "
+                             f"grid stage needs about {grid:.0f} s, which leaves {left:.0f} s to train; give more")
+    r.log(f"[budget] {cfg.minutes:g} min in all: {spent:.0f} s spent, about {grid:.0f} s for the grid stage "
+          f"(measured), so the generator trains {left / 60:.2f} min")
+    return replace(cfg, minutes=round(left / 60, 3))
+
+
 def stage_generator(r, mcfg_overrides):
-    """The layout-conditioned UNet with the perception loss (train.py)."""
+    """The layout-conditioned UNet with the perception loss (train.py), for what the budget leaves it."""
     ckpt_path = r.out / "ckpt.pt"
     if "generator" in r.stages:
         t = time.time()
@@ -321,7 +361,7 @@ def stage_generator(r, mcfg_overrides):
             r.log(f"[generator] reusing {ckpt_path} (step {ck['step']})")
         else:
             r.logf.flush()
-            train.train(r.cfg, mcfg_overrides, pipeline_cfg=asdict(r.pcfg))
+            train.train(generator_budget(r, mcfg_overrides), mcfg_overrides, pipeline_cfg=asdict(r.pcfg))
         r.timing["generator"] = time.time() - t
     if ckpt_path.is_file():
         ck = config.load_file(ckpt_path)
@@ -357,7 +397,7 @@ def grid_and_fidelity(r, grid_path):
             raise coco.DataError(f"{need}: missing; run the stage that makes it first (--stage all)")
     model, tok, diff, ck = sample.load_checkpoint(ckpt_path, device=r.device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
-    kw = dict(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed, progress=False,
+    kw = dict(steps=cfg.sample_steps, sampler=cfg.sampler, guidance=cfg.guidance, seed=cfg.seed, progress=False,
               dtype=config.sampling_dtype(r.dtype, r.device),
               autoencoder=autoencoder.checkpoint_autoencoder(ck, ckpt_path, device=r.device),
               attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
@@ -371,7 +411,7 @@ def grid_and_fidelity(r, grid_path):
         lays[:cfg.n_grid], d), S, **kw) for d in ("easy", "hard")})
     evaluate.easy_hard_figure(real, gen, lays, names, grid_path, n=cfg.n_grid)
     det = r.given if r.given is not None else detector.load_detector(det_path).to(r.device)
-    fidelity = dict(n_layouts=len(lays), sampler=f"ddim{cfg.sample_steps}", guidance=cfg.guidance,
+    fidelity = dict(n_layouts=len(lays), sampler=f"{cfg.sampler}-{cfg.sample_steps}", guidance=cfg.guidance,
                     sec_per_img=round(sec_per_img, 4))
     if isinstance(det, detections.ResultsFile):   # a results json has not seen the generated images
         sample.write_coco(out / "fidelity_generated", "val", origin, lays, names, ck["tokenizer"]["category_ids"])
@@ -387,40 +427,6 @@ def grid_and_fidelity(r, grid_path):
           f"at {S}px: real {fidelity['real']['AP50']:.3f}, generated {fidelity['generated']['AP50']:.3f}; "
           f"{sec_per_img:.3f} s per generated image")
     return fidelity
-
-
-def summary_text(s):
-    lines = [f"== summary of {s['run']} =="]
-    if "detector" in s:
-        d = s["detector"]
-        lines.append(f"detector   val mAP {d['mAP']:.3f}  AP50 {d['AP50']:.3f}  AP75 {d['AP75']:.3f}  "
-                     + (f"(given: {d['source']})" if d.get("source") else f"(trained in {d['seconds']:.0f}s)"))
-    if "attributes" in s:
-        a = s["attributes"]
-        per = a["per_nuisance"] or a["per_category"]
-        lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per {'nuisance' if a['per_nuisance'] else 'category'}"
-                     ": " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items()))
-        if a.get("warning"):
-            lines.append(f"           {a['warning']}")
-    if "autoencoder" in s:
-        a = s["autoencoder"]
-        lines.append(f"autoencoder latents {a['latent_shape']}, val PSNR {a['psnr_val']:.2f} dB, scale {a['scale']}, "
-                     f"trained in {a['seconds']:.0f}s")
-    if "generator" in s:
-        g = s["generator"]
-        lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s"
-                     + (f", {g['dtype']}" if g.get("dtype") else "") + "), "
-                     f"loss {g['loss_last100']}" + (f" (L_p {g['l_p_last100']})" if g["l_p_last100"] is not None
-                                                     else " (no perception loss)") + " over the last 100 steps")
-    if "fidelity" in s and "generated" not in s["fidelity"]:
-        lines.append(f"fidelity   {s['fidelity']['note']}")
-    elif "fidelity" in s:
-        f = s["fidelity"]
-        lines.append(f"fidelity   detector AP50 on {f['n_layouts']} val layouts: generated "
-                     f"{f['generated']['AP50']:.3f} vs real {f['real']['AP50']:.3f} (mAP {f['generated']['mAP']:.3f}"
-                     f" vs {f['real']['mAP']:.3f}); {f['sec_per_img']:.3f} s per image")
-    lines.append("time       " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()))
-    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -124,6 +124,22 @@ def timestep_weight(cfg, alpha_bar_t):
     raise ValueError(f"--loss-weight must be none or minsnr, got {cfg.loss_weight!r}")
 
 
+def sample_timesteps(cfg, diff, B, device):
+    """t for a batch of B and its per-sample weight of L_simple (None: uniform).
+    cfg.t_sampling "uniform": t ~ U{0..T-1} (DDPM Algorithm 1 line 3), weighted by timestep_weight.
+    "weighted" (beyond the paper): t drawn with probability w_t / sum(w), every sample weighted by mean(w): the
+    same expected loss E_t[w_t L_t], without spending a batch's samples on the nearly clean steps that Min-SNR turns
+    down to almost nothing (importance sampling of t; the same as uniform when the weight is none)."""
+    if cfg.t_sampling == "uniform":
+        t = torch.randint(0, cfg.timesteps, (B,), device=device)                          # t ~ U{0..T-1}
+        return t, timestep_weight(cfg, diff.alpha_bar[t])
+    w = timestep_weight(cfg, diff.alpha_bar)                                               # (T, 1, 1, 1) or None
+    if w is None:
+        return torch.randint(0, cfg.timesteps, (B,), device=device), None
+    t = torch.multinomial(w.flatten(), B, replacement=True).to(device)                     # t ~ w_t / sum(w)
+    return t, w.mean().expand(B, 1, 1, 1)
+
+
 def drop_condition(tokens, null_tokens, p):
     """Replace each prompt by the null prompt with probability p (classifier-free guidance training)."""
     drop = torch.rand(tokens.shape[0], device=tokens.device) < p                           # (B,)

@@ -221,6 +221,19 @@ def load_attributes(path, split="train"):
     return {int(k): v for k, v in side["attributes"][split].items()}
 
 
+def attributes_path(cfg, out):
+    """The attribute sidecar a generator run (TrainConfig) reads: None for "none"; for "auto" the run folder's
+    attributes.json when the attributes stage wrote one; otherwise the given path, which must exist."""
+    if cfg.attributes == "none":
+        return None
+    if cfg.attributes == "auto":
+        p = Path(out) / "attributes.json"
+        return p.resolve() if p.is_file() else None
+    if not Path(cfg.attributes).is_file():
+        raise config.DataError(f"{cfg.attributes}: attribute sidecar not found (--attributes auto|none|PATH)")
+    return Path(cfg.attributes).resolve()
+
+
 def draw_attributes(dataset, attrs, indices, scale=4, ncol=6):
     """A grid of images with easy objects outlined green and hard ones red."""
     tiles = []

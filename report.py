@@ -1,5 +1,6 @@
-"""The report of evaluate.py: RUN/metrics.json as RUN/report.md, one section per part of PAPER.md section 4 (and the
-two beyond it), with the project's targets for the default run and whether this run met them.
+"""The reports of a run: the main job's summary (`summary_text`, printed by detdiff.py), and evaluate.py's
+RUN/metrics.json as RUN/report.md, one section per part of PAPER.md section 4 (and the two beyond it), with the
+project's targets for the default run and whether this run met them.
 
     python evaluate.py --run runs/shapes          # writes RUN/metrics.json and, from it, RUN/report.md
 """
@@ -136,3 +137,38 @@ def beyond_the_paper(M, meta):
         L += [f"| {what} | {val} | {'yes' if ok else '**no**'} |" for what, val, ok in t]
         L.append("")
     return L
+
+
+def summary_text(s):
+    """The main job's summary (RUN/summary.json, detdiff.py) as the lines it prints at the end."""
+    lines = [f"== summary of {s['run']} =="]
+    if "detector" in s:
+        d = s["detector"]
+        lines.append(f"detector   val mAP {d['mAP']:.3f}  AP50 {d['AP50']:.3f}  AP75 {d['AP75']:.3f}  "
+                     + (f"(given: {d['source']})" if d.get("source") else f"(trained in {d['seconds']:.0f}s)"))
+    if "attributes" in s:
+        a = s["attributes"]
+        per = a["per_nuisance"] or a["per_category"]
+        lines.append(f"attributes {100 * a['hard_fraction']:.1f}% hard; per {'nuisance' if a['per_nuisance'] else 'category'}"
+                     ": " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in per.items()))
+        if a.get("warning"):
+            lines.append(f"           {a['warning']}")
+    if "autoencoder" in s:
+        a = s["autoencoder"]
+        lines.append(f"autoencoder latents {a['latent_shape']}, val PSNR {a['psnr_val']:.2f} dB, scale {a['scale']}, "
+                     f"trained in {a['seconds']:.0f}s")
+    if "generator" in s:
+        g = s["generator"]
+        lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s"
+                     + (f", {g['dtype']}" if g.get("dtype") else "") + "), "
+                     f"loss {g['loss_last100']}" + (f" (L_p {g['l_p_last100']})" if g["l_p_last100"] is not None
+                                                     else " (no perception loss)") + " over the last 100 steps")
+    if "fidelity" in s and "generated" not in s["fidelity"]:
+        lines.append(f"fidelity   {s['fidelity']['note']}")
+    elif "fidelity" in s:
+        f = s["fidelity"]
+        lines.append(f"fidelity   detector AP50 on {f['n_layouts']} val layouts: generated "
+                     f"{f['generated']['AP50']:.3f} vs real {f['real']['AP50']:.3f} (mAP {f['generated']['mAP']:.3f}"
+                     f" vs {f['real']['mAP']:.3f}); {f['sec_per_img']:.3f} s per image")
+    lines.append("time       " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()))
+    return "\n".join(lines)

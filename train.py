@@ -33,7 +33,7 @@ import figures
 import optim
 import perception
 import sample
-from unet import UNet, UNetConfig
+from unet import UNet, UNetConfig, check_sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,15 +42,17 @@ from unet import UNet, UNetConfig
 
 @dataclass
 class TrainConfig:
-    CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"),
-                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"), location=("grid", "axis"))
+    CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"), sampler=sample.SAMPLERS,
+                                   loss_weight=("minsnr", "none"), t_sampling=("uniform", "weighted"), space=("pixel", "latent"), location=("grid", "axis"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
     steps: int = 0                   # optimizer-step cap (0 = none: the time budget alone decides)
-    minutes: float = 11.0            # wall-clock budget (0 = none, then --steps is the run's length): stop at
-                                     # whichever comes first, the lr schedule follows the further along; --minutes 0
-                                     # --steps N makes a run exactly reproducible
+    minutes: float = 14.5            # wall-clock budget of the whole main job (--stage all: the generator trains
+                                     # what the other stages leave; --stage generator: the generator's own); 0 = none,
+                                     # then --steps is the run's length. The generator stops at whichever comes
+                                     # first, its lr schedule follows the further along; --minutes 0 --steps N makes
+                                     # a run exactly reproducible
     batch_size: int = 32             # per process
     lr: float = 2e-3                 # the generator study: 2e-3 beat 1e-3 and 4e-3 at 9 minutes
     warmup: int = 100
@@ -73,6 +75,8 @@ class TrainConfig:
     loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma, the default,
                                      # measured) | none (DDPM's L_simple, the paper's)
     snr_gamma: float = 5.0           # Min-SNR's gamma (Hang et al.: 5)
+    t_sampling: str = "uniform"      # uniform (DDPM's) | weighted: t drawn in proportion to the Min-SNR weight
+                                     # (diffusion.sample_timesteps; the same expected loss, fewer wasted samples)
     pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (PAPER.md s.3); paper 0.01; 0 = no head
     attributes: str = "auto"         # auto: the run's attributes.json (pipeline stage) | none: [none] tokens | a path
     image_size: int = 32
@@ -92,46 +96,14 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 250          # periodic sample grid (0 = only at the end)
     ckpt_every: int = 250            # periodic checkpoint (always one at the end)
-    sample_steps: int = 25           # DDIM steps of the periodic grid
+    sampler: str = "dpm++2m"         # sampler of the periodic grid and the main job's grid stage (sample.SAMPLERS)
+    sample_steps: int = 15           # its steps: DPM-Solver++ at 15 scores within 0.02 AP50 of DDIM at 25, at half
+                                     # the time (docs/experiments.md, "The main job in 15 minutes")
     guidance: float = 3.0            # classifier-free guidance scale of the periodic grid
     attr_guidance: float = -1.0      # w_d of the grid stage's attribute guidance (sample.guided_eps; 1 = none);
                                      # -1: ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
     n_grid: int = 8                  # validation layouts in the grid
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Helpers of the loop
-
-
-def attributes_path(cfg, out):
-    """The attribute sidecar a generator run reads: None for "none"; for "auto" the run folder's attributes.json
-    when the attributes stage wrote one; otherwise the given path, which must exist."""
-    if cfg.attributes == "none":
-        return None
-    if cfg.attributes == "auto":
-        p = Path(out) / "attributes.json"
-        return p.resolve() if p.is_file() else None
-    if not Path(cfg.attributes).is_file():
-        raise config.DataError(f"{cfg.attributes}: attribute sidecar not found (--attributes auto|none|PATH)")
-    return Path(cfg.attributes).resolve()
-
-
-def check_sizes(cfg, mcfg_overrides=None):
-    """The image side against the UNet's downsampling (and, in latent mode, the autoencoder's factor), before any
-    stage runs: a one-line DataError naming the flags, instead of a traceback when the generator stage starts."""
-    mults = (mcfg_overrides or {}).get("channel_mults", UNetConfig.channel_mults)
-    down, S, what = 2 ** (len(mults) - 1), cfg.image_size, f"--image-size {cfg.image_size}"
-    if cfg.space == "latent":
-        f = cfg.ae_factor
-        if f < 1 or f & (f - 1):
-            raise config.DataError(f"--ae-factor {f}: must be a power of 2")
-        if S % f:
-            raise config.DataError(f"--image-size {S}: not divisible by --ae-factor {f}")
-        S, what = S // f, f"the latent side {S // f} (--image-size {S} / --ae-factor {f})"
-    if S % down:
-        raise config.DataError(f"{what} is not divisible by {down}, the UNet's downsampling (--channel-mults "
-                               f"{','.join(map(str, mults))}: one halving per level after the first)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,11 +119,10 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
     if cfg.p_uncond_attr > 0:                                                       # attributes alone -> [none]
         tokens = diffusion.drop_attributes(tokens, cfg.p_uncond_attr)
     tokens = diffusion.drop_condition(tokens, null, cfg.p_uncond)                   # (B, L), 10% null prompts
-    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)           # t ~ U{0..T-1}
+    t, w_t = diffusion.sample_timesteps(cfg, diff, x0.shape[0], x0.device)           # t ~ U{0..T-1}, or ~ w_t
     eps = torch.randn_like(x0)                                                      # eps ~ N(0, I)
     x_t = diff.q_sample(x0, t, eps)                                                 # DDPM Eq. (4), fp32
     weight = diffusion.foreground_weight(batch["boxes"], batch["valid"], x0.shape[-1]) if cfg.fg_reweight else None
-    w_t = diffusion.timestep_weight(cfg, diff.alpha_bar[t])                         # (B, 1, 1, 1) or None
     weight = w_t if weight is None else weight if w_t is None else weight * w_t
     # forward under autocast (the losses in fp32)
     with amp:
@@ -260,7 +231,7 @@ def set_up_data(r, ck):
                                      max_objects=cfg.max_objects)
     r.tok = tok = data.LayoutTokenizer(r.probe.class_names, bins=cfg.bins, max_objects=cfg.max_objects,
                                        location=cfg.location)
-    r.attr_path = attributes_path(cfg, r.out)       # the perception-aware attribute of every object (PAPER.md s.2)
+    r.attr_path = perception.attributes_path(cfg, r.out)     # each object's perception-aware attribute (PAPER.md s.2)
     attrs = {sp: perception.load_attributes(r.attr_path, sp) if r.attr_path else None for sp in ("train", "val")}
     log(r, f"attributes: {r.attr_path}" if r.attr_path else "attributes: none (every object gets the [none] token)")
     r.train_ds = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
@@ -283,14 +254,21 @@ def set_up_data(r, ck):
            f"{r.decoded.store}")
 
 
+def model_config(cfg, tok, mcfg_overrides=None, latent_channels=None):
+    """The UNet's shape for a new run: the tokenizer's layout, no mask head without the perception loss, the
+    autoencoder's channels in latent space, then the model flags given (mcfg_overrides)."""
+    overrides = dict(dict(mask_dim=0) if cfg.pal_weight == 0 else {}, **(mcfg_overrides or {}))
+    if latent_channels:
+        overrides["in_channels"] = latent_channels
+    return UNetConfig.for_tokenizer(tok, **overrides)
+
+
 def set_up_model(r, ck, mcfg_overrides):
     """UNet, EMA, schedule, AdamW and GradScaler (the checkpoint's shapes and states win on resume), wrapped in
     DDP and torch.compile when asked."""
     cfg = r.cfg
-    overrides = dict(dict(mask_dim=0) if cfg.pal_weight == 0 else {}, **(mcfg_overrides or {}))
-    if r.ae is not None:
-        overrides["in_channels"] = r.ae.cfg.latent_channels
-    r.mcfg = UNetConfig(**ck["model_cfg"]) if ck else UNetConfig.for_tokenizer(r.tok, **overrides)
+    r.mcfg = UNetConfig(**ck["model_cfg"]) if ck else \
+        model_config(cfg, r.tok, mcfg_overrides, r.ae.cfg.latent_channels if r.ae is not None else None)
     if cfg.pal_weight > 0 and not r.mcfg.mask_dim:
         raise config.DataError("--pal-weight > 0 needs the perception head (--mask-dim > 0)")
     r.raw = UNet(r.mcfg, loc_xy=r.tok.location_xy()).to(r.device)
@@ -344,7 +322,8 @@ def outputs(r):
         return
     b, tok = r.val_batch, r.tok
     x = sample.generate(r.ema, r.diff, b["tokens"].to(r.device), r.null, size=r.cfg.image_size,
-                        steps=r.cfg.sample_steps, guidance=r.cfg.guidance, generator=torch.Generator().manual_seed(1234),
+                        steps=r.cfg.sample_steps, sampler=r.cfg.sampler, guidance=r.cfg.guidance,
+                        generator=torch.Generator().manual_seed(1234),
                         dtype=config.sampling_dtype(r.dtype, r.device), progress=False, autoencoder=r.ae)
     tiles = [figures.draw_layout(data.from_model_range(im), boxes[v], labels[v], tok.class_names)
              for real, fake, boxes, labels, v in zip(b["image"], x.cpu(), b["boxes"], b["labels"], b["valid"])

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
+from coco import DataError
 from perception import MaskHead
 
 
@@ -86,6 +87,24 @@ class UNetConfig:
     @property
     def down_factor(self):
         return 2 ** (len(self.channel_mults) - 1)
+
+
+def check_sizes(cfg, mcfg_overrides=None):
+    """The image side of a run (TrainConfig) against the UNet's downsampling (and, in latent mode, the
+    autoencoder's factor), before any stage runs: a one-line DataError naming the flags, instead of a traceback
+    when the generator stage starts."""
+    mults = (mcfg_overrides or {}).get("channel_mults", UNetConfig.channel_mults)
+    down, S, what = 2 ** (len(mults) - 1), cfg.image_size, f"--image-size {cfg.image_size}"
+    if cfg.space == "latent":
+        f = cfg.ae_factor
+        if f < 1 or f & (f - 1):
+            raise DataError(f"--ae-factor {f}: must be a power of 2")
+        if S % f:
+            raise DataError(f"--image-size {S}: not divisible by --ae-factor {f}")
+        S, what = S // f, f"the latent side {S // f} (--image-size {S} / --ae-factor {f})"
+    if S % down:
+        raise DataError(f"{what} is not divisible by {down}, the UNet's downsampling (--channel-mults "
+                        f"{','.join(map(str, mults))}: one halving per level after the first)")
 
 
 def sincos_1d(pos, dim, omega=None):

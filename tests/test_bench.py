@@ -41,7 +41,8 @@ def test_peer_row_runs_with_a_stand_in_peer():
     r = dict(hardware=dict(cpu="x", cores=2, torch="t", device="cpu", loadavg_start=[0.0], loadavg_end=[0.0]),
              settings=dict(batch=2), date="d", peak_flops={"fp32": 1e9}, peak_kernel={"fp32": "matmul 1024"},
              train={}, peer=p, sampling_s_per_img={}, scaling={}, peak_rss_mb=1, peak_rss=dict(steps=1),
-             train_img_s_bf16=1.0, mfu_bf16=0.1, peer_ratio=p["ratio"]["bf16"], sampler="s", sample_s_per_img=0.1,
+             headline_dtype="bf16", train_img_s=1.0, mfu=0.1, peer_ratio=p["ratio"]["bf16"], sampler="s",
+             sample_s_per_img=0.1,
              seconds=1.0)
     assert "peer: stand-in:" in bench.table(r) and "ours/peer" in bench.table(r)
 
@@ -60,3 +61,12 @@ def test_bench_main_turns_a_bad_device_into_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--device", "gpu0"])
     assert str(e.value).startswith("error: --device gpu0: not a device") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, dtypes", [(set(), ["fp32"]), ({"avx512_bf16"}, ["fp32", "bf16"])])
+def test_bench_times_bf16_only_where_the_cpu_has_it(monkeypatch, flags, dtypes):
+    """A CPU without AVX-512 BF16 / AMX would emulate bf16 (its 4096 x 4096 peak matmul alone ran for half an
+    hour): no bf16 rows there, and the headline is the fp32 a run on it trains in."""
+    monkeypatch.setattr(bench.config, "cpu_flags", lambda: flags)
+    bn = bench.Bench(bench.parse_args(["--quick", "--device", "cpu"]))
+    assert bn.dtypes == dtypes and bn.headline == dtypes[-1]

@@ -287,3 +287,41 @@ def test_flags_split_into_the_generators_the_stages_and_the_models_settings():
 def test_settings_built_in_code_are_checked_against_their_choices(cls, field, bad):
     with pytest.raises(coco.DataError, match=f"^--{field.replace('_', '-')} must be one of .*got '{bad}'$"):
         config.check_choices(cls(**{field: bad}))
+
+
+# ---- one budget for the whole main job ---------------------------------------------------------------------------
+
+def test_minutes_bound_the_whole_job_and_the_generator_gets_what_is_left(tiny_data, tmp_path, monkeypatch):
+    """With --stage all, --minutes is the whole job's: the generator's budget is what the stages before it and
+    the grid stage (its measured estimate, fixed here at 6 s) leave; the checkpoint records that budget."""
+    monkeypatch.setattr(detdiff, "grid_seconds", lambda r, m: 6.0)
+    out = tmp_path / "run"
+    detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, minutes=1.0, steps=2), TINY_MODEL)
+    seconds = json.loads((out / "summary.json").read_text())["seconds"]
+    spent = seconds["data"] + seconds["detector"] + seconds["attributes"]     # the stages before the generator
+    gen_minutes = torch.load(out / "ckpt.pt", weights_only=False)["train_cfg"]["minutes"]
+    assert 60 * gen_minutes == pytest.approx(60 - 6 - spent, abs=1.0)
+    assert "[budget] 1 min in all: " in (out / "log.txt").read_text()
+
+
+def test_a_budget_that_leaves_the_generator_nothing_is_refused(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(detdiff, "grid_seconds", lambda r, m: 50.0)
+    with pytest.raises(coco.DataError, match=r"^--minutes 0.5: the stages before the generator took \d+ s and the "
+                                             r"grid stage needs about 50 s, which leaves -?\d+ s to train; give more"):
+        detdiff.pipeline(*tiny_run_cfgs(tiny_data, tmp_path / "r", **TINY_STAGES, minutes=0.5, steps=2), TINY_MODEL)
+
+
+def test_the_grid_estimate_is_the_measured_sampling_scaled_to_the_stage(tiny_data, tmp_path, monkeypatch):
+    """grid_seconds times sample.generate on 32 layouts (a warm-up step, then 2 timed steps) and scales the time
+    per image-step to (n_eval + 2 n_grid) images x sample_steps, plus 10 s."""
+    calls, clock = [], iter([100.0, 100.0 + 0.64])          # 0.64 s for 2 steps of 4 layouts (tiny_data has 4)
+    monkeypatch.setattr(detdiff.sample, "generate", lambda *a, steps, **k: calls.append((a[2].shape[0], steps)))
+    monkeypatch.setattr(detdiff.time, "time", lambda: next(clock))
+    cfg, pcfg = tiny_run_cfgs(tiny_data, tmp_path / "r", **TINY_STAGES)
+    r = detdiff.Run()
+    r.cfg, r.pcfg, r.device, r.dtype = cfg, pcfg, torch.device("cpu"), "fp32"
+    r.train_ds = r.val_ds = data.CocoLayoutDataset(data.resolve_data(tiny_data), "val", size=32)
+    got = detdiff.grid_seconds(r, TINY_MODEL)
+    assert calls == [(4, 1), (4, 2)]
+    per_image_step = 0.64 / (2 * 4)
+    assert got == pytest.approx((pcfg.n_eval + 2 * cfg.n_grid) * cfg.sample_steps * per_image_step + 10.0)

@@ -200,7 +200,7 @@ def test_default_train_step_multiplies_foreground_and_min_snr_weights():
 def test_sizes_the_unet_cannot_divide_are_one_line_errors(kw, says):
     mults = kw.pop("channel_mults", None)
     with pytest.raises(coco.DataError) as e:
-        train.check_sizes(train.TrainConfig(**kw), dict(channel_mults=mults) if mults else None)
+        unet.check_sizes(train.TrainConfig(**kw), dict(channel_mults=mults) if mults else None)
     assert says in str(e.value) and "\n" not in str(e.value)
-    train.check_sizes(train.TrainConfig(image_size=32))                                 # the default passes
-    train.check_sizes(train.TrainConfig(image_size=64, space="latent"))
+    unet.check_sizes(train.TrainConfig(image_size=32))                                 # the default passes
+    unet.check_sizes(train.TrainConfig(image_size=64, space="latent"))
