@@ -204,14 +204,14 @@ def open_run(cfg, pcfg, mcfg_overrides):
     r.out.mkdir(parents=True, exist_ok=True)
     both = {**asdict(cfg), **asdict(pcfg)}
     settings, saved = {k: both[k] for k in SAME_RUN}, r.out / "pipeline.json"
-    if saved.is_file():   # reusing a stage is only right if it was made with the same settings
-        old = coco.read_json(saved)
+    old = coco.read_json(saved) if saved.is_file() else None
+    if old is not None:   # reusing a stage is only right if it was made with the same settings
         default = {**asdict(TrainConfig()), **asdict(PipelineConfig())}    # a setting added since: its default then
         changed = sorted(k for k in SAME_RUN if old.get(k, default[k]) != settings[k])
         if changed:
             raise coco.DataError(f"{r.out} holds a run made with other settings ({', '.join(changed)}); "
                                  f"choose a new --out")
-    if not saved.is_file() or set(SAME_RUN) - set(coco.read_json(saved)):
+    if old is None or set(SAME_RUN) - set(old):
         saved.write_text(json.dumps(settings, indent=1))
     r.logf = open(r.out / "log.txt", "a")
 

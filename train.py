@@ -43,7 +43,8 @@ from unet import UNet, UNetConfig, check_sizes
 @dataclass
 class TrainConfig:
     CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"), sampler=sample.SAMPLERS,
-                                   loss_weight=("minsnr", "none"), t_sampling=("uniform", "weighted"), space=("pixel", "latent"), location=("grid", "axis"))
+                                   loss_weight=("minsnr", "none"), t_sampling=("uniform", "weighted"),
+                                   space=("pixel", "latent"), location=("grid", "axis"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
