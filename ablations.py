@@ -5,7 +5,7 @@ the same budget (by default as many steps as the run), then scored by evaluate.p
     python evaluate.py --run runs/shapes --ablations --ablation-rows "loss off,attribute off"
 """
 from dataclasses import replace
-
+from pathlib import Path
 
 import coco
 import config
@@ -34,13 +34,14 @@ def ablation_budget(cfg, ck):
     return {}
 
 
-def train_ablation(run, ck, name, overrides, cfg, log):
-    """The checkpoint of one ablation generator, trained into RUN/ablations/<name> (reused when finished) on the
-    evaluation's device and dtype (cfg.device, cfg.dtype). A finished one of another budget is a DataError."""
+def train_ablation(run, ck, name, overrides, cfg, log, into=None):
+    """The checkpoint of one ablation generator, trained into INTO/ablations/<name> (INTO: the run folder unless
+    given; reused when finished) on the evaluation's device and dtype (cfg.device, cfg.dtype). A finished one of
+    another budget is a DataError."""
     tc, budget = ck["train_cfg"], ablation_budget(cfg, ck)
     if not overrides and (not budget or budget.get("steps") == ck["step"]):
         return run / "ckpt.pt"                    # 'both on' at the run's own budget is the run itself
-    out = run / "ablations" / name.replace(" ", "_")
+    out = Path(into or run) / "ablations" / name.replace(" ", "_")
     path = out / "ckpt.pt"
     done = config.load_file(path) if path.is_file() else {}
     if done.get("finished"):

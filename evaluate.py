@@ -20,19 +20,17 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 training distribution, origin / all easy / all hard, and all hard after the class filter), scored
                 on the real val split, `seeds` seeds: train_real_map50, train_aug_{origin,easy,hard}_map50,
                 train_aug_hard_filtered_map50 (means; the runs in metrics["trainability"])
-  masks         how well the instance masks sample.py exports (the perception head's, masks.object_masks) fit
-                the objects the generated images actually drew: per object, the IoU with the object segmented
-                from the image inside its box by colour contrast with a ring just outside the box (masks.drawn_masks);
-                beside it the filled box's IoU (what --masks box exports), and the same segmentation on the real
-                val images against their true masks (how far the segmenter itself can be trusted):
-                mask_iou_head, mask_iou_box, mask_iou_real_gt, mask_iou_real_box
+  masks         how well the instance masks sample.py exports (the perception head's, masks.object_masks) fit the
+                objects the images drew: per object, the IoU with the object segmented inside its box by colour
+                contrast with a ring just outside it (masks.drawn_masks); beside it the filled box's IoU (--masks
+                box), and that segmentation on the real val images against their true masks (the segmenter's own
+                error): mask_iou_head, mask_iou_box, mask_iou_real_gt, mask_iou_real_box
   ablations     (--ablations) perception loss off / attribute off / both off / both on, and lambda at 0.01, the
                 run's own and 1, each trained as many steps as the run, then fidelity (at the run's w_d and at
                 w_d 1) and FID: metrics["ablations"]
-Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to RUN/eval/.
+Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to RUN/eval/ (--out).
 Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype is the autocast of what is generated
-and trained here (the images, the trainability detectors, the ablation generators), while the networks that
-measure (the run's detector, the crop classifier, Inception) run in fp32, so a metric does not move with it.
+and trained here, while the networks that measure (the run's detector, the crop classifier, Inception) run in fp32.
 """
 import argparse
 import json
@@ -75,9 +73,8 @@ class EvalConfig:
     guidance: float = 3.0
     attr_guidance: float = -1.0   # w_d of sample.guided_eps's attribute guidance (1 = plain guidance); -1: diffusion.
                                   # ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
-    noise_seeds: int = 1          # easy_hard, crops: the val layouts generated with this many noise seeds (seed,
-                                  # seed+1, ..); each AP50 and crop accuracy is their mean, the per-seed values and
-                                  # the spread of easy - hard are in metrics["easy_hard"]
+    noise_seeds: int = 1          # easy_hard, crops: the val layouts generated with noise seeds seed, seed+1, ..;
+                                  # AP50s and crop accuracies are means, per seed in metrics["easy_hard"]
     batch: int = 32
     seed: int = 0
     seeds: int = 3                # trainability: one detector per mode and seed (the real subset changes too)
@@ -91,16 +88,15 @@ class EvalConfig:
     mask_steps: int = sample.MASK_STEPS  # masks: the head's probability averaged over the last k sampling steps
     mask_threshold: float = 0.5   # masks: ... and thresholded here (sample.py's --mask-steps / --mask-threshold)
     ablations: bool = False       # train and score the ablation generators (long: one generator budget each)
-    ablation_steps: int = -1      # steps of each ablation generator: -1 = as many as the run itself trained (equal
-                                  # steps, so the machine's speed that day cannot favour a row), 0 = the run's own
-                                  # wall-clock budget (--minutes), N = N steps
+    ablation_steps: int = -1      # steps of each ablation generator: -1 = as many as the run trained (so the
+                                  # machine's speed cannot favour a row), 0 = the run's --minutes, N = N steps
     ablation_minutes: float = 0.0  # > 0: a wall-clock budget of this many minutes instead of ablation_steps
-    ablation_rows: str = ""       # comma-separated rows of ablations.ablation_settings to train ("loss off,
-                                  # attribute off"); default: every row
+    ablation_rows: str = ""       # comma-separated ablations.ablation_settings rows ("loss off,attribute off")
     quick: bool = False           # tiny numbers everywhere (tests, a first look)
     device: str = "auto"          # auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"           # auto | fp32 | bf16 | fp16: autocast of the sampling and of the networks trained
                                   # here; auto: bf16 where the hardware computes in it, else fp32
+    out: str = ""                 # report.md, metrics.json, log.txt, eval/ go here (default: the run folder)
 
 
 QUICK = dict(n_layouts=16, steps=5, seeds=1, n_generated=16, det_steps=20, crop_steps=20)
@@ -164,8 +160,9 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
     run = Path(run)
     if not (run / "ckpt.pt").is_file():
         raise coco.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
-    (run / "eval").mkdir(exist_ok=True)
-    logf = open(run / "log.txt", "a")
+    out = Path(cfg.out) if cfg.out else run
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    logf = open(out / "log.txt", "a")
 
     def log(msg):
         tqdm.write(msg)
@@ -204,7 +201,7 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
     ap_kw = dict(names=names, ids=ids, det_size=st["det_size"], max_objects=tc["max_objects"])
     # the opened run, what the phases share; cfg: what runs (quick numbers, device, dtype and w_d resolved); M:
     # metrics.json, each phase adding its keys; generate_val adds the val layouts and images
-    return SimpleNamespace(path=run, cfg=cfg, parts=parts, device=device, log=log, logf=logf, started=started,
+    return SimpleNamespace(path=run, out=out, cfg=cfg, parts=parts, device=device, log=log, logf=logf, started=started,
                            model=model, tok=tok, diff=diff, ck=ck, stages=st, det=det, to_train=to_train, root=root, keep=keep,
                            gen_kw=gen_kw, ap_kw=ap_kw, M=M)
 
@@ -239,12 +236,12 @@ def fidelity_part(R):
     """1, 3: the detector on real and generated val images. real_map*, fidelity_map*, *_ap50, easy_hard."""
     parts, M, det, lays, gens, real, ap_kw = R.parts, R.M, R.det, R.lays, R.gens, R.real, R.ap_kw
     t = time.time()
-    r = detector_ap(det, real, lays, folder=R.path / "eval" / "val_real", **ap_kw)
+    r = detector_ap(det, real, lays, folder=R.out / "eval" / "val_real", **ap_kw)
     M.update(real_map=r["mAP"], real_map50=r["AP50"], real_map75=r["AP75"])
     per_seed = [{} for _ in gens]
     for k, g in enumerate(gens if "easy_hard" in parts else gens[:1]):
         for m in g if "easy_hard" in parts else ("origin",):
-            r = detector_ap(det, g[m], sample.with_difficulty(lays, m), folder=R.path / "eval" / f"val_{m}", **ap_kw)
+            r = detector_ap(det, g[m], sample.with_difficulty(lays, m), folder=R.out / "eval" / f"val_{m}", **ap_kw)
             per_seed[k][m] = r["AP50"]
             if m == "origin" and k == 0:
                 M.update(fidelity_map=r["mAP"], fidelity_map50=r["AP50"], fidelity_map75=r["AP75"])
@@ -253,7 +250,7 @@ def fidelity_part(R):
             M[f"{m}_ap50"] = round(float(np.mean([p[m] for p in per_seed])), 4)
         M["easy_hard"] = dict(noise_seeds=[R.cfg.seed + k for k in range(len(gens))], ap50=per_seed,
                               easy_minus_hard=summary_stats([p["easy"] - p["hard"] for p in per_seed]))
-        easy_hard_figure(real, gens[0], lays, R.tok.class_names, R.path / "easy_hard_eval.png")
+        easy_hard_figure(real, gens[0], lays, R.tok.class_names, R.out / "easy_hard_eval.png")
     else:
         M["origin_ap50"] = per_seed[0]["origin"]
     M["meta"]["seconds"]["fidelity"] = round(time.time() - t, 1)
@@ -286,13 +283,17 @@ def fid_part(R):
 
 
 def crops_part(R):
-    """6: crop classifier trained on real crops, scored on val objects. crop_acc_*; returns the classifier."""
-    cfg, M, lays = R.cfg, R.M, R.lays
+    """6: a crop classifier trained on real crops (or RUN/crop_classifier.pt), on val objects. crop_acc_*."""
+    cfg, M, lays, kept = R.cfg, R.M, R.lays, R.path / "crop_classifier.pt"
     t = time.time()
-    real_train_S = data.CocoLayoutDataset(R.root, "train", size=R.ck["train_cfg"]["image_size"], **R.keep)
-    clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed,
-                                      device=R.device)
-    crops.save_crop_classifier(clf, R.path / "eval" / "crop_classifier.pt")
+    if kept.is_file():
+        clf = crops.load_crop_classifier(kept).to(R.device)
+        R.log(f"[crops] the crop classifier {kept}")
+    else:
+        real_train_S = data.CocoLayoutDataset(R.root, "train", size=R.ck["train_cfg"]["image_size"], **R.keep)
+        clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed,
+                                          device=R.device)
+        crops.save_crop_classifier(clf, R.out / "eval" / "crop_classifier.pt")
     M["crop_acc_real"] = round(crops.crop_accuracy(clf, R.real, lays)["overall"]["accuracy"], 4)
     for m in sample.MODES:                                  # the mean over the noise seeds
         M[f"crop_acc_{m}"] = round(float(np.mean([crops.crop_accuracy(clf, g[m], sample.with_difficulty(lays, m))
@@ -328,7 +329,7 @@ def masks_part(R):
 
 def trainability_part(R, clf):
     """4: detectors on a real subset, alone and with generated images. train_*_map50, trainability."""
-    cfg, M, ck, tc, keep, log, scratch = R.cfg, R.M, R.ck, R.ck["train_cfg"], R.keep, R.log, R.path / "eval"
+    cfg, M, ck, tc, keep, log, scratch = R.cfg, R.M, R.ck, R.ck["train_cfg"], R.keep, R.log, R.out / "eval"
     S, names, ids = tc["image_size"], R.tok.class_names, ck["tokenizer"]["category_ids"]
     t = time.time()
     glays = trainability.training_layouts(ck, cfg.n_generated, cfg.seed + 1)
@@ -372,12 +373,12 @@ def ablations_part(R, net, real_feats):
     t = time.time()
     M["ablations"] = {}
     for name, over in R.to_train.items():
-        a_path = ablations.train_ablation(R.path, R.ck, name, over, cfg, R.log)
+        a_path = ablations.train_ablation(R.path, R.ck, name, over, cfg, R.log, R.out)
         a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path, device=device)
         a_lays = sample.split_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
         a_kw = dict(R.gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
         ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
-        folder = R.path / "eval" / f"ablation_{name.replace(' ', '_')}"
+        folder = R.out / "eval" / f"ablation_{name.replace(' ', '_')}"
         r = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)
         attrs_on = a_ck["train_cfg"]["attributes"] != "none"
         row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
@@ -397,7 +398,7 @@ def ablations_part(R, net, real_feats):
 
 def write_metrics(R):
     """Merge with the earlier metrics.json, write it and report.md. meta.seconds.total; returns the metrics."""
-    run, M = R.path, R.M
+    run, M = R.out, R.M
     M["meta"]["seconds"]["total"] = total = round(time.time() - R.started, 1)
     if (run / "metrics.json").is_file():          # parts not run this time keep their earlier results
         old = coco.read_json(run / "metrics.json")

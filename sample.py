@@ -173,12 +173,14 @@ def resolve_attr_guidance(w, ck):
 # Checkpoints, layouts, outputs
 
 def load_checkpoint(path, weights="ema", device="cpu"):
-    """A checkpoint alone -> (model in eval mode, tokenizer, diffusion, checkpoint dict). A missing file, or one that
-    is not a generator checkpoint, is a one-line DataError naming it."""
+    """A checkpoint alone -> (eval-mode model, tokenizer, diffusion, its dict); a bad file: a DataError naming it."""
     if not Path(path).is_file():
         raise coco.DataError(f"{path}: checkpoint not found")
     try:
         ck = config.load_file(path)
+        side = Path(path).parent / Path(ck.get("attributes_used") or "-").name   # a sidecar moved with the checkpoint
+        if ck.get("attributes_used") and not Path(ck["attributes_used"]).is_file() and side.is_file():
+            ck["attributes_used"] = str(side)
         model = UNet(UNetConfig(**ck["model_cfg"]))
         model.load_state_dict(ck[weights])
         diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)

@@ -92,6 +92,20 @@ class BoxDetector(torch.nn.Module):
                 for _ in images]
 
 
+def test_out_leaves_the_run_folder_as_it_is_and_a_kept_crop_classifier_is_used(run, tmp_path):
+    out, first = run
+    folder, report_dir = tmp_path / "kept", tmp_path / "report"
+    shutil.copytree(out, folder)
+    shutil.copyfile(out / "eval" / "crop_classifier.pt", folder / "crop_classifier.pt")   # as checkpoints/shapes
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    M = evaluate.evaluate(folder, evaluate.EvalConfig(quick=True, parts="crops", out=str(report_dir)))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before              # nothing written there
+    assert (report_dir / "metrics.json").is_file() and (report_dir / "report.md").is_file()
+    assert not (report_dir / "eval" / "crop_classifier.pt").exists()                   # not trained again
+    assert f"[crops] the crop classifier {folder / 'crop_classifier.pt'}" in (report_dir / "log.txt").read_text()
+    assert M["crop_acc_real"] == first["crop_acc_real"]          # the same classifier on the same real crops
+
+
 def test_detector_ap_against_hand_made_detections(tmp_path):
     images = [np.zeros((32, 32, 3), np.uint8)] * 3
     lay = dict(boxes=torch.tensor([[0.25, 0.25, 0.75, 0.75]]), labels=torch.tensor([1]), difficulty=torch.tensor([0]))
