@@ -64,6 +64,8 @@ def export(run, dest=SHIPPED):
     """Copy a finished, evaluated run into `dest` (a new or empty folder): the slim generator, the detector, the
     attribute sidecar, evaluate.py's crop classifier and report. Returns the files written."""
     run, dest = Path(run), Path(dest)
+    if not (run / "ckpt.pt").is_file():
+        raise coco.DataError(f"{run / 'ckpt.pt'}: missing; export a finished `python detdiff.py` run folder")
     ck = config.load_file(run / "ckpt.pt")
     if not ck.get("finished"):
         raise coco.DataError(f"{run / 'ckpt.pt'}: the run has not finished (step {ck.get('step')}); finish it first")
@@ -87,16 +89,10 @@ def drift(ck):
     defaults = [(ck["model_cfg"], asdict(UNetConfig()), detdiff.model_fields()),
                 (ck["train_cfg"], asdict(TrainConfig()), fields(TrainConfig)),
                 (ck.get("pipeline_cfg") or {}, asdict(detdiff.PipelineConfig()), fields(detdiff.PipelineConfig))]
-    out = []
-    for stored, default, fs in defaults:
-        for f in fs:
-            if f.name in RUN_ONLY or f.name not in stored:
-                continue
-            have, want = stored[f.name], default[f.name]
-            if (list(have) if isinstance(have, (list, tuple)) else have) != \
-                    (list(want) if isinstance(want, (list, tuple)) else want):
-                out.append(f"--{f.name.replace('_', '-')}: shipped {have!r}, default {want!r}")
-    return out
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v    # noqa: E731 (a json list, a tuple)
+    return [f"--{f.name.replace('_', '-')}: shipped {stored[f.name]!r}, default {default[f.name]!r}"
+            for stored, default, fs in defaults for f in fs
+            if f.name not in RUN_ONLY and f.name in stored and as_list(stored[f.name]) != as_list(default[f.name])]
 
 
 def check(folder=SHIPPED):

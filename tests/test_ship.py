@@ -69,6 +69,16 @@ def test_export_refuses_a_folder_that_holds_something(tiny_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+def test_a_missing_run_is_one_line_naming_it_and_nothing_is_written(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        ship.main(["--run", str(tmp_path / "none"), "--dest", str(tmp_path / "dest")])
+    assert str(err.value) == f"error: {tmp_path / 'none' / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder"
+    with pytest.raises(coco.DataError) as err:
+        ship.export(tmp_path / "none", tmp_path / "dest")
+    assert one_line_naming(err, tmp_path / "none" / "ckpt.pt") and "export a finished" in str(err.value)
+    assert not (tmp_path / "dest").exists()
+
+
 def test_drift_names_each_flag_that_differs_from_the_defaults(tiny_run):
     ck = config.load_file(tiny_run / "ckpt.pt")
     lines = ship.drift(ck)
