@@ -25,7 +25,6 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-
 import coco
 import config
 import crops
@@ -60,6 +59,12 @@ def slim_checkpoint(ck):
     return out
 
 
+def refuse_a_full(dest):
+    """The shipped folder is replaced only by hand: a folder that holds anything is a DataError naming it."""
+    if Path(dest).exists() and any(Path(dest).iterdir()):
+        raise coco.DataError(f"{dest}: already holds a model; remove the folder to replace it")
+
+
 def export(run, dest=SHIPPED):
     """Copy a finished, evaluated run into `dest` (a new or empty folder): the slim generator, the detector, the
     attribute sidecar, evaluate.py's crop classifier and report. Returns the files written."""
@@ -74,8 +79,7 @@ def export(run, dest=SHIPPED):
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
         raise coco.DataError(f"{missing[0]}: missing; run `python evaluate.py --run {run} --parts {PARTS}` first")
-    if dest.exists() and any(dest.iterdir()):
-        raise coco.DataError(f"{dest}: already holds a model; remove the folder to replace it")
+    refuse_a_full(dest)
     dest.mkdir(parents=True, exist_ok=True)
     config.atomic_save(slim_checkpoint(ck), dest / "ckpt.pt")
     for name, src in sources.items():
@@ -128,8 +132,7 @@ def main(argv=None):
             print("\n".join(problems) or f"{a.dest}: loads with today's code and matches today's defaults "
                                           f"({size_mb(a.dest):.1f} MB)")
             return 1 if problems else 0
-        if Path(a.dest).exists() and any(Path(a.dest).iterdir()):  # before 40 minutes of training, not after
-            raise coco.DataError(f"{a.dest}: already holds a model; remove the folder to replace it")
+        refuse_a_full(a.dest)                           # before half an hour of training, not after it
         run = Path(a.run or RUN)
         if not a.run:
             detdiff.main(["--out", str(run)] + RECIPE)
