@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 import config
 import data
-import figures
 import optim
-from coco import DataError
+from config import DataError
 from unet import ResBlock, norm
 
 KIND = "detdiff-autoencoder"       # config.save_module's kind of autoencoder.pt
@@ -100,7 +99,7 @@ def reconstruction_grid(images, reconstructions, path, n=8):
     """Val images (top row) over their autoencoder reconstructions (bottom row), as a PNG."""
     tiles = [data.from_model_range(x) for x in images[:n]] + [data.from_model_range(x) for x in reconstructions[:n]]
     big = [Image.fromarray(t).resize((2 * t.shape[1], 2 * t.shape[0]), Image.NEAREST) for t in tiles]
-    figures.image_grid(big, ncol=min(n, len(images))).save(path)
+    data.image_grid(big, ncol=min(n, len(images))).save(path)
 
 
 def ae_fingerprint(state):

@@ -1,24 +1,58 @@
 """Configs in and out: a dataclass as command-line flags, a module saved with the config that rebuilds it, and the
 device and dtype settings resolved against the hardware (the one device rule every command follows).
 
-Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.UNetConfig`,
-`detector.DetTrainConfig`, `perception.AttributeConfig`, `evaluate.EvalConfig`, ...); `add_flags` makes each field a
-flag (`--pal-weight 0.1`, `--no-fg-reweight`) and `pick` reads them back. Every trained module is one file that
-rebuilds it alone: `save_module` / `load_module` (the detector, the crop classifier, the autoencoder; the
-generator's checkpoint carries more, see `train.py`).
+Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.UNetConfig`, the main job's
+`detdiff.PipelineConfig`, ...); `add_flags` makes each field a flag (`--pal-weight 0.1`, `--no-fg-reweight`) and
+`pick` reads them back. Every trained module is one file that rebuilds it alone: `save_module` / `load_module` (the
+detector, the crop classifier, the autoencoder; the generator's checkpoint carries more, see `train.py`).
+Bad input of any kind (a file, a flag, a setting) is a `DataError`: one line that names the file or the flag and the
+problem; the commands print it as `error: ...` and exit 1. `RunLog` is the one log a run folder keeps.
 
     python detdiff.py --help                      # every flag add_flags made from TrainConfig and UNetConfig
 """
 import argparse
 import contextlib
+import json
 import os
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from coco import DataError
+
+class DataError(ValueError):
+    """Bad input: the message is one line naming the file (or the flag) and the problem."""
+
+
+def read_json(path):
+    """A json file, or a DataError naming it: missing, or not json."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: malformed json ({e})") from None
+
+
+class RunLog:
+    """A run folder's log: each line printed above any progress bar and appended to `path` (log.txt). A process
+    that is not the run's writer (a DDP rank other than 0: enabled=False) logs nothing."""
+
+    def __init__(self, path, enabled=True):
+        self.file = open(path, "a") if enabled else None
+
+    def __call__(self, msg):
+        if self.file is not None:
+            tqdm.write(msg)
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,15 +126,12 @@ def save_module(path, kind, module, config, **extra):
 def load_module(path, kind, build, what, hint=""):
     """(module in eval mode, the file's dict) from a `save_module` file of this `kind`; `build(config)` makes the
     untrained module. A missing file, or a file of another kind, is a one-line DataError naming it and `what` it
-    should be (`hint`: how to make one). Autoencoder files written before 2026-12-03 kept the config under "cfg"
-    and the weights under "model"; they load as they are."""
+    should be (`hint`: how to make one)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found" + (f" ({hint})" if hint else ""))
     try:
         f = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(f, dict) and "kind" not in f and {"cfg", "model"} <= f.keys():
-            f = dict(f, kind=kind, config=f["cfg"], state_dict=f["model"])          # written before the move
         if not isinstance(f, dict) or f.get("kind") != kind:
             raise ValueError(f"kind is not {kind!r}")
         module = build(f["config"])

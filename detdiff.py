@@ -1,4 +1,4 @@
-"""DetDiffusion's main job (PAPER.md sections 1-4 at CPU scale): the pipeline data -> detector -> attributes ->
+"""DetDiffusion's main job (docs/paper.md sections 1-4 at CPU scale): the pipeline data -> detector -> attributes ->
 (autoencoder) -> generator -> grid into one run folder, and the command line of every run setting.
 
     python detdiff.py                                   # the main job on `shapes` into runs/shapes (~13 min, CPU)
@@ -8,7 +8,7 @@
                                                         # L_simple, linear schedule, no attribute guidance
                                                         # (PAPER_SETTINGS; the defaults differ where the
                                                         # studies of docs/experiments.md measured better)
-    python detdiff.py --evaluate                        # the main job, then evaluate.py's report on the run
+    python detdiff.py --evaluate                        # the main job, then the evaluation's report on the run
     python detdiff.py --space latent --image-size 64    # latent mode: an autoencoder stage, the UNet on its latents
     python detdiff.py --data DIR --detector torchvision:fasterrcnn_resnet50_fpn --detector-weights FILE
                                                         # the user's perceptive model for the attribute and the
@@ -26,28 +26,24 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import autoencoder
-import coco
-import coco_map
 import config
 import data
-import detections
-import detector
 import diffusion
-import evaluate
-import perception
 import sample
 import train
 import unet
-from report import summary_text
+from data_sets import export, shapes
+from experiments import evaluate, figures
+from experiments.report import summary_text
+from perceptive import attributes, coco_map, detections, detector
 from train import TrainConfig
 from unet import UNetConfig
 
@@ -88,7 +84,7 @@ class PipelineConfig:
 RESUME_OVERRIDES = {"steps", "minutes", "log_every", "sample_every", "ckpt_every", "out", "resume", "device", "stage",
                     "n_eval", "evaluate", "attr_guidance"}
 TOKENIZER_FIELDS = {"vocab_size", "seq_len", "tokens_per_object", "max_objects", "pad_id", "class_offset",
-                    "loc_offset", "bins", "location"}
+                    "loc_offset", "bins"}
 
 
 def model_fields():
@@ -135,13 +131,13 @@ def resumed_settings(targs, pargs, margs):
     out = train.run_folder(TrainConfig(**targs))
     ck_path = out / "ckpt.pt"
     if not ck_path.is_file():
-        raise coco.DataError(f"{ck_path}: no checkpoint to resume from")
+        raise config.DataError(f"{ck_path}: no checkpoint to resume from")
     saved = config.load_file(ck_path)
     old = {**asdict(PipelineConfig()), **saved.get("pipeline_cfg", {}), **saved["train_cfg"]}
     changed = {k for k, v in {**targs, **pargs}.items()
                if k not in RESUME_OVERRIDES and old.get(k, getattr(TrainConfig, k, None)) != v}
     if changed or margs:
-        raise coco.DataError(f"--resume keeps the run's saved settings; these differ: "
+        raise config.DataError(f"--resume keeps the run's saved settings; these differ: "
                              f"{sorted(changed) + sorted(margs)} (only {sorted(RESUME_OVERRIDES)} may change)")
     pnames = {f.name for f in fields(PipelineConfig)}
     return ({**saved["train_cfg"], **targs, "out": str(out)},
@@ -150,9 +146,9 @@ def resumed_settings(targs, pargs, margs):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The main job: data -> detector -> attributes -> (autoencoder) -> generator -> grid, then a summary
-# (PAPER.md sections 1-3). Each stage is a function of the open run `r`; a stage whose output exists is reused.
+# (docs/paper.md sections 1-3). Each stage is a function of the open run `r`; a stage whose output exists is reused.
 
-SAME_RUN = ("data", "image_size", "bins", "location", "max_objects", "min_area", "pal_weight", "attributes",
+SAME_RUN = ("data", "image_size", "bins", "max_objects", "min_area", "pal_weight", "attributes",
             "detector", "detector_weights", "detector_classes", "det_steps", "det_size", "attr_steps", "attr_folds",
             "gamma", "beta", "class_aware", "seed", "space",
             "autoencoder", "ae_steps", "ae_factor", "ae_channels", "ae_latent_channels", "ae_edge_weight")
@@ -172,7 +168,7 @@ def pipeline(cfg, pcfg=None, mcfg_overrides=None):
     r.summary["seconds"]["total"] = round(time.time() - r.t_all, 1)
     (r.out / "summary.json").write_text(json.dumps(r.summary, indent=1))
     r.log(summary_text(r.summary))
-    r.logf.close()
+    r.log.close()
     if r.pcfg.evaluate:                           # the paper's experiments on this run (evaluate.py)
         blind = ("fidelity", "easy_hard") if isinstance(r.given, detections.ResultsFile) else ()   # see evaluate.py
         r.summary["evaluate"] = evaluate.evaluate(r.out, evaluate.EvalConfig(
@@ -180,8 +176,23 @@ def pipeline(cfg, pcfg=None, mcfg_overrides=None):
     return r.summary
 
 
+@dataclass
 class Run:
-    """The open run the stages share: settings, folder, device, log, summary, timings."""
+    """The open run the stages share: made by `open_run`, each stage reads it and adds what it made."""
+    cfg: TrainConfig
+    pcfg: PipelineConfig
+    out: Path                        # the run folder
+    root: Path                       # the data set
+    device: torch.device
+    dtype: str                       # resolved: fp32 | bf16 | fp16
+    log: config.RunLog
+    stages: set                      # the stages this call runs
+    t_all: float = field(default_factory=time.time)
+    summary: dict = field(default_factory=dict)   # summary.json, each stage adding its part
+    timing: dict = field(default_factory=dict)    # seconds per stage
+    train_ds: data.CocoLayoutDataset = None       # the stage data's splits at the detector's size
+    val_ds: data.CocoLayoutDataset = None
+    given: object = None             # the user's perceptive model (--detector), opened by the data stage
 
 
 def open_run(cfg, pcfg, mcfg_overrides):
@@ -189,40 +200,32 @@ def open_run(cfg, pcfg, mcfg_overrides):
     other settings), then the run folder, its pipeline.json and log."""
     config.check_choices(cfg)
     config.check_choices(pcfg)
-    r = Run()
-    r.cfg, r.pcfg, r.out = cfg, pcfg, train.run_folder(cfg)
-    cfg.out = str(r.out)
-    r.root = data.resolve_data(cfg.data)             # a missing or bad data set stops before anything is written
-    r.device, device_why = config.resolve_device(cfg.device)    # so does a device this machine lacks
+    out = train.run_folder(cfg)
+    cfg.out = str(out)
+    root = shapes.build_if_missing(cfg.data)       # a missing or bad data set stops before anything is written
+    device, device_why = config.resolve_device(cfg.device)     # so does a device this machine lacks
     if not cfg.resume:                               # and an image size the UNet (or autoencoder) cannot divide
-        unet.check_sizes(cfg, mcfg_overrides)
-    r.dtype, dtype_why = config.resolve_dtype(cfg.dtype, r.device)
-    if pcfg.detector and not pcfg.detector.startswith("torchvision:"):   # evaluate.py reopens it from any folder
+        train.check_sizes(cfg, mcfg_overrides)
+    dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
+    if pcfg.detector and not pcfg.detector.startswith("torchvision:"):   # the evaluation reopens it from anywhere
         pcfg.detector = str(Path(pcfg.detector).resolve())
     if pcfg.detector_weights:
         pcfg.detector_weights = str(Path(pcfg.detector_weights).resolve())
-    r.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     both = {**asdict(cfg), **asdict(pcfg)}
-    settings, saved = {k: both[k] for k in SAME_RUN}, r.out / "pipeline.json"
-    old = coco.read_json(saved) if saved.is_file() else None
+    settings, saved = {k: both[k] for k in SAME_RUN}, out / "pipeline.json"
+    old = config.read_json(saved) if saved.is_file() else None
     if old is not None:   # reusing a stage is only right if it was made with the same settings
         default = {**asdict(TrainConfig()), **asdict(PipelineConfig())}    # a setting added since: its default then
         changed = sorted(k for k in SAME_RUN if old.get(k, default[k]) != settings[k])
         if changed:
-            raise coco.DataError(f"{r.out} holds a run made with other settings ({', '.join(changed)}); "
-                                 f"choose a new --out")
+            raise config.DataError(f"{out} holds a run made with other settings ({', '.join(changed)}); "
+                                   f"choose a new --out")
     if old is None or set(SAME_RUN) - set(old):
         saved.write_text(json.dumps(settings, indent=1))
-    r.logf = open(r.out / "log.txt", "a")
-
-    def log(msg):
-        tqdm.write(msg)
-        r.logf.write(msg + "\n")
-        r.logf.flush()
-    r.log = log
-    r.stages = set(STAGES) if pcfg.stage == "all" else {pcfg.stage}
-    log(f"[device] every stage on {r.device} ({device_why}), dtype {r.dtype} ({dtype_why})")
-    r.t_all, r.summary, r.timing = time.time(), dict(run=str(r.out)), {}
+    r = Run(cfg, pcfg, out, root, device, dtype, config.RunLog(out / "log.txt"),
+            stages=set(STAGES) if pcfg.stage == "all" else {pcfg.stage}, summary=dict(run=str(out)))
+    r.log(f"[device] every stage on {r.device} ({device_why}), dtype {r.dtype} ({dtype_why})")
     return r
 
 
@@ -245,7 +248,7 @@ def stage_detector(r):
     """The user's detector (--detector), or one trained from scratch on the real training split: the perception
     metric of every later stage and, with --detector, the attribute's too."""
     det_path, det_json, pcfg = r.out / "detector.pt", r.out / "detector.json", r.pcfg
-    crowd = coco.split_paths(r.root, "val")[0]
+    crowd = data.split_paths(r.root, "val")[0]
     if "detector" in r.stages:
         t = time.time()
         if det_json.is_file() and (r.given is not None or det_path.is_file()):
@@ -273,25 +276,25 @@ def stage_detector(r):
                   f"AP75 {m['AP75']:.3f}")
         r.timing["detector"] = time.time() - t
     if det_json.is_file():
-        r.summary["detector"] = coco.read_json(det_json)
+        r.summary["detector"] = config.read_json(det_json)
 
 
 def stage_attributes(r):
-    """[easy] / [hard] for every object from held-out-fold detectors (PAPER.md section 2)."""
+    """[easy] / [hard] for every object from held-out-fold detectors (docs/paper.md section 2)."""
     attr_path, cfg, pcfg = r.out / "attributes.json", r.cfg, r.pcfg
     if "attributes" in r.stages and cfg.attributes == "auto":
         t = time.time()
         if attr_path.is_file():
             r.log(f"[attributes] reusing {attr_path}")
         else:
-            perception.make_attributes(r.root, r.out, perception.AttributeConfig(
+            attributes.make_attributes(r.root, r.out, attributes.AttributeConfig(
                 gamma=pcfg.gamma, beta=pcfg.beta, class_aware=pcfg.class_aware, folds=pcfg.attr_folds,
                 image_size=pcfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects, steps=pcfg.attr_steps,
                 seed=cfg.seed), source=r.given, log=r.log,      # given=None: held-out folds of our own detector
                 device=r.device, dtype=r.dtype)
         r.timing["attributes"] = time.time() - t
     if attr_path.is_file() and cfg.attributes == "auto":
-        s = coco.read_json(attr_path)["summary"]["train"]
+        s = config.read_json(attr_path)["summary"]["train"]
         r.summary["attributes"] = dict(
             hard_fraction=s["hard_fraction"], per_category={k: v["hard_fraction"] for k, v in s["per_category"].items()},
             per_nuisance={k: v["hard_fraction"] for k, v in s.get("per_nuisance", {}).items()}, warning=s.get("warning"))
@@ -305,7 +308,7 @@ def stage_autoencoder(r):
         if ae_path.is_file():
             r.log(f"[autoencoder] reusing {ae_path}")
         elif cfg.autoencoder != "auto":
-            raise coco.DataError(f"{ae_path}: autoencoder not found")
+            raise config.DataError(f"{ae_path}: autoencoder not found")
         else:
             autoencoder.train_autoencoder(cfg, r.root, ae_path, r.log, device=r.device, dtype=r.dtype)
         r.timing["autoencoder"] = time.time() - t
@@ -319,7 +322,7 @@ def grid_seconds(r, mcfg_overrides):
     costs the same) samples 32 val layouts the way the grid stage does (one warm-up step, then two timed), scaled
     to the stage's images and steps, plus 10 s for loading, the detector's pass and the figure."""
     cfg, names = r.cfg, r.train_ds.class_names
-    tok = data.LayoutTokenizer(names, bins=cfg.bins, max_objects=cfg.max_objects, location=cfg.location)
+    tok = data.LayoutTokenizer(names, bins=cfg.bins, max_objects=cfg.max_objects)
     latent = cfg.ae_latent_channels if cfg.space == "latent" else None
     model = unet.UNet(train.model_config(cfg, tok, mcfg_overrides, latent)).to(r.device).eval()
     diff = diffusion.Diffusion(cfg.timesteps, cfg.schedule).to(r.device)
@@ -344,7 +347,7 @@ def generator_budget(r, mcfg_overrides):
     spent, grid = time.time() - r.t_all, grid_seconds(r, mcfg_overrides)
     left = 60 * cfg.minutes - spent - grid
     if left < 30:
-        raise coco.DataError(f"--minutes {cfg.minutes:g}: the stages before the generator took {spent:.0f} s and the "
+        raise config.DataError(f"--minutes {cfg.minutes:g}: the stages before the generator took {spent:.0f} s and the "
                              f"grid stage needs about {grid:.0f} s, which leaves {left:.0f} s to train; give more")
     r.log(f"[budget] {cfg.minutes:g} min in all: {spent:.0f} s spent, about {grid:.0f} s for the grid stage "
           f"(measured), so the generator trains {left / 60:.2f} min")
@@ -360,12 +363,13 @@ def stage_generator(r, mcfg_overrides):
         if ck is not None and ck.get("finished") and not r.cfg.resume:
             r.log(f"[generator] reusing {ckpt_path} (step {ck['step']})")
         else:
-            r.logf.flush()
             train.train(generator_budget(r, mcfg_overrides), mcfg_overrides, pipeline_cfg=asdict(r.pcfg))
         r.timing["generator"] = time.time() - t
     if ckpt_path.is_file():
         ck = config.load_file(ckpt_path)
         h = ck["history"]
+        curves = {k: (h["step"], h[k]) for k in ("loss", "l_simple", "l_p") if h.get(k)}
+        figures.loss_curve(curves, r.out / "loss.png", f"{r.out.name}: training loss (log scale)")
         r.summary["generator"] = dict(
             steps=ck["step"], minutes=round(ck["elapsed"] / 60, 2), dtype=ck.get("dtype"),
             img_s=round(ck.get("img_s", 0.0), 1), finished=bool(ck.get("finished")),
@@ -385,7 +389,7 @@ def stage_grid(r):
             fidelity_json.write_text(json.dumps(fidelity, indent=1))
         r.timing["grid"] = time.time() - t
         if fidelity_json.is_file():
-            r.summary["fidelity"] = coco.read_json(fidelity_json)
+            r.summary["fidelity"] = config.read_json(fidelity_json)
 
 
 def grid_and_fidelity(r, grid_path):
@@ -394,7 +398,7 @@ def grid_and_fidelity(r, grid_path):
     cfg, out, ckpt_path, det_path = r.cfg, r.out, r.out / "ckpt.pt", r.out / "detector.pt"
     for need in (ckpt_path,) if r.given is not None else (ckpt_path, det_path):
         if not need.is_file():
-            raise coco.DataError(f"{need}: missing; run the stage that makes it first (--stage all)")
+            raise config.DataError(f"{need}: missing; run the stage that makes it first (--stage all)")
     model, tok, diff, ck = sample.load_checkpoint(ckpt_path, device=r.device)
     S, names = ck["train_cfg"]["image_size"], tok.class_names
     kw = dict(steps=cfg.sample_steps, sampler=cfg.sampler, guidance=cfg.guidance, seed=cfg.seed, progress=False,
@@ -414,9 +418,9 @@ def grid_and_fidelity(r, grid_path):
     fidelity = dict(n_layouts=len(lays), sampler=f"{cfg.sampler}-{cfg.sample_steps}", guidance=cfg.guidance,
                     sec_per_img=round(sec_per_img, 4))
     if isinstance(det, detections.ResultsFile):   # a results json has not seen the generated images
-        sample.write_coco(out / "fidelity_generated", "val", origin, lays, names, ck["tokenizer"]["category_ids"])
+        export.write_coco(out / "fidelity_generated", "val", origin, lays, names, ck["tokenizer"]["category_ids"])
         fidelity["note"] = (f"no fidelity score: {r.pcfg.detector} is a results json; run that detector on "
-                            f"{out / 'fidelity_generated'} and score it with `python perception.py eval --data "
+                            f"{out / 'fidelity_generated'} and score it with `python -m perceptive eval --data "
                             f"{out / 'fidelity_generated'} --results YOURS.json`")
         r.log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); {fidelity['note']}")
         return fidelity
@@ -437,12 +441,12 @@ def main(argv=None):
         cfg, pcfg = TrainConfig(**targs), PipelineConfig(**pargs)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the generator stage only, every rank trains
             if pcfg.stage != "generator":
-                raise coco.DataError("under torchrun pass --stage generator (the other stages run in one process: "
+                raise config.DataError("under torchrun pass --stage generator (the other stages run in one process: "
                                      "python detdiff.py --stage detector / attributes / grid)")
             train.train(cfg, margs, pipeline_cfg=asdict(pcfg))
         else:
             pipeline(cfg, pcfg, margs)
-    except (coco.DataError, FloatingPointError) as err:
+    except (config.DataError, FloatingPointError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -1,4 +1,4 @@
-"""The diffusion process of DetDiffusion's generator (PAPER.md sections 1 and 3): the DDPM schedule, q_sample,
+"""The diffusion process of DetDiffusion's generator (docs/paper.md sections 1 and 3): the DDPM schedule, q_sample,
 L_simple and its weights, the condition dropout of classifier-free guidance, and the reverse update rules of the
 three samplers (DDPM, DDIM, DPM-Solver++ (2M)), which training (train.py) and sampling (sample.py) both import.
 
@@ -7,7 +7,7 @@ Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this projec
     alpha_t      1 - beta_t                                                          `alphas[t]`
     alpha_bar_t  prod_{s <= t} alpha_s, the signal kept in x_t                       `alpha_bar[t]`
     L_simple     || eps - eps_theta ||^2 (DDPM Eq. 14)                               `loss_simple`
-    L_p          sqrt(alpha_bar_t) (L_m + L_d), the perception loss (PAPER.md s.3)    `perception.perception_loss`
+    L_p          sqrt(alpha_bar_t) (L_m + L_d), the perception loss (docs/paper.md Eq. 8)    `perception.perception_loss`
     lambda       L = L_simple + lambda L_p                                           `--pal-weight`
     x_0, x_t     a clean image in [-1, 1] (data.py owns that range) and its noised version; in latent mode
                  x_0 = z = scale * E(image), the frozen autoencoder's unit-variance latent (L_LDM = L_simple on z)
@@ -124,31 +124,15 @@ def timestep_weight(cfg, alpha_bar_t):
     raise ValueError(f"--loss-weight must be none or minsnr, got {cfg.loss_weight!r}")
 
 
-def sample_timesteps(cfg, diff, B, device):
-    """t for a batch of B and its per-sample weight of L_simple (None: uniform).
-    cfg.t_sampling "uniform": t ~ U{0..T-1} (DDPM Algorithm 1 line 3), weighted by timestep_weight.
-    "weighted" (beyond the paper): t drawn with probability w_t / sum(w), every sample weighted by mean(w): the
-    same expected loss E_t[w_t L_t], without spending a batch's samples on the nearly clean steps that Min-SNR turns
-    down to almost nothing (importance sampling of t; the same as uniform when the weight is none)."""
-    if cfg.t_sampling == "uniform":
-        t = torch.randint(0, cfg.timesteps, (B,), device=device)                          # t ~ U{0..T-1}
-        return t, timestep_weight(cfg, diff.alpha_bar[t])
-    w = timestep_weight(cfg, diff.alpha_bar)                                               # (T, 1, 1, 1) or None
-    if w is None:
-        return torch.randint(0, cfg.timesteps, (B,), device=device), None
-    t = torch.multinomial(w.flatten(), B, replacement=True).to(device)                     # t ~ w_t / sum(w)
-    return t, w.mean().expand(B, 1, 1, 1)
-
-
 def drop_condition(tokens, null_tokens, p):
     """Replace each prompt by the null prompt with probability p (classifier-free guidance training)."""
     drop = torch.rand(tokens.shape[0], device=tokens.device) < p                           # (B,)
     return torch.where(drop[:, None], null_tokens.to(tokens.device)[None], tokens)
 
 
-# w_d of the attribute guidance that sample.py, evaluate.py and the grid stage use by default (the attribute study,
-# README "Difficulty that shows"): 1 would be plain classifier-free guidance, under which [easy] / [hard] changed
-# nothing measurable.
+# w_d of the attribute guidance that sample.py, evaluate and the grid stage use by default (the attribute study,
+# docs/experiments.md): 1 would be plain classifier-free guidance, under which [easy] / [hard] changed nothing
+# measurable.
 ATTR_GUIDANCE = 5.0
 
 

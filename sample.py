@@ -1,55 +1,29 @@
-"""Generating images and labelled data sets from a checkpoint: the sampling loop (DDPM ancestral sampling, DDIM,
-DPM-Solver++ (2M); their update rules are diffusion.py's) with classifier-free guidance and the attribute guidance
-that makes [easy] / [hard] show, and the COCO and YOLO folders a detector trains on.
+"""Sampling from a trained generator (docs/paper.md sections 1-2 and 4): classifier-free guidance and the attribute
+guidance that makes [easy] / [hard] show (`guided_eps`), the sampling loop over DDPM ancestral sampling, DDIM and
+DPM-Solver++ (2M) (`generate`; their update rules are diffusion.py's), the perception head's instance masks read off
+the same forward passes (`object_masks`), and a model rebuilt from its checkpoint alone (`load_checkpoint`: its
+config, tokenizer and schedule settings travel inside it).
 
-The model is rebuilt from a checkpoint alone (its config, tokenizer and schedule settings travel inside it).
-
-    python sample.py --ckpt runs/shapes/ckpt.pt                        # 16 val layouts, DDIM 50 steps, cfg 3
+    python sample.py --ckpt checkpoints/shapes/ckpt.pt --out runs/samples     # 16 val layouts of the shipped model
     python sample.py --ckpt runs/shapes/ckpt.pt --difficulty hard --n 64 --out runs/shapes/hard
     python sample.py --ckpt runs/shapes/ckpt.pt --layouts my_layouts.json --sampler ddpm
 
-Outputs in a new --out folder (default: <checkpoint folder>/samples_<difficulty>), a COCO-format folder that
-`--data OUT` and any detector read: OUT/train/NNNNN.png, OUT/annotations/instances_train.json (bbox [x, y, w, h]
-in pixels of the generated S x S image, each object's "difficulty"; --split renames the split), the same images
-for YOLO-family trainers in OUT/yolo/ (labels/train/NNNNN.txt "class cx cy w h" normalised, data.yaml), and
-grid.png (the first 64 images with their boxes drawn, easy green and hard red).
-Instance masks (`--masks head`, the default for a checkpoint with a perception head): each object's segmentation
-is the perception head's mask, read off the same forward passes that draw the image: its sigmoid probability
-averaged over the last --mask-steps sampling steps (small t, where x_t is nearly the finished image), above
---mask-threshold, inside the object's box; written as compressed COCO RLE (pycocotools decodes it), with
-"mask": "head" on the annotation; masks.png shows the first 32 images beside their masks. An object whose mask comes out empty, and every object
-with `--masks box`, gets its filled box as segmentation ("mask": "box").
-
-Layout json (`--layouts`), COCO-style boxes in pixels of an image of the given size, category names as in the
-training data; "difficulty" is optional ("none" | "easy" | "hard") and --difficulty easy|hard overrides it:
-    {"layouts": [
-       {"width": 640, "height": 480,
-        "objects": [{"category": "circle", "bbox": [50, 40, 200, 150], "difficulty": "easy"},
-                    {"category": "square", "bbox": [300, 200, 120, 120]}]},
-       ...]}
+The command writes a labelled data set (COCO and YOLO folders, instance masks, a grid); that is tooling, so its
+command line lives in data_sets/export.py, and docs/sampling.md describes it.
 """
-import argparse
 import contextlib
-import json
 import pickle
-import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-import autoencoder
-import coco
 import config
-import crops
 import data
 import diffusion
-import figures
-import masks
 import perception
+from config import DataError
 from diffusion import ATTR_GUIDANCE, Diffusion, drop_attributes
 from unet import UNet, UNetConfig
 
@@ -95,12 +69,17 @@ def guided_eps(model, x_t, t, tokens, null_tokens, guidance, amp=None, attr_guid
 
 
 SAMPLERS = ("ddim", "ddpm", "dpm++2m")
-MASK_STEPS = 3          # exported masks: the head's probability averaged over the last 3 sampling steps (README:
-                        # 1, 3 and 5 measured against the objects the images drew)
+# The one sampling default (sample.py's command, evaluate): DPM-Solver++ (2M) in 20 steps, which scored as DDIM in
+# 25 at half the time (docs/experiments.md#the-main-job-in-15-minutes-on-a-cpu-without-bf16). The main job's grid
+# stage and the training loop's sample grids take 15 steps of it instead (TrainConfig.sample_steps), to leave the
+# generator more of the main job's budget.
+SAMPLER, STEPS = "dpm++2m", 20
+MASK_STEPS = 3          # exported masks: the head's probability averaged over the last 3 sampling steps
+                        # (docs/sampling.md compares 1, 3 and 5 against the objects the images drew)
 
 
 @torch.no_grad()
-def generate(model, diff, tokens, null_tokens, size=None, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
+def generate(model, diff, tokens, null_tokens, size=None, steps=STEPS, sampler=SAMPLER, eta=0.0, guidance=3.0,
              generator=None, dtype="fp32", clip=True, progress=True, autoencoder=None, attr_guidance=1.0,
              mask_steps=0):
     """Sample images (B, C, S, S) in [-1, 1] for layout tokens (B, L). DDIM uses `steps` evenly spaced
@@ -170,72 +149,25 @@ def resolve_attr_guidance(w, ck):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints, layouts, outputs
+# Checkpoints and layouts
+
 
 def load_checkpoint(path, weights="ema", device="cpu"):
     """A checkpoint alone -> (eval-mode model, tokenizer, diffusion, its dict); a bad file: a DataError naming it."""
     if not Path(path).is_file():
-        raise coco.DataError(f"{path}: checkpoint not found")
+        raise DataError(f"{path}: checkpoint not found")
     try:
         ck = config.load_file(path)
         side = Path(path).parent / Path(ck.get("attributes_used") or "-").name   # a sidecar moved with the checkpoint
         if ck.get("attributes_used") and not Path(ck["attributes_used"]).is_file() and side.is_file():
             ck["attributes_used"] = str(side)
-        model = UNet(UNetConfig(**ck["model_cfg"]))
+        model = UNet(UNetConfig.from_saved(ck["model_cfg"]))
         model.load_state_dict(ck[weights])
         diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
     except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as e:
         why = " ".join(str(e).split())[:120]          # load_state_dict's message spans lines
-        raise coco.DataError(f"{path}: not a detdiff checkpoint ({type(e).__name__}: {why})") from None
+        raise DataError(f"{path}: not a detdiff checkpoint ({type(e).__name__}: {why})") from None
     return model.to(device).eval(), data.tokenizer_from(ck["tokenizer"]), diff, ck
-
-
-def read_layouts(path, class_names, max_objects):
-    """The user layout json (format in the module docstring) -> list of dict(boxes (N,4) in [0,1], labels, difficulty).
-    Anything malformed is a one-line DataError naming the file, the layout, the object and the field."""
-    js = coco.read_json(path)
-    items = js.get("layouts") if isinstance(js, dict) else None
-    if not isinstance(items, list) or not items:
-        raise coco.DataError(f"{path}: expected {{\"layouts\": [...]}} with at least one layout")
-    return [read_layout(path, i, lay, class_names, max_objects) for i, lay in enumerate(items)]
-
-
-def read_layout(path, i, lay, class_names, max_objects):
-    """Layout i of a layout json, checked field by field (read_layouts)."""
-    where = f"{path}: layout {i}"
-    if not isinstance(lay, dict):
-        raise coco.DataError(f"{where}: expected an object with width, height and objects")
-    for key in ("width", "height"):
-        v = lay.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise coco.DataError(f"{where}: {key} must be a number > 0, got {v!r}")
-    W, H, objs = float(lay["width"]), float(lay["height"]), lay.get("objects")
-    if not isinstance(objs, list):
-        raise coco.DataError(f"{where}: objects must be a list, got {objs!r}")
-    if len(objs) > max_objects:
-        raise coco.DataError(f"{where}: has {len(objs)} objects, the model takes at most {max_objects}")
-    boxes, labels, diffs = [], [], []
-    for j, o in enumerate(objs):
-        at = f"{where} object {j}"
-        if not isinstance(o, dict):
-            raise coco.DataError(f"{at}: expected an object with category and bbox")
-        if o.get("category") not in class_names:
-            raise coco.DataError(f"{at}: unknown category {o.get('category')!r} (known: {', '.join(class_names)})")
-        if o.get("difficulty", "none") not in data.DIFFICULTY:
-            raise coco.DataError(f"{at}: difficulty must be one of {data.DIFFICULTY}")
-        bb = o.get("bbox")
-        if not isinstance(bb, list) or len(bb) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                               for v in bb):
-            raise coco.DataError(f"{at}: bbox must be [x, y, width, height] in pixels, got {bb!r}")
-        x, y, w, h = (float(v) for v in bb)
-        b = [max(x, 0) / W, max(y, 0) / H, min(x + w, W) / W, min(y + h, H) / H]
-        if b[2] <= b[0] or b[3] <= b[1]:
-            raise coco.DataError(f"{at}: bbox {bb} is empty inside {W:g}x{H:g}")
-        boxes.append(b)
-        labels.append(class_names.index(o["category"]))
-        diffs.append(data.DIFFICULTY.index(o.get("difficulty", "none")))
-    return dict(boxes=torch.tensor(boxes).reshape(-1, 4), labels=torch.tensor(labels, dtype=torch.long),
-                difficulty=torch.tensor(diffs, dtype=torch.long))
 
 
 def split_layouts(ck, n, split="val"):
@@ -244,76 +176,34 @@ def split_layouts(ck, n, split="val"):
     attrs = None
     if ck.get("attributes_used"):
         if not Path(ck["attributes_used"]).is_file():
-            raise coco.DataError(f"{ck['attributes_used']}: the attribute sidecar this run trained with is missing "
+            raise DataError(f"{ck['attributes_used']}: the attribute sidecar this run trained with is missing "
                                  f"(restore it, or sample from a --layouts json)")
-        side = coco.read_json(ck["attributes_used"])["attributes"]
+        side = config.read_json(ck["attributes_used"])["attributes"]
         attrs = perception.load_attributes(ck["attributes_used"], split) if split in side else None
     ds = data.CocoLayoutDataset(data.resolve_data(c["data"]), split, size=c["image_size"], min_area=c["min_area"],
                                 max_objects=c["max_objects"], attributes=attrs)
     return [{k: ds[i][k] for k in ("boxes", "labels", "difficulty")} for i in range(min(n, len(ds)))]
 
 
-def write_coco(out, split, images, layouts, class_names, category_ids, masks=None):
-    """A COCO-format folder any detector (and data.py's `--data OUT`) reads: OUT/SPLIT/NNNNN.png and
-    OUT/annotations/instances_SPLIT.json. images: uint8 (S, S, 3) arrays, one per layout; masks (optional): one
-    bool (n_objects, S, S) array per layout, written as compressed RLE (an empty mask falls back to the box)."""
-    out = Path(out)
-    (out / split).mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(exist_ok=True)
-    for i, arr in enumerate(images):
-        Image.fromarray(arr).save(out / split / f"{i:05d}.png")
-    js = coco_json(layouts, images[0].shape[0], class_names, category_ids, masks)
-    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(js))
-    return js
+def object_masks(probs, layouts, threshold=0.5):
+    """The instance masks of generated objects: the perception head's probability (from `generate(mask_steps=k)`)
+    above `threshold`, kept inside the object's box (data.box_pixels). probs: list of (M, S, S) tensors on any
+    device -> one bool (n_objects, S, S) numpy array per layout."""
+    out = []
+    for p, lay in zip(probs, layouts):
+        n, S = len(lay["labels"]), p.shape[-1]
+        inside = data.box_pixels(lay["boxes"].double().cpu().reshape(n, 4), S).numpy()     # (n, S, S)
+        out.append((p[:n] > threshold).cpu().numpy() & inside)
+    return out
 
 
-def coco_json(layouts, S, class_names, category_ids, masks=None):
-    images, anns = [], []
-    for i, lay in enumerate(layouts):
-        images.append(dict(id=i + 1, file_name=f"{i:05d}.png", width=S, height=S))
-        for k, ((x0, y0, x1, y1), c, d) in enumerate(zip((lay["boxes"] * S).tolist(), lay["labels"].tolist(),
-                                                          lay["difficulty"].tolist())):
-            a = dict(id=len(anns) + 1, image_id=i + 1, category_id=category_ids[c], iscrowd=0,
-                     bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
-                     segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]], difficulty=data.DIFFICULTY[d])
-            if masks is not None and masks[i][k].any():          # the perception head's mask of this object
-                a.update(segmentation=coco.mask_to_rle(masks[i][k]), area=float(masks[i][k].sum()), mask="head")
-            elif masks is not None:
-                a["mask"] = "box"                                   # the head found nothing above the threshold
-            anns.append(a)
-    cats = [dict(id=i, name=n) for i, n in zip(category_ids, class_names)]
-    return dict(images=images, annotations=anns, categories=cats)
-
-
-def write_yolo(out, split, layouts, class_names):
-    """The same images for YOLO-family trainers (ultralytics, YOLOv5/8 and kin): OUT/yolo/images/SPLIT/NNNNN.png
-    (hard links to OUT/SPLIT's, copies where links fail), OUT/yolo/labels/SPLIT/NNNNN.txt with one line per
-    object, "class cx cy w h", normalised to [0, 1], and OUT/yolo/data.yaml. Call after write_coco."""
-    out, y = Path(out), Path(out) / "yolo"
-    for sub in ("images", "labels"):
-        (y / sub / split).mkdir(parents=True, exist_ok=True)
-    for i, lay in enumerate(layouts):
-        src, dst = out / split / f"{i:05d}.png", y / "images" / split / f"{i:05d}.png"
-        try:
-            dst.hardlink_to(src)
-        except OSError:
-            shutil.copyfile(src, dst)
-        rows = [f"{c} {(x0 + x1) / 2:.6f} {(y0 + y1) / 2:.6f} {x1 - x0:.6f} {y1 - y0:.6f}"
-                for (x0, y0, x1, y1), c in zip(lay["boxes"].tolist(), lay["labels"].tolist())]
-        (y / "labels" / split / f"{i:05d}.txt").write_text("".join(r + "\n" for r in rows))
-    names = "".join(f"  {k}: {json.dumps(n)}\n" for k, n in enumerate(class_names))
-    (y / "data.yaml").write_text(f"# generated by detdiff's sample.py; point val at your real validation images\n"
-                                 f"path: {y.resolve()}\ntrain: images/{split}\nval: images/{split}\n"
-                                 f"names:\n{names}")
-
-
-def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", eta=0.0, guidance=3.0,
+def generate_layouts(model, diff, tok, layouts, size, steps=STEPS, sampler=SAMPLER, eta=0.0, guidance=3.0,
                      batch=32, seed=0, dtype="fp32", progress=True, autoencoder=None, attr_guidance=1.0,
                      mask_steps=0, mask_threshold=0.5):
     """Images (uint8 (S, S, 3) arrays) for a list of layouts dict(boxes, labels, difficulty), in batches.
     The noise stream depends only on `seed`, so the same layouts with other difficulty tokens start from the
     same x_T (the easy / hard comparison changes nothing but the prompt). mask_steps=k > 0: (images, masks),
-    masks from `masks.object_masks` over the last k sampling steps."""
+    masks from `object_masks` over the last k sampling steps."""
     dev = next(model.parameters()).device
     g, null, out, probs = torch.Generator().manual_seed(seed), tok.null_prompt().to(dev), [], []
     for s in tqdm(range(0, len(layouts), batch), desc="batches", disable=not progress):
@@ -325,126 +215,20 @@ def generate_layouts(model, diff, tok, layouts, size, steps=50, sampler="ddim", 
             x, m = x
             probs += list(m.cpu())
         out += [data.from_model_range(img) for img in x.cpu()]
-    return (out, masks.object_masks(probs, layouts, mask_threshold)) if mask_steps else out
+    return (out, object_masks(probs, layouts, mask_threshold)) if mask_steps else out
 
 
 MODES = ("origin", "easy", "hard")    # a layout with its own attributes, every object [easy], every object [hard]
 
 
 def with_difficulty(layouts, difficulty):
-    """'origin' keeps each object's attribute; 'easy' / 'hard' give every object that token (PAPER.md s.2)."""
+    """'origin' keeps each object's attribute; 'easy' / 'hard' give every object that token (docs/paper.md section 2)."""
     if difficulty == "origin":
         return layouts
     code = data.DIFFICULTY.index(difficulty)
     return [dict(lay, difficulty=torch.full_like(lay["labels"], code)) for lay in layouts]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample layout-conditioned images from a detdiff checkpoint.")
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--out", default="", help="a new folder (default: <checkpoint folder>/samples_<difficulty>)")
-    ap.add_argument("--layouts", default="val", help="'val' (the run's validation split) or a layout json")
-    ap.add_argument("--n", type=int, default=16, help="number of val layouts")
-    ap.add_argument("--difficulty", choices=MODES, default="origin")
-    ap.add_argument("--split", default="train", help="split name of the written COCO folder")
-    ap.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    ap.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (DDPM always takes T)")
-    ap.add_argument("--eta", type=float, default=0.0)
-    ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--attr-guidance", type=float, default=-1.0,
-                    help=f"w_d of the attribute guidance (guided_eps): 1 = plain classifier-free guidance, > 1 pushes "
-                    f"each object further towards its [easy] / [hard]; wants a checkpoint trained with --p-uncond-attr. "
-                    f"Default -1: {ATTR_GUIDANCE:g} for such a checkpoint, else 1")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--weights", choices=("ema", "model"), default="ema")
-    ap.add_argument("--dtype", choices=config.DTYPES, default="auto",
-                    help="autocast dtype; auto: bf16 where the hardware has it (config.resolve_dtype), else fp32")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--autoencoder", default="", help="latent-space checkpoints: the autoencoder it learned with "
-                    "(default: the path the checkpoint recorded, else autoencoder.pt beside it)")
-    ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
-    ap.add_argument("--classifier", default="", help="a crop classifier (evaluate.py writes RUN/eval/"
-                    "crop_classifier.pt): drop every generated image with an object it does not call the layout's "
-                    "class (an object left in the image without its label would teach a detector it is background)")
-    ap.add_argument("--min-prob", type=float, default=0.5, help="--classifier: keep an object when the "
-                    "classifier gives its layout class at least this probability")
-    ap.add_argument("--masks", choices=("auto", "head", "box"), default="auto", help="instance masks in the COCO "
-                    "json: the perception head's (head), or the filled box (box); auto: head when the checkpoint has "
-                    "a perception head")
-    ap.add_argument("--mask-steps", type=int, default=MASK_STEPS, help="--masks head: average the head's mask "
-                    "probability over this many last sampling steps")
-    ap.add_argument("--mask-threshold", type=float, default=0.5, help="--masks head: a pixel belongs to the "
-                    "object when the averaged probability is above this")
-    a = ap.parse_args(argv)
-    try:
-        run(a)
-    except coco.DataError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-def run(a):
-    if a.n < 1 and a.layouts == "val":
-        raise coco.DataError(f"--n must be at least 1, got {a.n}")
-    out = Path(a.out or Path(a.ckpt).parent / f"samples_{a.difficulty}")
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out} already exists and is not empty; choose a new --out")
-    device, device_why = config.resolve_device(a.device)
-    model, tok, diff, ck = load_checkpoint(a.ckpt, a.weights, device)
-    a.attr_guidance = resolve_attr_guidance(a.attr_guidance, ck)
-    ae = autoencoder.checkpoint_autoencoder(ck, a.ckpt, a.autoencoder, device)
-    S, names = ck["train_cfg"]["image_size"], tok.class_names
-    layouts = split_layouts(ck, a.n) if a.layouts == "val" else read_layouts(a.layouts, names, tok.max_objects)
-    layouts = with_difficulty(layouts, a.difficulty)
-    has_head = model.mask_head is not None
-    if a.masks == "head" and not has_head:
-        raise SystemExit(f"error: {a.ckpt}: --masks head needs a perception head, and this checkpoint has none "
-                         f"(trained with --pal-weight 0); use --masks box")
-    mask_steps = a.mask_steps if (a.masks == "head" or (a.masks == "auto" and has_head)) else 0
-    if mask_steps < 0 or (a.masks == "head" and mask_steps == 0):
-        raise SystemExit(f"error: --mask-steps must be >= 1 for the perception head's masks, got {a.mask_steps}")
-    t0 = time.time()
-    dtype, why = config.resolve_dtype(a.dtype, device)
-    print(f"sampling {len(layouts)} layouts with {a.sampler}, guidance {a.guidance:g}, attribute guidance "
-          f"{a.attr_guidance:g}, device {device} ({device_why}), dtype {dtype} ({why})")
-    if a.attr_guidance != 1.0 and not ck["train_cfg"].get("p_uncond_attr", 0):
-        print(f"warning: {a.ckpt} was trained without attribute-only dropout (--p-uncond-attr 0), so its [none] "
-              f"prediction, which --attr-guidance {a.attr_guidance:g} steers from, is untrained")
-    images = generate_layouts(model, diff, tok, layouts, S, a.steps, a.sampler, a.eta, a.guidance, a.batch, a.seed,
-                              dtype, autoencoder=ae, attr_guidance=a.attr_guidance, mask_steps=mask_steps,
-                              mask_threshold=a.mask_threshold)
-    images, obj_masks = images if mask_steps else (images, None)
-    secs = time.time() - t0
-    dropped = ""
-    if a.classifier:                                   # class consistency filter (evaluate.py, part 6)
-        clf = crops.load_crop_classifier(a.classifier).to(device)
-        if tuple(clf.class_names) != tuple(names):
-            raise SystemExit(f"error: {a.classifier}: classes {', '.join(clf.class_names)} are not the "
-                             f"checkpoint's ({', '.join(names)})")
-        ok = [bool(k.all()) for k in crops.accept_objects(clf, images, layouts, a.min_prob)]
-        dropped = f" ({ok.count(False)} of {len(ok)} dropped by the class filter)"
-        images, layouts = [i for i, k in zip(images, ok) if k], [lay for lay, k in zip(layouts, ok) if k]
-        obj_masks = [m for m, k in zip(obj_masks, ok) if k] if obj_masks is not None else None
-        if not images:
-            raise SystemExit(f"error: the class filter ({a.classifier}, --min-prob {a.min_prob}) dropped every "
-                             f"image; nothing written")
-    ids = ck["tokenizer"].get("category_ids") or list(range(1, len(names) + 1))
-    js = write_coco(out, a.split, images, layouts, names, ids, obj_masks)
-    write_yolo(out, a.split, layouts, names)
-    tiles = [figures.draw_layout(im, l["boxes"], l["labels"], names, l["difficulty"]) for im, l in zip(images[:64], layouts)]
-    figures.image_grid(tiles, ncol=min(8, len(tiles))).save(out / "grid.png")
-    how = "filled boxes as masks"
-    if obj_masks is not None:
-        pair = [[figures.draw_layout(im, l["boxes"], l["labels"], names),
-                 figures.draw_layout(masks.mask_picture(m, im.shape[0]), l["boxes"], l["labels"], names)]
-                for im, m, l in zip(images[:32], obj_masks, layouts)]
-        tiles = [figures.image_grid(p, ncol=2, pad=0) for p in pair]
-        figures.image_grid(tiles, ncol=min(4, len(tiles)), pad=4).save(out / "masks.png")   # image | its masks
-        n_box = sum(x.get("mask") == "box" for x in js["annotations"])
-        how = (f"the perception head's masks (last {mask_steps} steps, > {a.mask_threshold:g}; {n_box} of "
-               f"{len(js['annotations'])} empty, given their box) in masks.png")
-    print(f"wrote {len(images)} images ({secs / len(ok if a.classifier else images):.3f} s each){dropped} as a COCO "
-          f"folder ({a.split} split, {how}), a YOLO folder (yolo/data.yaml) and grid.png to {out}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":      # the command writes data sets (COCO, YOLO, masks): tooling, in data_sets/export.py
+    from data_sets import export
+    export.main()

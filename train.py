@@ -1,9 +1,11 @@
-"""The generator's training loop (PAPER.md sections 1 and 3): the layout-conditioned UNet eps_theta(x_t, t, tokens)
+"""The generator's training loop (docs/paper.md sections 1 and 3): the layout-conditioned UNet eps_theta(x_t, t, tokens)
 learns L = L_simple + lambda L_p, nanoGPT-style: the generator's settings in `TrainConfig` (each field a flag of
-`python detdiff.py`), `train` = set_up / loop / end with labelled phases, checkpoints that carry their config,
-`--resume`, bf16 autocast where the hardware has it, torch.compile and DDP as switches. The main job (detdiff.py)
-runs it as its `generator` stage; evaluate.py's ablations run it with one setting changed. The schedule, L_simple
-and the condition dropout are diffusion.py's, L_p is perception.py's, the optimisation pieces optim.py's.
+`python detdiff.py`), `train` = set_up / loop / end with labelled phases, the run's state in one declared `Run`,
+checkpoints that carry their config, `--resume`, bf16 autocast where the hardware has it, torch.compile and DDP as
+switches. One step (`train_step`) reads four files: this one, diffusion.py (the schedule, q_sample, L_simple and its
+weights, the condition dropout), unet.py (eps_theta and the perception head inside it) and perception.py (L_p). The
+main job (detdiff.py) runs it as its `generator` stage; the ablations (experiments/ablations.py) run it with one
+setting changed. The batches are data.py's, the optimiser and the learning-rate schedule optim.py's.
 
     python detdiff.py --stage generator --steps 200 --out runs/quick      # this loop alone, on a run folder
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...           # DDP (gloo on CPU, nccl on CUDA)
@@ -14,7 +16,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
@@ -25,15 +27,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import autoencoder
-import batches
 import config
 import data
 import diffusion
-import figures
 import optim
 import perception
 import sample
-from unet import UNet, UNetConfig, check_sizes
+from unet import UNet, UNetConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,8 +43,7 @@ from unet import UNet, UNetConfig, check_sizes
 @dataclass
 class TrainConfig:
     CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"), sampler=sample.SAMPLERS,
-                                   loss_weight=("minsnr", "none"), t_sampling=("uniform", "weighted"),
-                                   space=("pixel", "latent"), location=("grid", "axis"))
+                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
@@ -55,7 +54,7 @@ class TrainConfig:
                                      # first, its lr schedule follows the further along; --minutes 0 --steps N makes
                                      # a run exactly reproducible
     batch_size: int = 32             # per process
-    lr: float = 2e-3                 # the generator study: 2e-3 beat 1e-3 and 4e-3 at 9 minutes
+    lr: float = 2e-3                 # docs/experiments.md has the study behind each default
     warmup: int = 100
     min_lr_frac: float = 0.1         # cosine decay to lr * min_lr_frac
     weight_decay: float = 0.01
@@ -71,14 +70,13 @@ class TrainConfig:
     p_uncond: float = 0.1            # GeoDiffusion: 10% of prompts become the null prompt
     p_uncond_attr: float = 0.2       # attribute-only dropout: this fraction of prompts get [none] for every object's
                                      # attribute (beyond the paper; trains sample.py's --attr-guidance)
-    fg_reweight: bool = True         # GeoDiffusion's foreground re-weighting of L_simple (the generator study: on;
-                                     # --no-fg-reweight is the paper's plain L_simple)
-    loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma, the default,
-                                     # measured) | none (DDPM's L_simple, the paper's)
+    fg_reweight: bool = True         # GeoDiffusion's foreground re-weighting of L_simple (--no-fg-reweight: the
+                                     # paper's plain L_simple)
+    loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma) | none (DDPM's
+                                     # L_simple, the paper's)
     snr_gamma: float = 5.0           # Min-SNR's gamma (Hang et al.: 5)
-    t_sampling: str = "uniform"      # uniform (DDPM's) | weighted: t drawn in proportion to the Min-SNR weight
-                                     # (diffusion.sample_timesteps; the same expected loss, fewer wasted samples)
-    pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (PAPER.md s.3); paper 0.01; 0 = no head
+    pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (docs/paper.md Eq. 9); paper 0.01; 0 = no
+                                     # perception head
     attributes: str = "auto"         # auto: the run's attributes.json (pipeline stage) | none: [none] tokens | a path
     image_size: int = 32
     space: str = "pixel"             # pixel | latent: the UNet learns the frozen autoencoder's scaled latents
@@ -90,16 +88,15 @@ class TrainConfig:
     ae_latent_channels: int = 4
     ae_edge_weight: float = 0.0      # autoencoder loss: L1 + this x L1 of the image gradients (an optional edge
                                      # term; no downloaded perceptual network)
-    bins: int = 32
-    location: str = "grid"           # grid | axis (data.LayoutTokenizer)
+    bins: int = 32                   # location bins per axis of the layout tokens (data.LayoutTokenizer)
     max_objects: int = 8
     min_area: float = 0.02
     log_every: int = 25
     sample_every: int = 250          # periodic sample grid (0 = only at the end)
     ckpt_every: int = 250            # periodic checkpoint (always one at the end)
-    sampler: str = "dpm++2m"         # sampler of the periodic grid and the main job's grid stage (sample.SAMPLERS)
-    sample_steps: int = 15           # its steps: DPM-Solver++ at 15 scores within 0.02 AP50 of DDIM at 25, at half
-                                     # the time (docs/experiments.md, "The main job in 15 minutes")
+    sampler: str = sample.SAMPLER    # sampler of the periodic grid and the main job's grid stage (sample.SAMPLERS)
+    sample_steps: int = 15           # its steps: fewer than sample.STEPS, to leave the generator more of the main
+                                     # job's budget (docs/experiments.md#the-main-job-in-15-minutes-on-a-cpu-without-bf16)
     guidance: float = 3.0            # classifier-free guidance scale of the periodic grid
     attr_guidance: float = -1.0      # w_d of the grid stage's attribute guidance (sample.guided_eps; 1 = none);
                                      # -1: ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
@@ -112,17 +109,18 @@ class TrainConfig:
 
 
 def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
-    """One optimisation step of the generator on a collated batch (on the device): noise, forward, the loss
-    L = L_simple + lambda L_p, backward, clipping, AdamW, EMA. `model` is `raw` wrapped (DDP, compile) or `raw`
-    itself. Returns the loss, L_simple and L_p (per image) as tensors. bench.py times this same function."""
+    """One optimisation step of the generator on a batch (on the device): noise, forward, the loss
+    L = L_simple + lambda L_p, backward, clipping, the optimiser, EMA. `model` is `raw` wrapped (DDP, compile) or
+    `raw` itself. Returns the loss, L_simple and L_p (per image) as tensors. tools/bench.py times this function."""
     x0 = batch["image"]                                                             # (B, 3, S, S)
     tokens = batch["tokens"]
     if cfg.p_uncond_attr > 0:                                                       # attributes alone -> [none]
         tokens = diffusion.drop_attributes(tokens, cfg.p_uncond_attr)
     tokens = diffusion.drop_condition(tokens, null, cfg.p_uncond)                   # (B, L), 10% null prompts
-    t, w_t = diffusion.sample_timesteps(cfg, diff, x0.shape[0], x0.device)           # t ~ U{0..T-1}, or ~ w_t
+    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)           # t ~ U{0..T-1}
     eps = torch.randn_like(x0)                                                      # eps ~ N(0, I)
     x_t = diff.q_sample(x0, t, eps)                                                 # DDPM Eq. (4), fp32
+    w_t = diffusion.timestep_weight(cfg, diff.alpha_bar[t])                         # Min-SNR (B, 1, 1, 1) or None
     weight = diffusion.foreground_weight(batch["boxes"], batch["valid"], x0.shape[-1]) if cfg.fg_reweight else None
     weight = w_t if weight is None else weight if w_t is None else weight * w_t
     # forward under autocast (the losses in fp32)
@@ -146,8 +144,17 @@ def train_step(model, raw, ema, opt, scaler, diff, amp, batch, null, cfg, step):
     nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
     scaler.step(opt)
     scaler.update()
-    optim.ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
+    ema_update(ema, raw, min(cfg.ema_decay, (1 + step) / (10 + step)))
     return loss, l_simple, l_p
+
+
+def ema_update(ema, model, decay):
+    """EMA of the weights: theta_ema <- decay * theta_ema + (1 - decay) * theta; buffers are copied."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def run_folder(cfg):
@@ -155,13 +162,55 @@ def run_folder(cfg):
     return Path(cfg.out or Path("runs") / Path(cfg.data).name)
 
 
+@dataclass
 class Run:
-    """All a generator run holds while it trains: built by `set_up`, advanced by `loop`, closed by `end`."""
+    """All a generator run holds while it trains: made by `set_up`, advanced by `loop`, closed by `end`."""
+    cfg: TrainConfig
+    pipeline_cfg: dict                     # the main job's other settings, kept in the checkpoint for evaluate
+    # processes and device (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+    ddp: bool = False
+    rank: int = 0
+    world: int = 1
+    master: bool = True                    # rank 0 writes the run folder
+    device: torch.device = None
+    dtype: str = "fp32"                    # resolved: fp32 | bf16 | fp16
+    # the run folder
+    out: Path = None
+    ckpt_path: Path = None
+    log: config.RunLog = None
+    # data (set_up_data)
+    tok: data.LayoutTokenizer = None
+    category_ids: list = None
+    train_size: int = 0
+    attr_path: Path = None                 # the attribute sidecar the run trains with (None: [none] tokens)
+    decoded: data.DecodedLayouts = None    # the train split, decoded once: batches by indexing
+    val_batch: dict = None                 # the periodic grid's val layouts and real images
+    null: torch.Tensor = None              # the null prompt (B-less), on the device
+    ae: object = None                      # latent space: the frozen autoencoder, its path and fingerprint, and
+    ae_info: dict = None                   # every training image's scaled latent (N, c, S/f, S/f)
+    latents: torch.Tensor = None
+    # model and optimisation (set_up_model)
+    mcfg: UNetConfig = None
+    raw: nn.Module = None                  # the UNet itself; `model` is it wrapped in DDP / torch.compile
+    model: nn.Module = None
+    ema: nn.Module = None
+    diff: diffusion.Diffusion = None
+    opt: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+    amp: object = None                     # the forward's autocast context
+    # progress (loop)
+    step: int = 0
+    history: dict = field(default_factory=lambda: dict(step=[], loss=[], l_simple=[], l_p=[]))
+    elapsed_before: float = 0.0            # seconds trained before a resume
+    t0: float = 0.0                        # when the run started, resumes counted
+    t_start: float = 0.0                   # when this process's loop started (images/s)
+    seen: int = 0                          # images this process's loop trained on, all ranks
+    pending: list = field(default_factory=list)   # (loss, L_simple, L_p) of steps not read back yet
 
 
 def train(cfg, mcfg_overrides=None, interrupt_at=None, pipeline_cfg=None):
     """Train a generator with settings `cfg` (TrainConfig): set-up, the loop, the end. The checkpoint keeps
-    `pipeline_cfg` (the main job's other settings) for evaluate.py. `interrupt_at` (tests only) acts as if the
+    `pipeline_cfg` (the main job's other settings) for evaluate. `interrupt_at` (tests only) acts as if the
     process were killed right after that step. Returns the unwrapped model; rank 0 writes the run folder."""
     run = set_up(cfg, mcfg_overrides, pipeline_cfg)
     if loop(run, interrupt_at):
@@ -169,14 +218,32 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None, pipeline_cfg=None):
     return run.raw
 
 
+def check_sizes(cfg, mcfg_overrides=None):
+    """The image side of a run (TrainConfig) against the UNet's downsampling (and, in latent mode, the
+    autoencoder's factor), before any stage runs: a one-line DataError naming the flags, instead of a traceback
+    when the generator stage starts."""
+    mults = (mcfg_overrides or {}).get("channel_mults", UNetConfig.channel_mults)
+    down, S, what = 2 ** (len(mults) - 1), cfg.image_size, f"--image-size {cfg.image_size}"
+    if cfg.space == "latent":
+        f = cfg.ae_factor
+        if f < 1 or f & (f - 1):
+            raise config.DataError(f"--ae-factor {f}: must be a power of 2")
+        if S % f:
+            raise config.DataError(f"--image-size {S}: not divisible by --ae-factor {f}")
+        S, what = S // f, f"the latent side {S // f} (--image-size {S} / --ae-factor {f})"
+    if S % down:
+        raise config.DataError(f"{what} is not divisible by {down}, the UNet's downsampling (--channel-mults "
+                               f"{','.join(map(str, mults))}: one halving per level after the first)")
+
+
 def set_up(cfg, mcfg_overrides=None, pipeline_cfg=None):
     """Processes and device, the run folder (never silently overwritten), data, model, EMA and optimiser."""
-    r = Run()
-    r.cfg, r.pipeline_cfg = cfg, pipeline_cfg or {}
+    r = Run(cfg, pipeline_cfg or {})
     # -- processes and device: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     r.ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    r.rank, r.world, local = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])) \
-        if r.ddp else (0, 1, 0)
+    local = 0
+    if r.ddp:
+        r.rank, r.world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     config.check_choices(cfg)
     r.device, device_why = config.resolve_device(cfg.device, local)    # auto: cuda, then mps, then cpu
     if not cfg.resume:                            # a resumed run keeps its checkpoint's shapes
@@ -202,57 +269,48 @@ def set_up(cfg, mcfg_overrides=None, pipeline_cfg=None):
         dist.barrier()                            # every rank has checked the folder before rank 0 writes to it
     if r.master:
         r.out.mkdir(parents=True, exist_ok=True)
-    r.logf = open(r.out / "log.txt", "a") if r.master else None
+    r.log = config.RunLog(r.out / "log.txt", enabled=r.master)
     set_up_data(r, ck)
     set_up_model(r, ck, mcfg_overrides)
     if r.master and not ck:
         (r.out / "config.json").write_text(json.dumps(dict(train=asdict(cfg), model=asdict(r.mcfg)), indent=1))
-        log(r, f"{sum(p.numel() for p in r.raw.parameters()) / 1e6:.2f}M parameters, {len(r.train_ds)} train "
-               f"images, {r.world} process(es) on {r.device} ({device_why}), dtype {r.dtype} ({dtype_why}), run "
-               f"folder {r.out}")
+        r.log(f"{sum(p.numel() for p in r.raw.parameters()) / 1e6:.2f}M parameters, {r.train_size} train images, "
+              f"{r.world} process(es) on {r.device} ({device_why}), dtype {r.dtype} ({dtype_why}), run folder {r.out}")
     return r
 
 
-def log(r, msg):
-    if r.master:
-        tqdm.write(msg)
-        r.logf.write(msg + "\n")
-        r.logf.flush()
-
-
 def set_up_data(r, ck):
-    """Seeds, tokenizer, attributes, the train split (decoded once into tensors, batches.py), the grid's val batch
-    and, in latent space, the frozen autoencoder (the one a resumed run learned with) and every image's latent."""
+    """Seeds, tokenizer, attributes, the train split (decoded once into tensors, data.DecodedLayouts), the grid's
+    val batch and, in latent space, the frozen autoencoder (the one a resumed run learned with) and every image's
+    latent."""
     cfg = r.cfg
     torch.manual_seed(cfg.seed + r.rank)
     random.seed(cfg.seed + r.rank)
     np.random.seed(cfg.seed + r.rank)
     root = data.resolve_data(cfg.data)
-    r.probe = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
-                                     max_objects=cfg.max_objects)
-    r.tok = tok = data.LayoutTokenizer(r.probe.class_names, bins=cfg.bins, max_objects=cfg.max_objects,
-                                       location=cfg.location)
-    r.attr_path = perception.attributes_path(cfg, r.out)     # each object's perception-aware attribute (PAPER.md s.2)
+    keep = dict(size=cfg.image_size, min_area=cfg.min_area, max_objects=cfg.max_objects)
+    probe = data.CocoLayoutDataset(root, "train", **keep)
+    r.tok = tok = data.LayoutTokenizer(probe.class_names, bins=cfg.bins, max_objects=cfg.max_objects)
+    r.category_ids = probe.category_ids
+    r.attr_path = perception.attributes_path(cfg, r.out)   # each object's perception-aware attribute (section 2)
     attrs = {sp: perception.load_attributes(r.attr_path, sp) if r.attr_path else None for sp in ("train", "val")}
-    log(r, f"attributes: {r.attr_path}" if r.attr_path else "attributes: none (every object gets the [none] token)")
-    r.train_ds = data.CocoLayoutDataset(root, "train", size=cfg.image_size, min_area=cfg.min_area,
-                                        max_objects=cfg.max_objects, shuffle_objects=True, tokenizer=tok,
-                                        attributes=attrs["train"])
-    val_ds = data.CocoLayoutDataset(root, "val", size=cfg.image_size, min_area=cfg.min_area,
-                                    max_objects=cfg.max_objects, tokenizer=tok, attributes=attrs["val"])
+    r.log(f"attributes: {r.attr_path}" if r.attr_path else "attributes: none (every object gets the [none] token)")
+    train_ds = data.CocoLayoutDataset(root, "train", shuffle_objects=True, tokenizer=tok, attributes=attrs["train"],
+                                      **keep)
+    val_ds = data.CocoLayoutDataset(root, "val", tokenizer=tok, attributes=attrs["val"], **keep)
+    r.train_size = len(train_ds)
     r.val_batch = data.collate([val_ds[i] for i in range(min(cfg.n_grid, len(val_ds)))], cfg.max_objects)
     r.null = tok.null_prompt().to(r.device)
-    r.ae = r.ae_info = r.latents = None
     if cfg.space == "latent":
         ae_path = autoencoder.autoencoder_path(cfg, r.out)
         ae, fp = autoencoder.load_autoencoder(ae_path, ck["autoencoder"]["fingerprint"] if ck else None, r.ckpt_path)
         r.ae, r.ae_info = ae.to(r.device), dict(path=str(ae_path), fingerprint=fp)
-        r.latents = autoencoder.encode_dataset(r.ae, r.train_ds, r.device, progress=r.master)   # (N, c, S/f, S/f)
-        log(r, f"latent space: {ae_path} ({fp}) encodes {cfg.image_size}px images as {tuple(r.latents.shape[1:])} "
-               f"latents")
-    r.decoded = batches.DecodedLayouts(r.train_ds, r.device, images=r.latents is None, progress=r.master)
-    log(r, f"data: {len(r.decoded)} training images decoded once, {r.decoded.nbytes / 1e6:.0f} MB kept on "
-           f"{r.decoded.store}")
+        r.latents = autoencoder.encode_dataset(r.ae, train_ds, r.device, progress=r.master)   # (N, c, S/f, S/f)
+        r.log(f"latent space: {ae_path} ({fp}) encodes {cfg.image_size}px images as {tuple(r.latents.shape[1:])} "
+              f"latents")
+    r.decoded = data.DecodedLayouts(train_ds, r.device, images=r.latents is None, progress=r.master)
+    r.log(f"data: {len(r.decoded)} training images decoded once, {r.decoded.nbytes / 1e6:.0f} MB kept on "
+          f"{r.decoded.store}")
 
 
 def model_config(cfg, tok, mcfg_overrides=None, latent_channels=None):
@@ -268,7 +326,7 @@ def set_up_model(r, ck, mcfg_overrides):
     """UNet, EMA, schedule, AdamW and GradScaler (the checkpoint's shapes and states win on resume), wrapped in
     DDP and torch.compile when asked."""
     cfg = r.cfg
-    r.mcfg = UNetConfig(**ck["model_cfg"]) if ck else \
+    r.mcfg = UNetConfig.from_saved(ck["model_cfg"]) if ck else \
         model_config(cfg, r.tok, mcfg_overrides, r.ae.cfg.latent_channels if r.ae is not None else None)
     if cfg.pal_weight > 0 and not r.mcfg.mask_dim:
         raise config.DataError("--pal-weight > 0 needs the perception head (--mask-dim > 0)")
@@ -277,7 +335,6 @@ def set_up_model(r, ck, mcfg_overrides):
     r.diff = diffusion.Diffusion(cfg.timesteps, cfg.schedule).to(r.device)
     r.opt = optim.make_optimizer(r.raw, cfg)
     r.scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == "fp16")
-    r.step, r.history, r.elapsed_before = 0, dict(step=[], loss=[], l_simple=[], l_p=[]), 0.0
     if ck:
         r.raw.load_state_dict(ck["model"])
         r.ema.load_state_dict(ck["ema"])
@@ -285,7 +342,7 @@ def set_up_model(r, ck, mcfg_overrides):
         r.scaler.load_state_dict(ck["scaler"])
         r.step, r.history, r.elapsed_before = ck["step"], ck["history"], ck["elapsed"]
         optim.set_rng_state(ck["rng"][r.rank] if r.rank < len(ck["rng"]) else ck["rng"][0])
-        log(r, f"resumed {r.ckpt_path} at step {r.step}")
+        r.log(f"resumed {r.ckpt_path} at step {r.step}")
     r.model = r.raw
     if r.ddp:
         r.model = nn.parallel.DistributedDataParallel(r.raw, device_ids=[r.device.index] if r.device.type == "cuda"
@@ -311,14 +368,14 @@ def checkpoint(r, finished=False):
                                 img_s=r.seen / max(time.time() - r.t_start, 1e-9),
                                 attributes_used=str(r.attr_path) if r.attr_path else "", space=r.cfg.space,
                                 dtype=r.dtype, autoencoder=r.ae_info,
-                                tokenizer=dict(class_names=tok.class_names, category_ids=r.probe.category_ids,
-                                               bins=tok.bins, max_objects=tok.max_objects, location=tok.location)),
+                                tokenizer=dict(class_names=tok.class_names, category_ids=r.category_ids,
+                                               bins=tok.bins, max_objects=tok.max_objects)),
                            r.ckpt_path)
 
 
 def outputs(r):
     """Rank 0: real val images (left) beside generated ones for the same layouts (right), boxes drawn, in
-    samples_STEP.png (its own random generator: the training stream is untouched), and the loss curve so far."""
+    samples_STEP.png (its own random generator: the training stream is untouched)."""
     if not r.master:
         return
     b, tok = r.val_batch, r.tok
@@ -326,12 +383,10 @@ def outputs(r):
                         steps=r.cfg.sample_steps, sampler=r.cfg.sampler, guidance=r.cfg.guidance,
                         generator=torch.Generator().manual_seed(1234),
                         dtype=config.sampling_dtype(r.dtype, r.device), progress=False, autoencoder=r.ae)
-    tiles = [figures.draw_layout(data.from_model_range(im), boxes[v], labels[v], tok.class_names)
+    tiles = [data.draw_layout(data.from_model_range(im), boxes[v], labels[v], tok.class_names)
              for real, fake, boxes, labels, v in zip(b["image"], x.cpu(), b["boxes"], b["labels"], b["valid"])
              for im in (real, fake)]
-    figures.image_grid(tiles, ncol=4).save(r.out / f"samples_{r.step:06d}.png")
-    curves = {k: (r.history["step"], r.history[k]) for k in ("loss", "l_simple", "l_p") if r.history.get(k)}
-    figures.loss_curve(curves, r.out / "loss.png", f"{r.out.name}: training loss (log scale)")
+    data.image_grid(tiles, ncol=4).save(r.out / f"samples_{r.step:06d}.png")
 
 
 def read_losses(r):
@@ -347,7 +402,7 @@ def read_losses(r):
     rows = lv.tolist()
     for k, (l, ls, lp) in enumerate(rows, start=r.step - len(rows) + 1):
         if not math.isfinite(l):
-            log(r, f"error: non-finite loss ({l}) at step {k}; stopping (last good checkpoint: {r.ckpt_path})")
+            r.log(f"error: non-finite loss ({l}) at step {k}; stopping (last good checkpoint: {r.ckpt_path})")
             raise FloatingPointError(f"non-finite loss ({l}) at step {k}")
         r.history["step"].append(k)
         r.history["loss"].append(l)
@@ -375,7 +430,7 @@ def loop(r, interrupt_at=None):
             dist.broadcast(clock, 0)
             elapsed = clock.item()
         if cfg.minutes > 0 and elapsed > 60 * cfg.minutes:
-            log(r, f"time budget of {cfg.minutes} minutes reached at step {r.step}")
+            r.log(f"time budget of {cfg.minutes} minutes reached at step {r.step}")
             break
         progress = max(r.step / cfg.steps if cfg.steps > 0 else 0.0,
                        elapsed / (60 * cfg.minutes) if cfg.minutes > 0 else 0.0)
@@ -384,7 +439,7 @@ def loop(r, interrupt_at=None):
         for g in r.opt.param_groups:
             g["lr"] = lr
         # batch: the layouts' images, tokens, boxes and masks; then one step (train_step: the paper's loss)
-        idx = optim.batch_indices(len(r.train_ds), cfg.batch_size, r.step, cfg.seed, r.rank, r.world)
+        idx = optim.batch_indices(r.train_size, cfg.batch_size, r.step, cfg.seed, r.rank, r.world)
         batch = r.decoded.batch(idx)              # tokens with the objects shuffled, boxes, masks, valid, image
         if r.latents is not None:                 # latent space: x_0 is the image's scaled latent (L_LDM)
             batch["image"] = r.latents[torch.as_tensor(idx, device=r.latents.device)]
@@ -402,7 +457,7 @@ def loop(r, interrupt_at=None):
             ips = r.seen / max(time.time() - r.t_start, 1e-9)
             bar.set_postfix(step=r.step, loss=f"{lv:.4f}", L_p=f"{lp:.3f}", img_s=f"{ips:.1f}")
             if r.step % cfg.log_every == 0:
-                log(r, f"step {r.step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
+                r.log(f"step {r.step} loss {lv:.4f} (L_simple {ls:.4f} L_p {lp:.4f}) lr {lr:.2e} {ips:.1f} img/s "
                        f"{time.time() - r.t0:.0f}s")
         # periodic sample grid and checkpoint
         if sample_now:
@@ -417,13 +472,14 @@ def loop(r, interrupt_at=None):
 
 
 def end(r):
-    """The final checkpoint (marked finished), grid and loss curve."""
+    """The final checkpoint (marked finished) and sample grid."""
     read_losses(r)
     checkpoint(r, finished=True)
     if not (r.cfg.sample_every and r.step % r.cfg.sample_every == 0):
         outputs(r)
-    log(r, f"done: step {r.step}, {time.time() - r.t0:.0f}s, {r.seen / max(time.time() - r.t_start, 1e-9):.1f} "
-           f"img/s; checkpoint {r.ckpt_path}")
+    r.log(f"done: step {r.step}, {time.time() - r.t0:.0f}s, {r.seen / max(time.time() - r.t_start, 1e-9):.1f} "
+          f"img/s; checkpoint {r.ckpt_path}")
+    r.log.close()
     if r.ddp:
         dist.barrier()
         dist.destroy_process_group()

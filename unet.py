@@ -1,23 +1,20 @@
 """The layout-conditioned UNet eps_theta(x_t, t, layout tokens) and its layout encoder.
 
-PAPER.md section 1 (GeoDiffusion-style layout-as-text conditioning). The diffusion code in train.py and
+docs/paper.md section 1 (GeoDiffusion-style layout-as-text conditioning). The diffusion code in train.py and
 sample.py only ever calls `model(x_t, t, tokens)`; everything about how the layout tokens reach the image lives
 here. Shapes of both parts are in `UNetConfig`, which every checkpoint carries.
 
 - LayoutEncoder: a small pre-LN transformer over the token ids (our stand-in for GeoDiffusion's fine-tuned CLIP
   text encoder). Location-token embeddings start from 2-D sin-cos embeddings of their bin position (GeoDiffusion).
   `cond="tokens"` is the paper's setting: every token of the prompt is a cross-attention key.
-  `cond="object"` (beyond the paper) pools each object's fixed slot of tokens into ONE embedding per object,
-  the cross-attention keys; an early prototype found this (together with the per-object mask loss)
-  is what teaches placement at CPU scale.
-  `cond="paint"` (beyond the paper) is "object" plus LayoutDiffusion's position-aware fusion (Zheng et al., CVPR
-  2023): each object's embedding and the pixel's position inside its box are painted into the box as a feature
-  map (`paint_objects`; the boxes are read back from the prompt's location tokens, `data.slot_boxes`), and a 1x1
-  convolution of that map, area-averaged to each resolution, is added to the input of every ResBlock. So every
-  pixel of a box is told which object it belongs to and where in it it lies, instead of having to find that out
-  through cross-attention at 16 and 8 px. The prompt itself is the paper's in all three settings. "paint" is the
-  default: at a 9-minute budget it raised the detector's AP50 on generated images from 0.18 to 0.32 (bf16, same
-  everything else; README, "What the generator learns per CPU-minute").
+  `cond="paint"` (beyond the paper; the default, docs/experiments.md#what-the-generator-learns-per-cpu-minute)
+  pools each object's fixed slot of tokens into ONE embedding per object, the cross-attention keys, and adds
+  LayoutDiffusion's position-aware fusion (Zheng et al., CVPR 2023): each object's embedding and the pixel's
+  position inside its box are painted into the box as a feature map (`paint_objects`; the boxes are read back from
+  the prompt's location tokens, `data.slot_boxes`), and a 1x1 convolution of that map, area-averaged to each
+  resolution, is added to the input of every ResBlock. So every pixel of a box is told which object it belongs to
+  and where in it it lies, instead of having to find that out through cross-attention at 16 and 8 px. The prompt
+  itself is the paper's in both settings.
 - UNet: sinusoidal time embedding + MLP, ResBlocks (GroupNorm, SiLU), down/up paths with skips, self-attention at
   low resolution, cross-attention to the layout embeddings at chosen resolutions.
 - `model(x_t, t, tokens, return_features=True)` also returns the decoder features at every resolution, the
@@ -38,7 +35,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
-from coco import DataError
 from perception import MaskHead
 
 
@@ -47,7 +43,7 @@ MAX_SIDE = 256   # the largest side of a feature map with cross-attention (a 256
 
 @dataclass
 class UNetConfig:
-    CHOICES: ClassVar[dict] = dict(cond=("tokens", "object", "paint"), location=("grid", "axis"))
+    CHOICES: ClassVar[dict] = dict(cond=("tokens", "paint"))
     # image side
     in_channels: int = 3
     base_channels: int = 32
@@ -57,11 +53,10 @@ class UNetConfig:
     cross_attn_levels: tuple = (1, 2)    # levels with cross-attention to the layout; mid always has it
     heads: int = 4
     dropout: float = 0.0
-    # layout encoder (the token-vocabulary fields are filled from data.LayoutTokenizer by model_config_from_tok)
-    cond: str = "paint"                  # "tokens": the paper's (cross-attention to every prompt token); "object": one
-                                         # pooled embedding per object; "paint" (default, measured): "object" +
-                                         # each object painted into its box as feature maps (position-aware fusion,
-                                         # beyond the paper)
+    # layout encoder (the token-vocabulary fields are filled from data.LayoutTokenizer by for_tokenizer)
+    cond: str = "paint"                  # "tokens": the paper's (cross-attention to every prompt token); "paint": one
+                                         # pooled embedding per object, and each object painted into its box as
+                                         # feature maps (position-aware fusion, beyond the paper)
     d_model: int = 64
     enc_layers: int = 2
     enc_heads: int = 4
@@ -73,7 +68,6 @@ class UNetConfig:
     class_offset: int = 7                # ids class_offset .. loc_offset-1 are categories (start a real object)
     loc_offset: int = 14                 # ids from loc_offset on are location tokens
     bins: int = 32                       # location bins per axis (the sin-cos init measures positions in bins)
-    location: str = "grid"               # how location tokens encode a point (data.LayoutTokenizer): grid | axis
     # perception head (perception.MaskHead): per-pixel embedding width; 0 = no head (--pal-weight 0)
     mask_dim: int = 32
 
@@ -82,29 +76,20 @@ class UNetConfig:
         """The config whose vocabulary fields match a data.LayoutTokenizer."""
         return cls(vocab_size=tok.vocab_size, seq_len=tok.seq_len, tokens_per_object=tok.tokens_per_object,
                    max_objects=tok.max_objects, pad_id=tok.pad_id, class_offset=tok.class_offset,
-                   loc_offset=tok.loc_offset, bins=tok.bins, location=tok.location, **overrides)
+                   loc_offset=tok.loc_offset, bins=tok.bins, **overrides)
+
+    @classmethod
+    def from_saved(cls, saved):
+        """The config a checkpoint carries. Checkpoints made while the location tokens had a second form also name
+        `location: grid`, the one form there is now (data.LayoutTokenizer); it is dropped, any other is refused."""
+        saved = dict(saved)
+        if saved.pop("location", "grid") != "grid":
+            raise ValueError("this checkpoint's location tokens are not the grid form, the only one detdiff reads")
+        return cls(**saved)
 
     @property
     def down_factor(self):
         return 2 ** (len(self.channel_mults) - 1)
-
-
-def check_sizes(cfg, mcfg_overrides=None):
-    """The image side of a run (TrainConfig) against the UNet's downsampling (and, in latent mode, the
-    autoencoder's factor), before any stage runs: a one-line DataError naming the flags, instead of a traceback
-    when the generator stage starts."""
-    mults = (mcfg_overrides or {}).get("channel_mults", UNetConfig.channel_mults)
-    down, S, what = 2 ** (len(mults) - 1), cfg.image_size, f"--image-size {cfg.image_size}"
-    if cfg.space == "latent":
-        f = cfg.ae_factor
-        if f < 1 or f & (f - 1):
-            raise DataError(f"--ae-factor {f}: must be a power of 2")
-        if S % f:
-            raise DataError(f"--image-size {S}: not divisible by --ae-factor {f}")
-        S, what = S // f, f"the latent side {S // f} (--image-size {S} / --ae-factor {f})"
-    if S % down:
-        raise DataError(f"{what} is not divisible by {down}, the UNet's downsampling (--channel-mults "
-                        f"{','.join(map(str, mults))}: one halving per level after the first)")
 
 
 def sincos_1d(pos, dim, omega=None):
@@ -182,8 +167,7 @@ def painted_conv(conv, objects, inside, uv):
 class LayoutEncoder(nn.Module):
     def __init__(self, cfg, loc_xy=None):
         """loc_xy: optional (num_location_tokens, 2) bin positions (x, y) in [0, 1] of the location tokens
-        (ids loc_offset, loc_offset+1, ...; tok.location_xy()), used for the sin-cos initialisation; a
-        coordinate of -1 (an axis-style x or y token) leaves that half of the embedding random.
+        (ids loc_offset, loc_offset+1, ...; tok.location_xy()), used for the sin-cos initialisation.
         It only matters at construction; a checkpoint restores the trained values."""
         super().__init__()
         self.cfg = cfg
@@ -193,9 +177,7 @@ class LayoutEncoder(nn.Module):
             with torch.no_grad():
                 xy = torch.as_tensor(loc_xy, dtype=torch.float64)                     # (N, 2)
                 ids = torch.arange(len(xy)) + cfg.loc_offset
-                emb = sincos_2d(xy.clamp(min=0), D, cfg.bins - 1) * math.sqrt(2)                    # RMS 1, like N(0, 1) rows
-                keep = torch.cat([(xy[:, :1] >= 0).expand(-1, D // 2), (xy[:, 1:] >= 0).expand(-1, D // 2)], 1)
-                self.tok_emb.weight[ids] = torch.where(keep, emb, self.tok_emb.weight[ids])
+                self.tok_emb.weight[ids] = sincos_2d(xy, D, cfg.bins - 1) * math.sqrt(2)   # RMS 1, as N(0, 1) rows
         # role of each position: 0 = bos, 1..T = slot inside an object, T+1 = after the last object slot
         L, M = cfg.seq_len, cfg.max_objects
         role = torch.tensor([0] + [1 + (p - 1) % T for p in range(1, 1 + M * T)] + [T + 1] * (L - 1 - M * T))
@@ -205,10 +187,10 @@ class LayoutEncoder(nn.Module):
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
         self.ln = nn.LayerNorm(D)
-        if cfg.cond in ("object", "paint"):
+        if cfg.cond == "paint":
             self.pool = nn.Sequential(nn.Linear(T * D, D), nn.GELU(), nn.Linear(D, D), nn.LayerNorm(D))
         elif cfg.cond != "tokens":
-            raise ValueError(f"UNetConfig.cond must be 'tokens', 'object' or 'paint', got {cfg.cond!r}")
+            raise ValueError(f"UNetConfig.cond must be 'tokens' or 'paint', got {cfg.cond!r}")
 
     def forward(self, tokens):
         """tokens (B, L) long -> dict(context (B, Lc, D), context_mask (B, Lc) bool True=attend,
@@ -367,7 +349,7 @@ class UNet(nn.Module):
         if cfg.cond == "paint":
             self.paint = nn.ModuleList([nn.Conv2d(D + 2, c, 1) for c in paint_in])
         self.feature_channels = [C * m for m in reversed(cfg.channel_mults)]     # decoder features, coarse to fine
-        # the perception head reads every decoder level and has one query per layout object (PAPER.md s.3)
+        # the perception head reads every decoder level and has one query per layout object (docs/paper.md section 3)
         self.mask_head = MaskHead(self.feature_channels, D, cfg.mask_dim) if cfg.mask_dim else None
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)

@@ -7,9 +7,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import detdiff  # noqa: E402
-import shapes  # noqa: E402
-import train  # noqa: E402
+import detdiff
+import train
+from data_sets import shapes
 
 
 def pytest_configure(config):

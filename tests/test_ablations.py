@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-import ablations
-import coco
-import evaluate
+import config
+from experiments import ablations, evaluate
 
 
 def test_ablation_budget_is_the_runs_step_count_by_default():
@@ -20,7 +19,7 @@ def test_a_finished_ablation_of_another_budget_is_a_one_line_data_error(tmp_path
     path = tmp_path / "ablations" / "loss_off" / "ckpt.pt"
     path.parent.mkdir(parents=True)
     torch.save(dict(finished=True, train_cfg=dict(minutes=0, steps=3)), path)
-    with pytest.raises(coco.DataError, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
+    with pytest.raises(config.DataError, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
                        r"instead of minutes 0, steps 4\)") as e:
         ablations.train_ablation(tmp_path, dict(step=4, train_cfg={}), "loss off", dict(pal_weight=0.0),
                                  evaluate.EvalConfig(), print)

@@ -1,15 +1,15 @@
 """autoencoder.py, latent mode: the autoencoder, its latent scale, the perception loss on the latent grid,
 a tiny latent run end to end, the wrong-autoencoder error, and an autoencoder file from before the re-layout."""
+from data_sets import export
 import pytest
 import torch
 
 import autoencoder
-import coco
+import config
 import detdiff
-import evaluate
 import perception
-import sample
 import train
+from experiments import evaluate
 from conftest import TINY_MODEL, TINY_STAGES, one_line_naming, tiny_run_cfgs, tiny_train_cfg
 
 TINY_AE = dict(ae_steps=6, ae_channels=4, ae_factor=4, ae_latent_channels=4)
@@ -88,7 +88,7 @@ def test_tiny_latent_run_end_to_end(tiny_ae, tiny_data, tmp_path):
         _, aux = model(torch.randn(2, 4, 4, 4), torch.tensor([1, 2]), torch.zeros(2, model.cfg.seq_len).long(),
                        return_features=True)
     assert aux["mask_logits"].shape[-2:] == (4, 4)                      # the perception head on the latent grid
-    sample.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--n", "3", "--steps", "2", "--out",
+    export.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--n", "3", "--steps", "2", "--out",
                  str(tmp_path / "s")])
     from PIL import Image
     im = Image.open(tmp_path / "s" / "train" / "00000.png")
@@ -103,16 +103,16 @@ def test_wrong_autoencoder_is_an_error(tiny_ae, tiny_data, tmp_path):
     autoencoder.train_autoencoder(tiny_train_cfg(tiny_data, tmp_path, seed=1, **TINY_AE), tiny_data, other,
                                   log=lambda m: None)
     ck = torch.load(run / "ckpt.pt", weights_only=False)
-    with pytest.raises(coco.DataError, match=r"other.pt: autoencoder \w+ is not the one .*ckpt.pt was trained") as e:
+    with pytest.raises(config.DataError, match=r"other.pt: autoencoder \w+ is not the one .*ckpt.pt was trained") as e:
         autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", str(other))
     assert one_line_naming(e, other)
-    with pytest.raises(coco.DataError, match=r"other.pt: autoencoder \w+ is not the one"):   # resuming with it, too
+    with pytest.raises(config.DataError, match=r"other.pt: autoencoder \w+ is not the one"):   # resuming with it, too
         train.train(tiny_train_cfg(tiny_data, run, space="latent", autoencoder=str(other), resume=True, steps=6,
                                    **TINY_AE), TINY_MODEL)
-    with pytest.raises(coco.DataError, match=r"none.pt: detdiff autoencoder not found") as e:
+    with pytest.raises(config.DataError, match=r"none.pt: detdiff autoencoder not found") as e:
         autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", str(tmp_path / "none.pt"))
     assert one_line_naming(e, tmp_path / "none.pt")
-    with pytest.raises(coco.DataError, match=r"pixel/ckpt.pt: a pixel-space checkpoint takes no --autoencoder"):
+    with pytest.raises(config.DataError, match=r"pixel/ckpt.pt: a pixel-space checkpoint takes no --autoencoder"):
         autoencoder.checkpoint_autoencoder(dict(space="pixel"), tmp_path / "pixel" / "ckpt.pt", str(other))
     assert autoencoder.checkpoint_autoencoder(dict(space="pixel"), tmp_path / "pixel" / "ckpt.pt") is None
 

@@ -2,7 +2,6 @@
 (data.CocoLayoutDataset + data.collate) for the same random draws, on any device."""
 import torch
 
-import batches
 import data
 
 
@@ -17,7 +16,7 @@ def datasets(root, M=4, S=16):
 
 def test_a_batch_is_the_item_paths_batch_for_the_same_draws(tiny_data):
     ds, tok = datasets(tiny_data)
-    decoded = batches.DecodedLayouts(ds, progress=False)
+    decoded = data.DecodedLayouts(ds, progress=False)
     for seed, idx in ((0, [3, 0, 7, 7, 15]), (1, list(range(16)))):
         torch.manual_seed(seed)                   # the item path draws one randperm(n) per item...
         old = data.collate([ds[i] for i in idx], 4)
@@ -33,7 +32,7 @@ def test_a_batch_is_the_item_paths_batch_for_the_same_draws(tiny_data):
 
 def test_tokens_are_the_tokenizers_encoding_whatever_the_object_order(tiny_data):
     ds, tok = datasets(tiny_data)
-    decoded = batches.DecodedLayouts(ds, progress=False)
+    decoded = data.DecodedLayouts(ds, progress=False)
     idx = torch.arange(len(ds))
     orders = torch.stack([torch.arange(4).flip(0) if n == 4 else torch.arange(4) for n in decoded.counts.tolist()])
     b = decoded.batch(idx, orders)
@@ -44,7 +43,7 @@ def test_tokens_are_the_tokenizers_encoding_whatever_the_object_order(tiny_data)
 
 def test_a_batch_on_the_meta_device_mixes_in_no_cpu_tensor(tiny_data):
     ds, tok = datasets(tiny_data)
-    decoded = batches.DecodedLayouts(ds, device="meta", progress=False)
+    decoded = data.DecodedLayouts(ds, device="meta", progress=False)
     b = decoded.batch([1, 2, 3])
     assert decoded.store.type == "meta" and all(v.device.type == "meta" for v in b.values())
     assert b["tokens"].shape == (3, tok.seq_len) and b["masks"].shape == (3, 4, 16, 16)
@@ -53,12 +52,12 @@ def test_a_batch_on_the_meta_device_mixes_in_no_cpu_tensor(tiny_data):
 
 def test_latent_mode_keeps_no_images(tiny_data):
     ds, _ = datasets(tiny_data)
-    decoded = batches.DecodedLayouts(ds, images=False, progress=False)
+    decoded = data.DecodedLayouts(ds, images=False, progress=False)
     assert decoded.images is None and "image" not in decoded.batch([0, 1])
 
 
 def test_storage_stays_on_the_host_when_the_gpu_is_short_of_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 2000))   # 1000 bytes free
-    assert batches.storage_device(250, "cuda:0") == torch.device("cuda:0")
-    assert batches.storage_device(251, "cuda:0") == torch.device("cpu")
-    assert batches.storage_device(10 ** 12, "mps") == torch.device("mps")      # unified memory: always there
+    assert data.storage_device(250, "cuda:0") == torch.device("cuda:0")
+    assert data.storage_device(251, "cuda:0") == torch.device("cpu")
+    assert data.storage_device(10 ** 12, "mps") == torch.device("mps")      # unified memory: always there

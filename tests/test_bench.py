@@ -4,9 +4,8 @@ import subprocess
 import pytest
 import torch
 
-import bench
-import coco
-import flops
+import config
+from tools import bench, flops
 
 
 class StandInUNet(torch.nn.Module):
@@ -49,14 +48,14 @@ def test_peer_row_runs_with_a_stand_in_peer():
 
 def test_a_failed_peak_memory_child_is_a_runtime_error_with_its_stderr(monkeypatch):
     bn = bench.Bench(bench.parse_args(["--quick", "--device", "cpu"]))
-    monkeypatch.setattr(bench.data, "resolve_data", lambda name: None)
+    monkeypatch.setattr(bench.shapes, "build_if_missing", lambda name: None)
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 3, "", "boom\n"))
     with pytest.raises(RuntimeError, match=r"peak-memory run \(detdiff.py --stage generator\) exited 3:\nboom"):
         bn.peak_rss(2)
 
 
 def test_bench_main_turns_a_bad_device_into_one_line(capsys):
-    with pytest.raises(coco.DataError, match="^--device gpu0: not a device"):
+    with pytest.raises(config.DataError, match="^--device gpu0: not a device"):
         bench.parse_args(["--device", "gpu0"])
     with pytest.raises(SystemExit) as e:
         bench.main(["--device", "gpu0"])

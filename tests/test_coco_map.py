@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import coco_map
 import data
-import detections
+from perceptive import coco_map, detections
 
 
 def coco_fixture(seed, n_images=12, categories=(1, 2, 3, 7)):

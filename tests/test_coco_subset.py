@@ -3,8 +3,8 @@ with the images, and an unknown category as one line."""
 import torch
 from PIL import Image
 
-import coco_subset
 import data
+from data_sets import coco_subset
 from test_data import ann, one_line_error, write_coco
 
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import autoencoder
-import coco
 import config
-import crops
-import detector
+from experiments import crops
+from perceptive import detector
 
 
 def test_dtype_auto_follows_the_cpu_flags(tmp_path):
@@ -57,24 +56,24 @@ class Tiny(torch.nn.Module):
         self.lin = torch.nn.Linear(width, 2)
 
 
-def test_module_file_round_trip_and_the_old_autoencoder_layout(tmp_path):
+def test_module_file_round_trip_and_a_file_without_its_kind_is_refused(tmp_path):
     torch.manual_seed(0)
     m = Tiny(3)
     config.save_module(tmp_path / "m.pt", "tiny", m, dict(width=3), note="x")
     back, f = config.load_module(tmp_path / "m.pt", "tiny", lambda c: Tiny(**c), "tiny module")
     assert f["note"] == "x" and not back.training
     assert torch.equal(back.lin.weight, m.lin.weight)
-    # autoencoder.pt as written before 2026-12-03: {"model": state_dict, "cfg": config, ...}, no kind
-    torch.save(dict(model=m.state_dict(), cfg=dict(width=3), fingerprint="abc"), tmp_path / "old.pt")
-    back, f = config.load_module(tmp_path / "old.pt", "tiny", lambda c: Tiny(**c), "tiny module")
-    assert torch.equal(back.lin.bias, m.lin.bias) and f["fingerprint"] == "abc"
+    # a file that does not say what it is (no kind) is not read as one
+    torch.save(dict(model=m.state_dict(), cfg=dict(width=3)), tmp_path / "old.pt")
+    with pytest.raises(config.DataError, match="not a tiny module .*kind is not 'tiny'"):
+        config.load_module(tmp_path / "old.pt", "tiny", lambda c: Tiny(**c), "tiny module")
 
 
 def test_a_missing_file_or_another_kind_is_one_line_naming_it(tmp_path):
-    with pytest.raises(coco.DataError, match=r"nope.pt: tiny module not found \(make one\)"):
+    with pytest.raises(config.DataError, match=r"nope.pt: tiny module not found \(make one\)"):
         config.load_module(tmp_path / "nope.pt", "tiny", lambda c: Tiny(**c), "tiny module", hint="make one")
     config.save_module(tmp_path / "m.pt", "other", Tiny(3), dict(width=3))
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         config.load_module(tmp_path / "m.pt", "tiny", lambda c: Tiny(**c), "tiny module")
     assert "m.pt: not a tiny module" in str(e.value) and "\n" not in str(e.value)
 

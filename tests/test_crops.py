@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import crops
-import coco
+import config
+from experiments import crops
 
 
 def to_range(a):  # the reference's own [-1, 1] mapping: (H, W, 3) uint8 -> (3, H, W) float
@@ -179,5 +179,5 @@ def test_load_bad_file_names_it(tmp_path, content):
         path.write_text("not a checkpoint")
     elif content == "other dict":
         torch.save(dict(kind="detdiff-centernet", state_dict={}), path)
-    with pytest.raises(coco.DataError, match="bad.pt"):
+    with pytest.raises(config.DataError, match="bad.pt"):
         crops.load_crop_classifier(path)

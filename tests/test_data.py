@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import coco
+import config
 import data
-import shapes
+from data_sets import coco, shapes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def awkward(tmp_path):
             ann(3, 2, [5, 5, 0, 10]),                                             # zero area: dropped
             ann(4, 2, [0, 0, 40, 30], segmentation={"size": [30, 40], "counts": [0, 1200]}, iscrowd=1),
             ann(5, 3, [10, 5, 10, 10], cat=3, segmentation=rle),                  # compressed RLE
-            ann(6, 4, [10, 5, 10, 10], segmentation={"size": [30, 40], "counts": coco.rle_string_to_counts(rle["counts"])}),
+            ann(6, 4, [10, 5, 10, 10], segmentation={"size": [30, 40], "counts": data.rle_string_to_counts(rle["counts"])}),
             ann(7, 5, [0, 0, 20, 20], segmentation=[[1, 2, 3, 4]])]               # polygon of 2 points: skipped
     write_coco(tmp_path, images, anns)
     return tmp_path
@@ -92,7 +92,7 @@ def test_reader_never_writes_into_the_data_folder(awkward):
 
 
 def one_line_error(fn, *args, **kw):
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         fn(*args, **kw)
     msg = str(e.value)
     assert "\n" not in msg
@@ -101,7 +101,7 @@ def one_line_error(fn, *args, **kw):
 
 def test_bad_json(tmp_path):
     (tmp_path / "annotations").mkdir()
-    assert "file not found" in one_line_error(coco.load_coco, tmp_path / "nope.json", tmp_path)
+    assert "file not found" in one_line_error(data.load_coco, tmp_path / "nope.json", tmp_path)
     bad = tmp_path / "annotations" / "instances_train.json"
     bad.write_text('{"images": [')
     assert "instances_train.json: malformed json" in one_line_error(data.CocoLayoutDataset, tmp_path)
@@ -165,9 +165,9 @@ def test_resize_keeps_boxes_and_masks_together(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- tokens
 
-@pytest.mark.parametrize("location,bins", [("grid", 32), ("grid", 7), ("axis", 64)])
-def test_token_round_trip_random_layouts(location, bins):
-    tok = data.LayoutTokenizer(["a", "b", "c"], bins=bins, max_objects=6, location=location)
+@pytest.mark.parametrize("bins", [32, 7, 64])
+def test_token_round_trip_random_layouts(bins):
+    tok = data.LayoutTokenizer(["a", "b", "c"], bins=bins, max_objects=6)
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         n = int(torch.randint(0, 7, (1,), generator=g))
@@ -259,12 +259,13 @@ def test_loader_with_workers(tiny_shapes, workers):
 
 def test_missing_coco_subset_says_how_to_build_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_DIR", tmp_path)
-    assert "python data.py coco-subset --coco" in one_line_error(data.resolve_data, "coco_subset")
+    assert "python -m data_sets coco-subset --coco" in one_line_error(data.resolve_data, "coco_subset")
+    assert "python -m data_sets shapes" in one_line_error(data.resolve_data, "shapes")   # the method never builds it
     assert "no such data folder" in one_line_error(data.resolve_data, str(tmp_path / "nope"))
 
 
 def test_cli_help_and_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(REPO / "data.py"), *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data_sets", *a], capture_output=True, text=True, cwd=REPO)
     h = run("--help")
     assert h.returncode == 0 and all(c in h.stdout for c in ("shapes", "coco-subset", "show"))
     r = run("show", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png"))
@@ -274,8 +275,8 @@ def test_cli_help_and_errors(tmp_path):
 
 def test_cli_show_writes_a_grid(tiny_shapes, tmp_path):
     out = tmp_path / "grid.png"
-    r = subprocess.run([sys.executable, str(REPO / "data.py"), "show", "--data", str(tiny_shapes), "--n", "4",
-                        "--size", "16", "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "data_sets", "show", "--data", str(tiny_shapes), "--n", "4",
+                        "--size", "16", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (4 * (16 * 4 + 2) + 2, 16 * 4 + 4)
     assert "objects per category" in r.stdout

@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import coco
 import config
 import data
 import detdiff
-import evaluate
 import perception
 import sample
 import train
 import unet
+from data_sets import coco
+from experiments import evaluate
 from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
 
@@ -72,7 +72,7 @@ def test_a_second_run_reuses_every_stage(run, tiny_data):
 
 def test_other_settings_in_the_same_folder_are_refused(run, tiny_data):
     out, _ = run
-    with pytest.raises(coco.DataError, match="holds a run made with other settings \\(pal_weight\\)"):
+    with pytest.raises(config.DataError, match="holds a run made with other settings \\(pal_weight\\)"):
         detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, pal_weight=0.0), TINY_MODEL)
 
 
@@ -80,16 +80,16 @@ def test_a_run_made_before_a_setting_existed_compares_it_with_its_default(run, t
     out, _ = run
     saved = json.loads((out / "pipeline.json").read_text())
     (out / "pipeline.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "detector"}))
-    with pytest.raises(coco.DataError, match="holds a run made with other settings \\(detector\\)"):
+    with pytest.raises(config.DataError, match="holds a run made with other settings \\(detector\\)"):
         detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, detector=str(tmp_path / "det.pt")), TINY_MODEL)
     detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)       # the default: reused
     assert json.loads((out / "pipeline.json").read_text())["detector"] == ""          # and now recorded
 
 
 def test_one_stage_needs_its_inputs(tiny_data, tmp_path):
-    with pytest.raises(coco.DataError, match="ckpt.pt: missing; run the stage that makes it first"):
+    with pytest.raises(config.DataError, match="ckpt.pt: missing; run the stage that makes it first"):
         detdiff.pipeline(*tiny_run_cfgs(tiny_data, tmp_path / "r", **TINY_STAGES, stage="grid"), TINY_MODEL)
-    with pytest.raises(coco.DataError, match="--stage must be one of all, data, .*got 'sampling'"):
+    with pytest.raises(config.DataError, match="--stage must be one of all, data, .*got 'sampling'"):
         detdiff.pipeline(*tiny_run_cfgs(tiny_data, tmp_path / "r", stage="sampling"), TINY_MODEL)
 
 
@@ -172,7 +172,7 @@ def test_the_main_job_on_real_coco_files_with_an_external_detectors_results(coco
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert ck["pipeline_cfg"]["detector"] == str(dets) and ck["tokenizer"]["category_ids"] == [1, 3, 18, 90]
     assert "detector" not in ck["train_cfg"]                     # the generator's settings hold only its own
-    with pytest.raises(coco.DataError, match="a results json cannot score generated images"):
+    with pytest.raises(config.DataError, match="a results json cannot score generated images"):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity"))
     asked = []                                     # --evaluate runs every part a results json can serve
     monkeypatch.setattr(evaluate, "evaluate", lambda run, cfg: asked.append(cfg.parts))
@@ -255,7 +255,7 @@ def test_cli_unknown_key_and_resume_guard(tiny_data, tmp_path):
 # ---- settings that fail before anything runs --------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, bad", [("--cond", "paints"), ("--schedule", "cos"), ("--loss-weight", "snr"),
-                                       ("--dtype", "float32"), ("--location", "grid2"), ("--space", "latents"),
+                                       ("--dtype", "float32"), ("--space", "latents"),
                                        ("--stage", "train")])
 def test_a_string_setting_outside_its_choices_is_refused_by_the_parser(capsys, flag, bad):
     with pytest.raises(SystemExit):
@@ -266,7 +266,7 @@ def test_a_string_setting_outside_its_choices_is_refused_by_the_parser(capsys, f
 
 def test_the_main_job_checks_sizes_before_any_stage_writes(tiny_data, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(coco.DataError):
+    with pytest.raises(config.DataError):
         detdiff.pipeline(train.TrainConfig(data=tiny_data, out=str(out), image_size=30))
     assert not out.exists()
 
@@ -285,7 +285,7 @@ def test_flags_split_into_the_generators_the_stages_and_the_models_settings():
                                              (train.TrainConfig, "loss_weight", "snr"),
                                              (detdiff.PipelineConfig, "stage", "train")])
 def test_settings_built_in_code_are_checked_against_their_choices(cls, field, bad):
-    with pytest.raises(coco.DataError, match=f"^--{field.replace('_', '-')} must be one of .*got '{bad}'$"):
+    with pytest.raises(config.DataError, match=f"^--{field.replace('_', '-')} must be one of .*got '{bad}'$"):
         config.check_choices(cls(**{field: bad}))
 
 
@@ -306,7 +306,7 @@ def test_minutes_bound_the_whole_job_and_the_generator_gets_what_is_left(tiny_da
 
 def test_a_budget_that_leaves_the_generator_nothing_is_refused(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(detdiff, "grid_seconds", lambda r, m: 50.0)
-    with pytest.raises(coco.DataError, match=r"^--minutes 0.5: the stages before the generator took \d+ s and the "
+    with pytest.raises(config.DataError, match=r"^--minutes 0.5: the stages before the generator took \d+ s and the "
                                              r"grid stage needs about 50 s, which leaves -?\d+ s to train; give more"):
         detdiff.pipeline(*tiny_run_cfgs(tiny_data, tmp_path / "r", **TINY_STAGES, minutes=0.5, steps=2), TINY_MODEL)
 
@@ -318,9 +318,9 @@ def test_the_grid_estimate_is_the_measured_sampling_scaled_to_the_stage(tiny_dat
     monkeypatch.setattr(detdiff.sample, "generate", lambda *a, steps, **k: calls.append((a[2].shape[0], steps)))
     monkeypatch.setattr(detdiff.time, "time", lambda: next(clock))
     cfg, pcfg = tiny_run_cfgs(tiny_data, tmp_path / "r", **TINY_STAGES)
-    r = detdiff.Run()
-    r.cfg, r.pcfg, r.device, r.dtype = cfg, pcfg, torch.device("cpu"), "fp32"
-    r.train_ds = r.val_ds = data.CocoLayoutDataset(data.resolve_data(tiny_data), "val", size=32)
+    r = detdiff.Run(cfg, pcfg, tmp_path / "r", data.resolve_data(tiny_data), torch.device("cpu"), "fp32",
+                    log=print, stages={"grid"})
+    r.train_ds = r.val_ds = data.CocoLayoutDataset(r.root, "val", size=32)
     got = detdiff.grid_seconds(r, TINY_MODEL)
     assert calls == [(4, 1), (4, 2)]
     per_image_step = 0.64 / (2 * 4)

@@ -5,16 +5,14 @@ import json
 import pytest
 import torch
 
-import coco
-import coco_map
+import config
 import data
-import detections
-import detector
+from perceptive import coco_map, detections, detector
 from conftest import TINY_DETECTOR, one_line_naming
 
 
 def test_missing_results_json(tmp_path):
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         detections.ResultsFile(tmp_path / "nope.json")
     assert one_line_naming(e, tmp_path / "nope.json")
 
@@ -23,13 +21,13 @@ def test_results_json_with_unknown_image_id(shapes32, tmp_path):
     path = tmp_path / "res.json"
     path.write_text(json.dumps([dict(image_id=424242, category_id=1, bbox=[1, 1, 5, 5], score=0.5)]))
     ds = data.CocoLayoutDataset(shapes32, "val", size=32)
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         coco_map.evaluate(detections.ResultsFile(path), ds)
     assert one_line_naming(e, path) and "424242" in str(e.value)
 
 
 def test_missing_weights_file_says_where_to_put_it(tmp_path):
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         detections.TorchvisionDetector("fasterrcnn_resnet50_fpn", ["person"], weights=tmp_path / "w.pth")
     assert one_line_naming(e, tmp_path / "w.pth") and "fasterrcnn_resnet50_fpn_coco" in str(e.value)
 
@@ -59,7 +57,7 @@ def test_class_mapping_by_name_and_through_a_map():
     (["dog"], "dog", ["expected data-set class=detector class"]),
 ])
 def test_class_mapping_errors_name_the_class_and_the_fix(names, cmap, words):
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         detections.class_mapping(["person", "car", "dog"], names, cmap, "det.pt")
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
@@ -80,7 +78,7 @@ def test_a_detector_of_other_classes_is_relabelled(tmp_path):
         assert torch.equal(mapped["boxes"], own["boxes"][keep])
     same = detections.open_source(str(tmp_path / "det.pt"), ["b", "a", "z"])               # same classes: the model itself
     assert isinstance(same, detector.Detector) and isinstance(src, detections.Relabelled)
-    with pytest.raises(coco.DataError, match="no class 'c'"):
+    with pytest.raises(config.DataError, match="no class 'c'"):
         detections.open_source(str(tmp_path / "det.pt"), ["a", "c"])
 
 
@@ -92,12 +90,12 @@ def test_torchvision_detector_class_map_and_a_class_it_lacks(tmp_path):
                                  "sofa=couch")
     cats = detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.meta["categories"]
     assert det.label_map == {cats.index("couch"): 0, cats.index("dog"): 1}
-    with pytest.raises(coco.DataError, match="no class 'sofa'.*--detector-classes sofa="):
+    with pytest.raises(config.DataError, match="no class 'sofa'.*--detector-classes sofa="):
         detections.open_source("torchvision:ssdlite320_mobilenet_v3_large", ["sofa", "dog"], str(tmp_path / "w.pth"))
 
 
 def test_results_json_with_category_ids_the_data_set_lacks(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps([dict(image_id=1, category_id=91, bbox=[0, 0, 4, 4], score=0.9)]))
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         detections.open_source(str(tmp_path / "r.json"), ["a", "b"], category_ids=[1, 3])
     assert one_line_naming(e, tmp_path / "r.json") and "category_id 91" in str(e.value)

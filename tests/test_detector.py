@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import coco
-import coco_map
+import config
 import data
-import detector
 import optim
+from perceptive import coco_map, detector
 from conftest import TINY_DETECTOR, one_line_naming
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,13 +88,13 @@ def test_detector_save_load_roundtrip(tmp_path):
 
 
 def test_missing_detector_checkpoint(tmp_path):
-    with pytest.raises(coco.DataError) as e:
+    with pytest.raises(config.DataError) as e:
         detector.load_detector(tmp_path / "det.pt")
     assert one_line_naming(e, tmp_path / "det.pt")
 
 
 def test_cli_prints_one_error_line(tmp_path, shapes32):
-    p = subprocess.run([sys.executable, str(REPO / "perception.py"), "eval", "--data", str(shapes32),
-                        "--results", str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run([sys.executable, "-m", "perceptive", "eval", "--data", str(shapes32),
+                        "--results", str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=REPO)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("error: ")
     assert str(tmp_path / "missing.json") in p.stderr

@@ -10,13 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autoencoder
-import coco
 import config
-import crops
 import data
-import detector
-import evaluate
-import perception
+from experiments import crops, evaluate
+from perceptive import __main__ as perceptive_cli
+from perceptive import detector
 from conftest import TINY_DETECTOR, tiny_train_cfg
 
 META = torch.device("meta")
@@ -176,17 +174,17 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 @no_cuda
 def test_perception_command_names_a_device_it_lacks_in_one_line(tiny_data):
     with pytest.raises(SystemExit) as e:
-        perception.main(["eval", "--data", tiny_data, "--device", "cuda"])
+        perceptive_cli.main(["eval", "--data", tiny_data, "--device", "cuda"])
     msg = str(e.value)
     assert msg.startswith("error: --device cuda: this machine has no CUDA device") and "\n" not in msg
 
 
 def test_perception_commands_print_their_device_and_dtype(tiny_data, tmp_path, capsys):
     device, why = config.resolve_device("auto")
-    perception.main(["train", "--data", tiny_data, "--out", str(tmp_path), "--image-size", "32", "--width", "8",
+    perceptive_cli.main(["train", "--data", tiny_data, "--out", str(tmp_path), "--image-size", "32", "--width", "8",
                      "--steps", "2", "--batch-size", "4", "--warmup", "1", "--log-every", "0", "--dtype", "fp32"])
     assert capsys.readouterr().out.splitlines()[0] == f"device {device} ({why}), dtype fp32 (as asked)"
-    perception.main(["eval", "--data", tiny_data, "--image-size", "32", "--detector", str(tmp_path / "detector.pt"),
+    perceptive_cli.main(["eval", "--data", tiny_data, "--image-size", "32", "--detector", str(tmp_path / "detector.pt"),
                      "--device", "cpu"])
     assert capsys.readouterr().out.splitlines()[0] == "device cpu (as asked)"
 
@@ -194,9 +192,9 @@ def test_perception_commands_print_their_device_and_dtype(tiny_data, tmp_path, c
 @no_cuda
 def test_evaluate_names_a_device_it_lacks_before_anything_runs(tmp_path):
     # tmp_path is no run folder: the device is checked first, and main turns the DataError into one line
-    with pytest.raises(coco.DataError, match=r"^--device cuda: this machine has no CUDA device"):
+    with pytest.raises(config.DataError, match=r"^--device cuda: this machine has no CUDA device"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(device="cuda"))
     with pytest.raises(SystemExit, match=r"^error: --device cuda:3: this machine has no CUDA device"):
         evaluate.main(["--run", str(tmp_path), "--device", "cuda:3", "--dtype", "fp32"])
-    with pytest.raises(coco.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
+    with pytest.raises(config.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(dtype="fp8"))       # the command line's choices refuse it first

@@ -235,25 +235,3 @@ def test_logsnr_grid_is_uniform_in_lambda():
     lam = [0.5 * math.log(float(diff.alpha_bar[t]) / (1 - float(diff.alpha_bar[t]))) for t in ts]
     steps = [b - a for a, b in zip(lam, lam[1:])]
     assert max(steps) - min(steps) < 0.15 * (sum(steps) / len(steps))   # equal in lambda up to rounding t
-
-
-def test_weighted_timestep_sampling_keeps_the_expected_loss():
-    """t_sampling 'weighted' draws t with probability w_t / sum(w) (Min-SNR-5 on the cosine schedule) and weighs
-    every sample by mean(w): E[weight L_t] equals the uniform draw's E[w_t L_t] for any per-step loss L_t, and the
-    nearly clean steps (w_t < 0.2) get under a third of the samples uniform gives them. 'uniform' is DDPM's draw."""
-    diff = diffusion.Diffusion(1000, "cosine")
-    cfg = train.TrainConfig(t_sampling="weighted")
-    w = diffusion.min_snr_weight(diff.alpha_bar, 5.0).flatten().double()
-    torch.manual_seed(0)
-    t, weight = diffusion.sample_timesteps(cfg, diff, 200_000, "cpu")
-    assert torch.allclose(weight, w.mean().float().expand(200_000, 1, 1, 1))
-    L = torch.linspace(2.0, 0.1, 1000, dtype=torch.float64) ** 2                      # any loss per step
-    uniform = (w * L).mean()                                                            # E_{t~U}[w_t L_t], exact
-    assert (weight.flatten().double() * L[t]).mean() == pytest.approx(uniform.item(), rel=0.01)
-    low = w < 0.2
-    assert low[t].double().mean() < low.double().mean() / 3
-    torch.manual_seed(1)
-    t_u, w_u = diffusion.sample_timesteps(train.TrainConfig(), diff, 8, "cpu")
-    torch.manual_seed(1)
-    assert torch.equal(t_u, torch.randint(0, 1000, (8,)))
-    assert torch.allclose(w_u, diffusion.min_snr_weight(diff.alpha_bar[t_u], 5.0))

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import ablations
-import coco
+import config
 import detdiff
-import evaluate
+from experiments import ablations, evaluate
 from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
 KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid", "easy_ap50",
@@ -123,21 +122,21 @@ def test_detector_ap_against_hand_made_detections(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Bad input: a one-line coco.DataError naming the setting or the file, before anything heavy runs
+# Bad input: a one-line config.DataError naming the setting or the file, before anything heavy runs
 
 def test_bad_settings_are_named_before_the_run_is_opened(tmp_path):
     # tmp_path is no run folder: the settings are checked first
-    with pytest.raises(coco.DataError, match=r"^--parts: unknown fidelty \(choose from fidelity, easy_hard, fid,"):
+    with pytest.raises(config.DataError, match=r"^--parts: unknown fidelty \(choose from fidelity, easy_hard, fid,"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(parts="fidelity,fidelty"))
-    with pytest.raises(coco.DataError, match=r"^--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'$"):
+    with pytest.raises(config.DataError, match=r"^--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'$"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(sampler="dpm"))
-    with pytest.raises(coco.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
+    with pytest.raises(config.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
         evaluate.check_settings(evaluate.EvalConfig(dtype="fp8"))
     assert list(tmp_path.iterdir()) == []                                      # nothing written
 
 
 def test_a_folder_without_ckpt_pt_is_named(tmp_path):
-    with pytest.raises(coco.DataError, match=re.escape(f"{tmp_path / 'ckpt.pt'}: missing; evaluate a finished")):
+    with pytest.raises(config.DataError, match=re.escape(f"{tmp_path / 'ckpt.pt'}: missing; evaluate a finished")):
         evaluate.evaluate(tmp_path)
 
 
@@ -156,13 +155,13 @@ def test_a_checkpoint_without_stage_settings_is_named(ckpt, tmp_path):
     out = tmp_path / "bare"
     out.mkdir()
     shutil.copy(ckpt, out / "ckpt.pt")
-    with pytest.raises(coco.DataError, match="no detector settings .*python detdiff.py"):
+    with pytest.raises(config.DataError, match="no detector settings .*python detdiff.py"):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu"))
 
 
 def test_a_run_without_detector_pt_is_named(ckpt, tmp_path):
     out = run_folder(ckpt, tmp_path)
-    with pytest.raises(coco.DataError, match=re.escape(f"{out / 'detector.pt'}: missing; evaluate a finished")):
+    with pytest.raises(config.DataError, match=re.escape(f"{out / 'detector.pt'}: missing; evaluate a finished")):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu"))
 
 
@@ -170,10 +169,10 @@ def test_a_results_json_detector_cannot_score_generated_images(ckpt, tmp_path):
     dets = tmp_path / "dets.json"
     dets.write_text("[]")                                     # a valid (empty) COCO results json
     out = run_folder(ckpt, tmp_path, detector=str(dets))
-    with pytest.raises(coco.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
+    with pytest.raises(config.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
                                                        "(fidelity, easy_hard); pass --parts fid or train")):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="fidelity,easy_hard,fid"))
-    with pytest.raises(coco.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
+    with pytest.raises(config.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
                                                        "(ablations); pass --parts crops or train")):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="crops", ablations=True))
 
@@ -187,13 +186,13 @@ def test_val_objects_that_no_longer_match_the_layouts_are_named(ckpt, tiny_data,
     monkeypatch.setattr(evaluate.sample, "split_layouts",
                         lambda ck, n: [dict(lay, boxes=lay["boxes"] * 0.5) for lay in split_layouts(ck, n)])
     json_path = Path(tiny_data) / "annotations" / "instances_val.json"
-    with pytest.raises(coco.DataError, match=re.escape(f"{json_path}: the val objects no longer match the layouts")):
+    with pytest.raises(config.DataError, match=re.escape(f"{json_path}: the val objects no longer match the layouts")):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="masks"))
 
 
 def test_the_command_line_says_a_data_error_in_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "evaluate.py", "--run", str(tmp_path), "--device", "cpu"], capture_output=True,
-                       text=True, cwd=Path(evaluate.__file__).parent)
+    p = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--run", str(tmp_path), "--device", "cpu"],
+                       capture_output=True, text=True, cwd=Path(evaluate.__file__).parents[1])
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.splitlines() == [f"error: {tmp_path / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` "
                                      f"run folder"]
@@ -231,7 +230,7 @@ def test_masks_part_in_the_report(run):
 
 def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_ones(run):
     out, first = run
-    with pytest.raises(coco.DataError, match="^--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
+    with pytest.raises(config.DataError, match="^--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", ablations=True,
                                                    ablation_rows="loss off,lambda 7"))
     # no part but the ablations, with an Inception network (a stand-in): its FID per row, the run's own FID kept
@@ -250,7 +249,7 @@ def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_o
 def test_a_finished_ablation_of_another_budget_is_not_reused(run):
     out, _ = run                                   # the quick ablations trained 3 steps; the run itself 4
     ck = torch.load(out / "ckpt.pt", weights_only=False)
-    with pytest.raises(coco.DataError, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
+    with pytest.raises(config.DataError, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
                        r"instead of minutes 0, steps 4\)"):
         ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import fid
+from experiments import fid
 
 
 def gaussians(rng, d):

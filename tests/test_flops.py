@@ -3,7 +3,7 @@ kernels against hand-computed values (no timing assertions)."""
 import torch
 import torch.nn.functional as F
 
-import flops
+from tools import flops
 
 
 def test_mfu_and_growth_arithmetic():

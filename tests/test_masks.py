@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import masks
+import sample
+from experiments import masks
 
 
 def test_object_masks_threshold_inside_the_box_by_hand():
@@ -14,7 +15,7 @@ def test_object_masks_threshold_inside_the_box_by_hand():
     p[0, 2, 1] = 0.4                                    # below the threshold
     p[1] = 1.0                                          # the padding slot is not exported
     lay = dict(boxes=torch.tensor([[0.0, 0.0, 0.5, 0.75]]), labels=torch.tensor([3]))
-    (m,) = masks.object_masks([p], [lay], threshold=0.5)
+    (m,) = sample.object_masks([p], [lay], threshold=0.5)
     want = np.zeros((1, 4, 4), bool)
     want[0, 0, :2] = want[0, 1, 1] = True               # pixel centres 0.125, 0.375 in x; 0.125..0.625 in y
     assert m.dtype == bool and np.array_equal(m, want)

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import coco
+import config
 import data
-import detections
 import diffusion
-import shapes
 import perception
 import train
 import unet
+from data_sets import shapes
+from perceptive import attributes, detections
 from conftest import TINY_MODEL, one_line_naming
 
 
@@ -63,20 +63,20 @@ def test_attribute_class_aware_variant():
 
 
 def test_folds_partition_the_images():
-    folds = perception.make_folds(11, 3, seed=1)
+    folds = attributes.make_folds(11, 3, seed=1)
     assert sorted(sum(folds, [])) == list(range(11)) and [len(f) for f in folds] in ([4, 4, 3], [4, 3, 4], [3, 4, 4])
-    assert folds == perception.make_folds(11, 3, seed=1)
+    assert folds == attributes.make_folds(11, 3, seed=1)
 
 
 # ---------------------------------------------------------------------------------------------- sidecar
 
 def test_sidecar_goes_to_the_run_folder_never_the_data_folder(shapes32, tmp_path):
     before = sorted(p.relative_to(shapes32) for p in Path(shapes32).rglob("*"))
-    cfg = perception.AttributeConfig(folds=2, steps=2, batch_size=8, image_size=32)
-    with pytest.raises(coco.DataError) as e:
-        perception.make_attributes(shapes32, Path(shapes32) / "runs", cfg)
+    cfg = attributes.AttributeConfig(folds=2, steps=2, batch_size=8, image_size=32)
+    with pytest.raises(config.DataError) as e:
+        attributes.make_attributes(shapes32, Path(shapes32) / "runs", cfg)
     assert "data folder" in str(e.value)
-    summary = perception.make_attributes(shapes32, tmp_path / "run", cfg, log=lambda m: None)
+    summary = attributes.make_attributes(shapes32, tmp_path / "run", cfg, log=lambda m: None)
     assert sorted(p.relative_to(shapes32) for p in Path(shapes32).rglob("*")) == before
     side = json.loads((tmp_path / "run" / "attributes.json").read_text())
     for split in ("train", "val"):
@@ -99,12 +99,12 @@ def test_attributes_from_a_results_json_of_both_splits(shapes32, tmp_path):
            for split in ("train", "val")
            for a in json.loads((Path(shapes32) / "annotations" / f"instances_{split}.json").read_text())["annotations"]]
     (tmp_path / "res.json").write_text(json.dumps(res))
-    summary = perception.make_attributes(shapes32, tmp_path / "run", perception.AttributeConfig(image_size=32),
+    summary = attributes.make_attributes(shapes32, tmp_path / "run", attributes.AttributeConfig(image_size=32),
                                          source=detections.ResultsFile(tmp_path / "res.json"), log=lambda m: None)
     assert summary["train"]["hard"] == 0 and summary["val"]["hard"] == 0 and summary["train"]["n"] > 0
     (tmp_path / "bad.json").write_text(json.dumps(res + [dict(res[0], image_id=999)]))
-    with pytest.raises(coco.DataError) as e:
-        perception.make_attributes(shapes32, tmp_path / "run2", perception.AttributeConfig(image_size=32),
+    with pytest.raises(config.DataError) as e:
+        attributes.make_attributes(shapes32, tmp_path / "run2", attributes.AttributeConfig(image_size=32),
                                    source=detections.ResultsFile(tmp_path / "bad.json"), log=lambda m: None)
     assert one_line_naming(e, tmp_path / "bad.json") and "999" in str(e.value)
 
@@ -113,9 +113,9 @@ def test_attributes_from_a_results_json_of_both_splits(shapes32, tmp_path):
 
 
 def test_degenerate_attribute_warning():
-    assert perception.attribute_warning(0.5, "d") is None and perception.attribute_warning(0.9, "d") is None
-    assert perception.attribute_warning(0.05, "d") is None
-    high, low = perception.attribute_warning(0.992, "from-scratch"), perception.attribute_warning(0.01, "d")
+    assert attributes.attribute_warning(0.5, "d") is None and attributes.attribute_warning(0.9, "d") is None
+    assert attributes.attribute_warning(0.05, "d") is None
+    high, low = attributes.attribute_warning(0.992, "from-scratch"), attributes.attribute_warning(0.01, "d")
     assert high.startswith("warning: 99.2% of the training objects are hard") and "from-scratch" in high
     assert "--detector torchvision:NAME --detector-weights FILE" in high and "--attr-steps" in high
     assert low.startswith("warning: only 1.0% of the training objects are hard") and "--gamma" in low
@@ -127,7 +127,7 @@ def test_attribute_stage_warns_when_the_detector_finds_nothing(shapes32, tmp_pat
            for a in json.loads((Path(shapes32) / "annotations" / "instances_val.json").read_text())["annotations"]]
     (tmp_path / "res.json").write_text(json.dumps(res))
     logged = []
-    summary = perception.make_attributes(shapes32, tmp_path / "run", perception.AttributeConfig(image_size=32),
+    summary = attributes.make_attributes(shapes32, tmp_path / "run", attributes.AttributeConfig(image_size=32),
                                          source=detections.ResultsFile(tmp_path / "res.json"), log=logged.append)
     assert summary["train"]["hard_fraction"] == 1.0 and summary["val"]["hard_fraction"] == 0.0
     assert summary["train"]["warning"].startswith("warning: 100.0% of the training objects are hard")

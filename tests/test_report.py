@@ -1,5 +1,5 @@
 """report.py: the targets' verdicts against hand-computed ones."""
-import report
+from experiments import report
 
 
 def test_targets_against_hand_computed_verdicts():

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import coco
-import crops
+import config
 import data
 import diffusion
 import sample
+from data_sets import export
+from experiments import crops
 from conftest import one_line_naming
 from test_diffusion import GaussianEps
 
@@ -69,14 +70,14 @@ def test_sample_cli_attr_guidance_default_follows_the_checkpoint_and_warns(ckpt,
     assert sample.resolve_attr_guidance(2.5, old) == 2.5
     args = ["--n", "2", "--steps", "2", "--batch", "2", "--dtype", "fp32", "--difficulty", "hard"]
     img = lambda d: torch.from_numpy(np.array(Image.open(tmp_path / d / "train" / "00000.png")))  # noqa: E731
-    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "plain"), "--attr-guidance", "1"] + args)
-    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "auto")] + args)
+    export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "plain"), "--attr-guidance", "1"] + args)
+    export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "auto")] + args)
     out = capsys.readouterr().out
     assert f"attribute guidance {diffusion.ATTR_GUIDANCE:g}," in out and "warning" not in out
     assert not torch.equal(img("plain"), img("auto"))                # the [hard] tokens were guided on
-    sample.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_auto")] + args)
+    export.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_auto")] + args)
     assert "attribute guidance 1," in capsys.readouterr().out         # no trained [none]: plain guidance
-    sample.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_4"), "--attr-guidance", "4"] + args)
+    export.main(["--ckpt", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old_4"), "--attr-guidance", "4"] + args)
     assert "trained without attribute-only dropout (--p-uncond-attr 0)" in capsys.readouterr().out
 
 
@@ -93,7 +94,7 @@ def test_rebuild_from_checkpoint_and_generate(ckpt, sampler):
 
 def test_sample_cli_val_layouts_writes_images_json_and_grid(ckpt, tmp_path):
     out = tmp_path / "o"
-    sample.main(["--ckpt", str(ckpt), "--out", str(out), "--n", "3", "--steps", "2", "--batch", "2",
+    export.main(["--ckpt", str(ckpt), "--out", str(out), "--n", "3", "--steps", "2", "--batch", "2",
                  "--difficulty", "hard"])
     coco = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert len(coco["images"]) == 3 and len(list((out / "train").glob("*.png"))) == 3
@@ -110,7 +111,7 @@ def test_sample_cli_user_layout_json(ckpt, tmp_path):
     lay = {"layouts": [{"width": 200, "height": 100, "objects": [
         {"category": name, "bbox": [50, 25, 100, 50], "difficulty": "easy"}]}]}
     (tmp_path / "l.json").write_text(json.dumps(lay))
-    sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--layouts", str(tmp_path / "l.json"),
+    export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--layouts", str(tmp_path / "l.json"),
                  "--steps", "2"])
     ann = json.loads((tmp_path / "o" / "annotations" / "instances_train.json").read_text())["annotations"]
     assert len(ann) == 1 and ann[0]["bbox"] == pytest.approx([4.0, 4.0, 8.0, 8.0]) and ann[0]["difficulty"] == "easy"
@@ -124,27 +125,27 @@ def test_sample_cli_never_writes_into_an_existing_folder(ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(SystemExit, match="mine already exists and is not empty"):
-        sample.main(["--ckpt", str(ckpt), "--out", str(out), "--n", "1", "--steps", "2"])
+        export.main(["--ckpt", str(ckpt), "--out", str(out), "--n", "1", "--steps", "2"])
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_load_checkpoint_refuses_a_missing_or_foreign_file_in_one_line(ckpt, tmp_path):
-    with pytest.raises(coco.DataError, match="nope.pt: checkpoint not found") as e:
+    with pytest.raises(config.DataError, match="nope.pt: checkpoint not found") as e:
         sample.load_checkpoint(tmp_path / "nope.pt")
     assert one_line_naming(e, tmp_path / "nope.pt")
     torch.save({"a": 1}, tmp_path / "junk.pt")
-    with pytest.raises(coco.DataError, match=r"junk.pt: not a detdiff checkpoint \(KeyError") as e:
+    with pytest.raises(config.DataError, match=r"junk.pt: not a detdiff checkpoint \(KeyError") as e:
         sample.load_checkpoint(tmp_path / "junk.pt")
     assert one_line_naming(e, tmp_path / "junk.pt")
     torch.save(dict(torch.load(ckpt, weights_only=False), ema={}), tmp_path / "noweights.pt")
-    with pytest.raises(coco.DataError, match=r"noweights.pt: not a detdiff checkpoint \(RuntimeError") as e:
+    with pytest.raises(config.DataError, match=r"noweights.pt: not a detdiff checkpoint \(RuntimeError") as e:
         sample.load_checkpoint(tmp_path / "noweights.pt")        # load_state_dict's many-line message, on one line
     assert one_line_naming(e, tmp_path / "noweights.pt")
 
 
 def test_split_layouts_names_a_missing_attribute_sidecar(tmp_path):
     side = tmp_path / "attributes.json"
-    with pytest.raises(coco.DataError, match="attributes.json: the attribute sidecar this run trained with is "
+    with pytest.raises(config.DataError, match="attributes.json: the attribute sidecar this run trained with is "
                        "missing") as e:
         sample.split_layouts(dict(train_cfg={}, attributes_used=str(side)), 1)
     assert one_line_naming(e, side)
@@ -162,7 +163,7 @@ def test_sample_main_turns_a_layout_error_into_one_line(ckpt, tmp_path):
     bad.write_text(json.dumps({"layouts": [{"width": 10, "height": 10, "objects": [{"category": "unicorn",
                                                                                     "bbox": [0, 0, 5, 5]}]}]}))
     with pytest.raises(SystemExit, match="^error: .*bad.json: layout 0 object 0: unknown category 'unicorn'"):
-        sample.main(["--ckpt", str(ckpt), "--layouts", str(bad), "--out", str(tmp_path / "x")])
+        export.main(["--ckpt", str(ckpt), "--layouts", str(bad), "--out", str(tmp_path / "x")])
 
 
 def test_unknown_sampler_is_refused():
@@ -184,7 +185,7 @@ def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
     lays = dict(layouts=[dict(width=16, height=16, objects=o) for o in (objs(0), objs(1), objs(0, 0), objs(0, 2))])
     (tmp_path / "l.json").write_text(json.dumps(lays))
     out = tmp_path / "o"
-    sample.main(["--ckpt", str(ckpt), "--out", str(out), "--layouts", str(tmp_path / "l.json"), "--steps", "2",
+    export.main(["--ckpt", str(ckpt), "--out", str(out), "--layouts", str(tmp_path / "l.json"), "--steps", "2",
                  "--classifier", str(tmp_path / "clf.pt")])
     coco = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert len(coco["images"]) == 2 and len(coco["annotations"]) == 3      # layouts 0 and 2 kept
@@ -192,7 +193,7 @@ def test_class_filter_drops_images_with_a_rejected_object(ckpt, tmp_path):
     other = crops.CropClassifier(2, ["cat", "dog"], width=4, size=8)
     crops.save_crop_classifier(other, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=r"other.pt: classes cat, dog are not the checkpoint's"):
-        sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o2"), "--layouts", str(tmp_path / "l.json"),
+        export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o2"), "--layouts", str(tmp_path / "l.json"),
                      "--steps", "2", "--classifier", str(tmp_path / "other.pt")])
 
 
@@ -207,12 +208,12 @@ def test_masks_round_trip_through_the_readers_rle(tmp_path):
     masks = [np.zeros((2, S, S), bool)]
     masks[0][0, 1:7, 2:8] = rng.random((6, 6)) > 0.3   # an irregular blob
     images = [np.zeros((S, S, 3), np.uint8)]           # object 1's mask is empty: it falls back to its box
-    js = sample.write_coco(tmp_path, "train", images, lays, ["a", "b"], [3, 9], masks)
+    js = export.write_coco(tmp_path, "train", images, lays, ["a", "b"], [3, 9], masks)
     a0, a1 = js["annotations"]
     assert a0["mask"] == "head" and isinstance(a0["segmentation"], dict) and a0["area"] == masks[0][0].sum()
     assert a1["mask"] == "box" and a1["segmentation"] == [[4.0, 8.0, 16.0, 8.0, 16.0, 16.0, 4.0, 16.0]]
     got = data.CocoLayoutDataset(tmp_path, "train", size=S, min_area=0).load(0)["masks"]
-    assert np.array_equal(got[0], masks[0][0])                          # coco.rle_to_mask through the data set, bit for bit
+    assert np.array_equal(got[0], masks[0][0])                          # data.rle_to_mask through the data set, bit for bit
     assert got[1].sum() == 12 * 8 and got[1][8:, 4:].all()               # the filled box
 
 
@@ -221,8 +222,8 @@ def test_yolo_labels_against_hand_made_boxes(tmp_path):
                  difficulty=torch.tensor([1, 1])),
             dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long), difficulty=torch.zeros(0))]
     images = [np.full((8, 8, 3), k, np.uint8) for k in (10, 20)]
-    sample.write_coco(tmp_path, "train", images, lays, ["a", "b", "c d"], [1, 2, 5])
-    sample.write_yolo(tmp_path, "train", lays, ["a", "b", "c d"])
+    export.write_coco(tmp_path, "train", images, lays, ["a", "b", "c d"], [1, 2, 5])
+    export.write_yolo(tmp_path, "train", lays, ["a", "b", "c d"])
     y = tmp_path / "yolo"
     assert (y / "labels" / "train" / "00000.txt").read_text() == \
         "2 0.300000 0.400000 0.400000 0.400000\n0 0.500000 0.750000 1.000000 0.500000\n"
@@ -234,7 +235,7 @@ def test_yolo_labels_against_hand_made_boxes(tmp_path):
 
 def test_sample_cli_exports_head_masks_yolo_and_box_masks(ckpt, tmp_path, capsys):
     args = ["--ckpt", str(ckpt), "--n", "3", "--steps", "3", "--batch", "2", "--dtype", "fp32"]
-    sample.main(args + ["--out", str(tmp_path / "head"), "--mask-threshold", "0.0"])   # every in-box pixel
+    export.main(args + ["--out", str(tmp_path / "head"), "--mask-threshold", "0.0"])   # every in-box pixel
     assert "the perception head's masks (last 3 steps" in capsys.readouterr().out
     coco = json.loads((tmp_path / "head" / "annotations" / "instances_train.json").read_text())
     assert coco["annotations"] and all(a["mask"] == "head" for a in coco["annotations"])
@@ -247,7 +248,7 @@ def test_sample_cli_exports_head_masks_yolo_and_box_masks(ckpt, tmp_path, capsys
             assert np.array_equal(m, inbox)
     assert (tmp_path / "head" / "masks.png").is_file() and (tmp_path / "head" / "yolo" / "data.yaml").is_file()
     assert len(list((tmp_path / "head" / "yolo" / "labels" / "train").glob("*.txt"))) == 3
-    sample.main(args + ["--out", str(tmp_path / "box"), "--masks", "box"])
+    export.main(args + ["--out", str(tmp_path / "box"), "--masks", "box"])
     coco_box = json.loads((tmp_path / "box" / "annotations" / "instances_train.json").read_text())
     assert all(isinstance(a["segmentation"], list) and "mask" not in a for a in coco_box["annotations"])
     assert not (tmp_path / "box" / "masks.png").exists()
@@ -258,7 +259,7 @@ def test_sample_cli_exports_head_masks_yolo_and_box_masks(ckpt, tmp_path, capsys
                   ema={k: v for k, v in ck["ema"].items() if not k.startswith("mask_head.")})
     torch.save(nohead, tmp_path / "nohead.pt")
     with pytest.raises(SystemExit, match="nohead.pt: --masks head needs a perception head"):
-        sample.main(["--ckpt", str(tmp_path / "nohead.pt"), "--out", str(tmp_path / "x"), "--masks", "head"])
+        export.main(["--ckpt", str(tmp_path / "nohead.pt"), "--out", str(tmp_path / "x"), "--masks", "head"])
 
 
 @pytest.mark.parametrize("layout, says", [
@@ -273,16 +274,16 @@ def test_sample_cli_exports_head_masks_yolo_and_box_masks(ckpt, tmp_path, capsys
 def test_every_malformed_layout_is_one_line_naming_file_layout_and_field(tmp_path, layout, says):
     path = tmp_path / "lay.json"
     path.write_text(json.dumps({"layouts": [layout]}))
-    with pytest.raises(coco.DataError) as e:
-        sample.read_layouts(path, ["circle", "square"], 4)
+    with pytest.raises(config.DataError) as e:
+        export.read_layouts(path, ["circle", "square"], 4)
     assert str(e.value).startswith(f"{path}: ") and says in str(e.value) and "\n" not in str(e.value)
 
 
 def test_no_layouts_and_n_zero_are_one_line_errors(ckpt, tmp_path):
     path = tmp_path / "empty.json"
     path.write_text(json.dumps({"layouts": []}))
-    with pytest.raises(coco.DataError, match="empty.json: expected"):
-        sample.read_layouts(path, ["circle"], 4)
+    with pytest.raises(config.DataError, match="empty.json: expected"):
+        export.read_layouts(path, ["circle"], 4)
     with pytest.raises(SystemExit, match="^error: --n must be at least 1, got 0$"):
-        sample.main(["--ckpt", str(ckpt), "--n", "0", "--out", str(tmp_path / "x")])
+        export.main(["--ckpt", str(ckpt), "--n", "0", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-import coco
+import config
 import data
-import shapes
+from data_sets import shapes
 
 
 def test_shapes_is_deterministic_by_seed(tmp_path):
@@ -16,7 +16,7 @@ def test_shapes_is_deterministic_by_seed(tmp_path):
     assert len(files) == 6 + 3 + 2
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
-    with pytest.raises(coco.DataError, match="already exists"):
+    with pytest.raises(config.DataError, match="already exists"):
         shapes.make_shapes(tmp_path / "a", n_train=1, n_val=1, progress=False)
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import coco
 import config
 import data
 import detdiff
-import detector
-import evaluate
 import sample
-import ship
+from data_sets import shapes
+from experiments import evaluate
+from perceptive import detector
+from tools import ship
 from conftest import TINY_MODEL, TINY_STAGES, one_line_naming, tiny_run_cfgs
 
 CKPT = ship.SHIPPED / "ckpt.pt"
@@ -63,7 +63,7 @@ def test_a_moved_export_samples_its_own_val_layouts(tiny_run, tmp_path):
 
 def test_export_refuses_a_folder_that_holds_something(tiny_run, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(coco.DataError) as err:
+    with pytest.raises(config.DataError) as err:
         ship.export(tiny_run, tmp_path)
     assert one_line_naming(err, tmp_path) and "already holds a model" in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
@@ -73,7 +73,7 @@ def test_a_missing_run_is_one_line_naming_it_and_nothing_is_written(tmp_path):
     with pytest.raises(SystemExit) as err:
         ship.main(["--run", str(tmp_path / "none"), "--dest", str(tmp_path / "dest")])
     assert str(err.value) == f"error: {tmp_path / 'none' / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder"
-    with pytest.raises(coco.DataError) as err:
+    with pytest.raises(config.DataError) as err:
         ship.export(tmp_path / "none", tmp_path / "dest")
     assert one_line_naming(err, tmp_path / "none" / "ckpt.pt") and "export a finished" in str(err.value)
     assert not (tmp_path / "dest").exists()
@@ -104,7 +104,7 @@ def test_a_shipped_checkpoint_with_a_renamed_weight_is_refused(tmp_path):
     k = next(iter(ck["ema"]))
     ck["ema"]["renamed." + k] = ck["ema"].pop(k)                                # what a module rename does
     torch.save(ck, tmp_path / "ckpt.pt")
-    with pytest.raises(coco.DataError) as err:
+    with pytest.raises(config.DataError) as err:
         sample.load_checkpoint(tmp_path / "ckpt.pt")
     assert one_line_naming(err, tmp_path / "ckpt.pt") and "Missing key" in str(err.value)
 
@@ -119,7 +119,7 @@ def test_the_shipped_generator_draws_what_the_shipped_detector_finds(tmp_path):
     det = detector.load_detector(ship.SHIPPED / "detector.pt")
     S, names, ids = ck["train_cfg"]["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
     lays = sample.split_layouts(ck, N_LAYOUTS)
-    real_ds = data.CocoLayoutDataset(data.resolve_data("shapes"), "val", size=S)
+    real_ds = data.CocoLayoutDataset(shapes.build_if_missing("shapes"), "val", size=S)
     real = [real_ds.load(i)["image"] for i in range(len(lays))]
     gen = sample.generate_layouts(model, diff, tok, lays, S, steps=20, sampler="dpm++2m", guidance=3.0, seed=0,
                                   progress=False, attr_guidance=sample.resolve_attr_guidance(-1, ck), dtype="fp32")

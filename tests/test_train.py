@@ -7,7 +7,6 @@ import socket
 import pytest
 import torch
 
-import coco
 import config
 import data
 import diffusion
@@ -40,7 +39,7 @@ def test_every_periodic_branch_runs(tiny_data, tmp_path):
     cfg = tiny_train_cfg(tiny_data, tmp_path / "run", steps=4, sample_every=2, ckpt_every=2)
     model = train.train(cfg, TINY_MODEL)
     out = tmp_path / "run"
-    for f in ("samples_000002.png", "samples_000004.png", "loss.png", "log.txt", "config.json", "ckpt.pt"):
+    for f in ("samples_000002.png", "samples_000004.png", "log.txt", "config.json", "ckpt.pt"):
         assert (out / f).is_file(), f
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert ck["step"] == 4 and len(ck["history"]["loss"]) == 4
@@ -199,8 +198,8 @@ def test_default_train_step_multiplies_foreground_and_min_snr_weights():
                                       (dict(space="latent", image_size=64, ae_factor=3), "--ae-factor 3: must be a")])
 def test_sizes_the_unet_cannot_divide_are_one_line_errors(kw, says):
     mults = kw.pop("channel_mults", None)
-    with pytest.raises(coco.DataError) as e:
-        unet.check_sizes(train.TrainConfig(**kw), dict(channel_mults=mults) if mults else None)
+    with pytest.raises(config.DataError) as e:
+        train.check_sizes(train.TrainConfig(**kw), dict(channel_mults=mults) if mults else None)
     assert says in str(e.value) and "\n" not in str(e.value)
-    unet.check_sizes(train.TrainConfig(image_size=32))                                 # the default passes
-    unet.check_sizes(train.TrainConfig(image_size=64, space="latent"))
+    train.check_sizes(train.TrainConfig(image_size=32))                                 # the default passes
+    train.check_sizes(train.TrainConfig(image_size=64, space="latent"))

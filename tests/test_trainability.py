@@ -3,7 +3,7 @@ time."""
 import torch
 
 import sample
-import trainability
+from experiments import trainability
 
 
 def test_training_layouts_are_drawn_and_mirrored(ckpt):

@@ -5,14 +5,14 @@ import torch
 
 import data
 import diffusion
-import masks
 import unet
+from experiments import masks
 from conftest import TINY_MODEL
 
 TOK = data.LayoutTokenizer(["circle", "square", "triangle"], bins=8, max_objects=3)
 
 
-def make(cond="object", in_channels=3, **kw):
+def make(cond="paint", in_channels=3, **kw):
     torch.manual_seed(0)
     m = unet.UNet(unet.UNetConfig.for_tokenizer(TOK, cond=cond, in_channels=in_channels, **{**TINY_MODEL, **kw}),
                   loc_xy=TOK.location_xy())
@@ -46,7 +46,7 @@ def test_size_not_divisible_is_a_clear_error():
         m(torch.randn(1, 3, 18, 18), torch.tensor([3]), tokens(A))
 
 
-@pytest.mark.parametrize("cond", ["object", "tokens", "paint"])
+@pytest.mark.parametrize("cond", ["tokens", "paint"])
 def test_changing_the_layout_changes_the_output(cond):
     m = make(cond)
     x, t = torch.randn(1, 3, 16, 16).repeat(4, 1, 1, 1), torch.full((4,), 500)
@@ -58,7 +58,7 @@ def test_changing_the_layout_changes_the_output(cond):
         assert (e[0] - e[i]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("cond", ["object", "tokens", "paint"])
+@pytest.mark.parametrize("cond", ["tokens", "paint"])
 def test_object_order_does_not_matter(cond):
     """Objects are a set: no per-object position embedding, so permuting them leaves eps_pred unchanged."""
     m = make(cond)
@@ -70,7 +70,7 @@ def test_object_order_does_not_matter(cond):
 
 
 def test_object_valid_matches_tokenizer_slots_and_null_prompt_is_finite():
-    m = make("object")
+    m = make("paint")
     tk = torch.cat([tokens(A, ([[0.2, 0.2, 0.6, 0.6]], [2])), TOK.null_prompt()[None]])
     with torch.no_grad():
         eps, f = m(torch.randn(3, 3, 16, 16), torch.full((3,), 10), tk, return_features=True)
@@ -94,18 +94,8 @@ def test_sincos_neighbours_are_more_alike_than_far_bins():
     assert cos(e[0], e[1], 0) > cos(e[0], e[2], 0) and cos(e[0], e[1], 0) > cos(e[0], e[3], 0)
 
 
-def test_axis_tokenizer_leaves_the_unused_half_random():
-    tok = data.LayoutTokenizer(["a"], bins=4, max_objects=2, location="axis")
-    torch.manual_seed(0)
-    m = unet.UNet(unet.UNetConfig.for_tokenizer(tok, **TINY_MODEL), loc_xy=tok.location_xy())
-    W = m.encoder.tok_emb.weight.detach()
-    x_tok = W[tok.loc_offset + 2]                                           # x = 2/3, y unused
-    assert torch.allclose(x_tok[:8], unet.sincos_1d(torch.tensor([2.0]), 8)[0] * 2 ** 0.5, atol=1e-6)
-    assert not torch.allclose(x_tok[8:], unet.sincos_1d(torch.tensor([0.0]), 8)[0] * 2 ** 0.5)
-
-
 def test_gradients_reach_encoder_and_unet():
-    m = make("object").train()
+    m = make("paint").train()
     eps = m(torch.randn(2, 3, 16, 16), torch.tensor([5, 600]), tokens(A, A))
     eps.square().mean().backward()
     assert m.encoder.tok_emb.weight.grad.abs().sum() > 0 and m.conv_in.weight.grad.abs().sum() > 0
@@ -133,11 +123,10 @@ def test_attention_core_runs_in_fp32_under_cpu_autocast(monkeypatch):
     assert torch.allclose(y.float(), ref, atol=0.02)
 
 
-@pytest.mark.parametrize("location", ["grid", "axis"])
-def test_the_unet_reads_back_the_boxes_the_tokenizer_wrote(location):
+def test_the_unet_reads_back_the_boxes_the_tokenizer_wrote():
     """The layout encoder's boxes (data.slot_boxes read with the UNet's config) invert LayoutTokenizer.encode:
     the same boxes as the tokenizer's own decode, each within half a bin of the box that was encoded."""
-    tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=3, location=location)
+    tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=3)
     cfg = unet.UNetConfig.for_tokenizer(tok)
     boxes = torch.tensor([[0.1, 0.2, 0.55, 0.9], [0.0, 0.33, 1.0, 0.6]])
     ids = tok.encode(boxes, torch.tensor([1, 0]))[None]
@@ -175,7 +164,7 @@ def test_paint_null_prompt_paints_nothing_and_the_map_reaches_the_unet():
     painted = unet.paint_objects(cond["objects"], cond["boxes"], cond["object_valid"], 16)
     assert painted[1].abs().max() == 0 and painted[0].abs().max() > 0
     n_resblocks = 2 * 1 + 2 + 2 * 2                              # TINY_MODEL: 2 levels, 1 block each way + 1 up, mid 2
-    assert len(m.paint) == n_resblocks and len(make("object").paint) == 0
+    assert len(m.paint) == n_resblocks and len(make("tokens").paint) == 0
     m.train()
     m(torch.randn(1, 3, 16, 16), torch.tensor([5]), tokens(A)).square().mean().backward()
     assert all(c.weight.grad.abs().sum() > 0 for c in m.paint)

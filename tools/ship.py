@@ -25,18 +25,16 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import coco
 import config
-import crops
 import detdiff
-import detector
-import evaluate
 import perception
 import sample
+from experiments import crops, evaluate
+from perceptive import detector
 from train import TrainConfig
 from unet import UNetConfig
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent   # the repository
 SHIPPED = ROOT / "checkpoints" / "shapes"
 RUN = "runs/shapes_ship"
 RECIPE = ["--minutes", "0", "--steps", "5000"]          # the main job's defaults otherwise
@@ -62,7 +60,7 @@ def slim_checkpoint(ck):
 def refuse_a_full(dest):
     """The shipped folder is replaced only by hand: a folder that holds anything is a DataError naming it."""
     if Path(dest).exists() and any(Path(dest).iterdir()):
-        raise coco.DataError(f"{dest}: already holds a model; remove the folder to replace it")
+        raise config.DataError(f"{dest}: already holds a model; remove the folder to replace it")
 
 
 def export(run, dest=SHIPPED):
@@ -70,15 +68,15 @@ def export(run, dest=SHIPPED):
     attribute sidecar, evaluate.py's crop classifier and report. Returns the files written."""
     run, dest = Path(run), Path(dest)
     if not (run / "ckpt.pt").is_file():
-        raise coco.DataError(f"{run / 'ckpt.pt'}: missing; export a finished `python detdiff.py` run folder")
+        raise config.DataError(f"{run / 'ckpt.pt'}: missing; export a finished `python detdiff.py` run folder")
     ck = config.load_file(run / "ckpt.pt")
     if not ck.get("finished"):
-        raise coco.DataError(f"{run / 'ckpt.pt'}: the run has not finished (step {ck.get('step')}); finish it first")
+        raise config.DataError(f"{run / 'ckpt.pt'}: the run has not finished (step {ck.get('step')}); finish it first")
     sources = {"detector.pt": run / "detector.pt", "attributes.json": run / "attributes.json",
                "crop_classifier.pt": run / "eval" / "crop_classifier.pt", **{f: run / f for f in REPORT}}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
-        raise coco.DataError(f"{missing[0]}: missing; run `python evaluate.py --run {run} --parts {PARTS}` first")
+        raise config.DataError(f"{missing[0]}: missing; run `python evaluate.py --run {run} --parts {PARTS}` first")
     refuse_a_full(dest)
     dest.mkdir(parents=True, exist_ok=True)
     config.atomic_save(slim_checkpoint(ck), dest / "ckpt.pt")
@@ -109,7 +107,7 @@ def check(folder=SHIPPED):
     for name, load in loaders.items():
         try:
             load(folder / name)
-        except (coco.DataError, OSError) as e:
+        except (config.DataError, OSError) as e:
             problems.append(str(e))
     if (folder / "ckpt.pt").is_file():
         problems += [f"{folder / 'ckpt.pt'}: {d}" for d in drift(config.load_file(folder / "ckpt.pt"))]
@@ -140,7 +138,7 @@ def main(argv=None):
             evaluate.evaluate(run, evaluate.EvalConfig(parts=PARTS))
         export(run, a.dest)
         print(f"wrote {a.dest} ({size_mb(a.dest):.1f} MB) from {run}; its numbers: {run / 'report.md'}")
-    except coco.DataError as err:
+    except config.DataError as err:
         raise SystemExit(f"error: {err}") from None
     return 0
 

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 import data
-import figures
 
 
 def box_pixels(box, S, grow=0):
@@ -37,7 +36,7 @@ def mask_picture(masks, S):
     """Each object's mask (bool (n, S, S)) in its own colour on black, later objects on top: uint8 (S, S, 3)."""
     out = torch.zeros(S, S, 3, dtype=torch.uint8)
     for k, m in enumerate(masks):
-        out[torch.from_numpy(m)] = torch.tensor(figures.PALETTE[k % len(figures.PALETTE)], dtype=torch.uint8)
+        out[torch.from_numpy(m)] = torch.tensor(data.PALETTE[k % len(data.PALETTE)], dtype=torch.uint8)
     return out.numpy()
 
 

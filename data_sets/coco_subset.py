@@ -1,7 +1,7 @@
 """coco_subset: a few categories of COCO 2017 (or of any instances json), filtered and resized to S x S.
 
-    python data.py coco-subset --coco /path/coco  # writes data/coco_subset from a local COCO 2017 copy
-    python data.py coco-subset --json FILE --images DIR   # from any instances json (split by image id)
+    python -m data_sets coco-subset --coco /path/coco  # writes data/coco_subset from a local COCO 2017 copy
+    python -m data_sets coco-subset --json FILE --images DIR   # from any instances json (split by image id)
 
 Boxes, polygons and RLE masks are transformed with the images; the user's COCO copy is only read.
 """
@@ -13,7 +13,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from coco import DataError, load_coco, log, mask_to_rle, open_rgb, private_tmp, publish, resize_mask, rle_to_mask
+from config import DataError
+from data import load_coco, log, open_rgb, resize_mask, rle_to_mask
+from data_sets.coco import mask_to_rle, private_tmp, publish
 
 
 DEFAULT_COCO_CATEGORIES = ("person", "car", "bus", "dog", "cat", "horse")

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torchvision
 from torchvision.models import detection
 
-import coco
-from detector import Detector, batches, device_of, load_detector, predict
+import config
+from perceptive.detector import Detector, batches, device_of, load_detector, predict
 
 
 def describe(source):
@@ -43,13 +43,13 @@ class TorchvisionDetector(nn.Module):
     def __init__(self, name, class_names, weights=None, min_size=None, class_map=None):
         super().__init__()
         if name not in torchvision.models.list_models(module=detection):
-            raise coco.DataError(f"{name}: not a torchvision detection model (e.g. fasterrcnn_resnet50_fpn, "
+            raise config.DataError(f"{name}: not a torchvision detection model (e.g. fasterrcnn_resnet50_fpn, "
                                  f"retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large)")
         meta = torchvision.models.get_model_weights(name).DEFAULT   # an enum: url and categories, no download
         fname = meta.url.rsplit("/", 1)[-1]
         path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / fname
         if not path.is_file():
-            raise coco.DataError(f"{path}: weights file not found; put {fname} (from {meta.url}) there "
+            raise config.DataError(f"{path}: weights file not found; put {fname} (from {meta.url}) there "
                                  f"or pass its path with --weights")
         categories = meta.meta["categories"]
         kw = dict(min_size=min_size) if min_size else {}
@@ -57,7 +57,7 @@ class TorchvisionDetector(nn.Module):
         try:
             self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise coco.DataError(f"{path}: does not load into {name} ({type(e).__name__})") from None
+            raise config.DataError(f"{path}: does not load into {name} ({type(e).__name__})") from None
         self.model.eval()
         self.label_map = class_mapping(categories, class_names, class_map, path)
         self.description = f"torchvision {name} (COCO weights {path})"
@@ -85,13 +85,13 @@ class ResultsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.results = coco.read_json(self.path)          # missing or malformed: DataError naming the file
+        self.results = config.read_json(self.path)          # missing or malformed: DataError naming the file
         if not isinstance(self.results, list):
-            raise coco.DataError(f"{self.path}: a COCO results json is a list of detections")
+            raise config.DataError(f"{self.path}: a COCO results json is a list of detections")
         for i, r in enumerate(self.results):
             if not (isinstance(r, dict) and {"image_id", "category_id", "bbox", "score"} <= r.keys()
                     and len(r["bbox"]) == 4):
-                raise coco.DataError(f"{self.path}: result {i} lacks image_id, category_id, bbox [x, y, w, h] or score")
+                raise config.DataError(f"{self.path}: result {i} lacks image_id, category_id, bbox [x, y, w, h] or score")
         self.description = f"COCO results json {self.path}"
 
     def subset(self, image_ids):
@@ -108,10 +108,10 @@ class ResultsFile:
         per = defaultdict(list)
         for i, r in enumerate(self.results):
             if r["image_id"] not in rec:
-                raise coco.DataError(f"{self.path}: result {i} refers to image_id {r['image_id']}, "
+                raise config.DataError(f"{self.path}: result {i} refers to image_id {r['image_id']}, "
                                      f"which the data set does not have")
             if r["category_id"] not in cat:
-                raise coco.DataError(f"{self.path}: result {i} has category_id {r['category_id']}, "
+                raise config.DataError(f"{self.path}: result {i} has category_id {r['category_id']}, "
                                      f"which the data set does not have")
             W, H = rec[r["image_id"]]["width"], rec[r["image_id"]]["height"]
             x, y, w, h = (float(v) for v in r["bbox"])
@@ -131,7 +131,7 @@ def parse_class_map(spec):
         return spec
     pairs = [p.split("=") for p in (spec or "").split(",") if p.strip()]
     if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise coco.DataError(f"--detector-classes {spec!r}: expected data-set class=detector class, comma-separated")
+        raise config.DataError(f"--detector-classes {spec!r}: expected data-set class=detector class, comma-separated")
     return {a.strip(): b.strip() for a, b in pairs}
 
 
@@ -143,13 +143,13 @@ def class_mapping(detector_names, data_names, class_map=None, where="detector"):
     cmap, det = parse_class_map(class_map), list(detector_names)
     bad = sorted(set(cmap) - set(data_names))
     if bad:
-        raise coco.DataError(f"{where}: --detector-classes maps {', '.join(bad)}, which the data set does not have "
+        raise config.DataError(f"{where}: --detector-classes maps {', '.join(bad)}, which the data set does not have "
                              f"(its classes: {', '.join(data_names)})")
     want = {c: cmap.get(c, c) for c in data_names}
     missing = [c for c, d in want.items() if d not in det]
     if missing:
         shown = ", ".join(det[:12]) + (f", ... ({len(det)} in all)" if len(det) > 12 else "")
-        raise coco.DataError(f"{where}: the detector has no class {', '.join(repr(want[c]) for c in missing)} for the "
+        raise config.DataError(f"{where}: the detector has no class {', '.join(repr(want[c]) for c in missing)} for the "
                              f"data set's {', '.join(missing)} (its classes: {shown}); map them with "
                              f"--detector-classes {missing[0]}=<its class>,... or use a detector trained on these "
                              f"classes")
@@ -186,7 +186,7 @@ def open_source(spec, class_names, weights="", class_map="", category_ids=None, 
         if category_ids is not None:
             bad = sorted({r["category_id"] for r in res.results} - set(category_ids))
             if bad:
-                raise coco.DataError(f"{spec}: category_id {', '.join(map(str, bad[:8]))} of the results are not the "
+                raise config.DataError(f"{spec}: category_id {', '.join(map(str, bad[:8]))} of the results are not the "
                                      f"data set's (its ids: {', '.join(map(str, category_ids))}); a results json "
                                      f"uses the ids of the data set's instances json")
         return res
@@ -200,7 +200,7 @@ def stage_settings(ck):
     det_size, det_steps, ...); a checkpoint from before they were split off the generator's has them in train_cfg."""
     settings = ck.get("pipeline_cfg") or ck["train_cfg"]
     if "det_size" not in settings:
-        raise coco.DataError("the checkpoint has no detector settings (trained by train.py alone); evaluate a run "
+        raise config.DataError("the checkpoint has no detector settings (trained by train.py alone); evaluate a run "
                              "folder of `python detdiff.py`")
     return settings
 

@@ -2,12 +2,12 @@
 
 Five silhouettes on varied backgrounds; about 45% of the objects carry one nuisance (small, low contrast,
 occluded by an unlabelled bar, blurred, noisy) so that detection difficulty varies while every label stays
-right: the perception-aware attribute (PAPER.md section 2) has something to find. Masks and boxes are the whole
+right: the perception-aware attribute (docs/paper.md section 2) has something to find. Masks and boxes are the whole
 (amodal) silhouette, also where a bar hides part of it. The nuisance is kept in each annotation ("nuisance") so
 that later stages can check what [hard] objects are.
 
-    python data.py shapes                         # writes data/shapes (a few seconds); `data.resolve_data`
-                                                  # also builds it on first use
+    python -m data_sets shapes                    # writes data/shapes (a few seconds); `build_if_missing`
+                                                  # makes it on first use for the commands that need it
 """
 import json
 import math
@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from coco import DataError, private_tmp, publish
+import data
+from config import DataError
+from data_sets.coco import private_tmp, publish
 
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
@@ -169,3 +171,17 @@ def make_shapes(out, seed=0, n_train=2000, n_val=300, image_size=64, progress=Tr
             json.dump(dict(images=images, annotations=anns, categories=categories,
                            info=dict(description="detdiff shapes", seed=seed, image_size=image_size)), f)
     return publish(tmp, out)
+
+
+def build_if_missing(name_or_path):
+    """data.resolve_data, with the embedded `shapes` set written to data/shapes first when it is not there yet: what
+    the commands (the main job, sample.py, evaluate, the notebooks) call before they read a data set by name."""
+    root = data.DATA_DIR / "shapes"
+    if name_or_path == "shapes" and not (root / "annotations").is_dir():
+        data.log.info("building the default data set in %s (once)", root)
+        try:
+            make_shapes(root)
+        except DataError:
+            if not (root / "annotations" / "instances_val.json").exists():   # not a concurrent build: real
+                raise
+    return data.resolve_data(name_or_path)

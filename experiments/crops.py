@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 import config
 import data
-import detector
 import optim
+from perceptive import detector
 
 KIND = "detdiff-crop-classifier"       # config.save_module's kind of crop_classifier.pt
 

@@ -1,46 +1,12 @@
-"""The pictures: a layout drawn on its image, grids of them, and loss curves (PIL only; matplotlib is not a
-runtime dependency). Every figure the project writes (grids, loss curves, the easy/hard comparisons) is made
-from these.
+"""Figures beyond a layout drawn on its image (data.draw_layout, data.image_grid): loss curves and the method as a
+diagram (PIL only; matplotlib is not a runtime dependency).
 
-    python data.py show --data shapes             # docs/shapes_grid.png: 16 layouts drawn on their images
-    python figures.py                             # docs/pipeline.png: the method as a diagram (README)
+    python -m experiments.figures                 # docs/pipeline.png: the method as a diagram (README)
 """
 import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-
-
-DIFFICULTY_COLOURS = {1: (0, 220, 0), 2: (255, 0, 0)}  # [easy] green, [hard] red
-
-
-def draw_layout(image, boxes, labels, class_names, difficulty=None, scale=4):
-    """uint8 (H, W, 3) image + boxes in [0, 1] -> PIL image enlarged `scale` times with boxes and names.
-    Colour is per class, or green/red for [easy]/[hard] when difficulty is given."""
-    im = Image.fromarray(np.asarray(image)).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
-    d = ImageDraw.Draw(im)
-    W, H = im.size
-    for k, (box, c) in enumerate(zip(np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels).reshape(-1))):
-        code = int(difficulty[k]) if difficulty is not None else 0
-        colour = DIFFICULTY_COLOURS.get(code, PALETTE[int(c) % len(PALETTE)])
-        x0, y0, x1, y1 = box * [W, H, W, H]
-        d.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=1)
-        d.text((x0 + 2, y0 + 1), class_names[int(c)][:6], fill=colour)
-    return im
-
-
-def image_grid(images, ncol=4, pad=2, fill=(255, 255, 255)):
-    """List of equally sized PIL images -> one grid image."""
-    w, h = images[0].size
-    nrow = math.ceil(len(images) / ncol)
-    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + pad) + pad), fill)
-    for i, im in enumerate(images):
-        grid.paste(im, (pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + pad)))
-    return grid
 
 
 def loss_curve(curves, path, title="training loss", smooth=0.95):
@@ -83,8 +49,8 @@ def loss_curve(curves, path, title="training loss", smooth=0.95):
 
 PIPELINE = [  # (column, row, text); arrows join the first row's boxes in order and the pairs in PIPELINE_LINKS
     (0, 0, "real images + layouts\ndata.py"),
-    (1, 0, "detector, trained on them\ndetector.py"),
-    (2, 0, "[easy] / [hard] per object:\nconf > gamma, IoU > beta\nperception.make_attributes"),
+    (1, 0, "detector, trained on them\nperceptive/detector.py"),
+    (2, 0, "[easy] / [hard] per object:\nconf > gamma, IoU > beta\nperception.assign_attributes"),
     (3, 0, "\"An image with star <l3,5>\n<l12,15> [hard], ...\"\ndata.LayoutTokenizer"),
     (3, 1, "layout encoder + UNet\neps_theta(x_t, t, tokens)\nunet.py"),
     (2, 1, "L_simple = |eps - eps_theta|^2\ndiffusion.loss_simple"),
@@ -93,7 +59,7 @@ PIPELINE = [  # (column, row, text); arrows join the first row's boxes in order 
     (0, 3, "your layouts, every object\n[easy] or [hard]"),
     (1, 3, "sampling with guidance\nsample.generate"),
     (2, 3, "labelled images + masks\n(COCO, YOLO folders)"),
-    (3, 3, "detector training data;\nits AP on them: evaluate.py"),
+    (3, 3, "detector training data;\nits AP on them: experiments/"),
 ]
 PIPELINE_LINKS = [(3, 4), (4, 5), (4, 6), (5, 7), (6, 7), (8, 9), (9, 10), (10, 11)]
 PIPELINE_FILLS = ((230, 240, 255), (255, 240, 225), (255, 240, 225), (230, 250, 230))   # per row: data, training,

@@ -7,7 +7,6 @@ the same budget (by default as many steps as the run), then scored by evaluate.p
 from dataclasses import replace
 from pathlib import Path
 
-import coco
 import config
 import train
 
@@ -47,7 +46,7 @@ def train_ablation(run, ck, name, overrides, cfg, log, into=None):
     if done.get("finished"):
         had = done["train_cfg"]
         if not cfg.quick and any(had.get(k) != v for k, v in budget.items()):
-            raise coco.DataError(f"{path}: trained with another budget ({', '.join(f'{k} {had.get(k)}' for k in budget)}"
+            raise config.DataError(f"{path}: trained with another budget ({', '.join(f'{k} {had.get(k)}' for k in budget)}"
                                  f" instead of {', '.join(f'{k} {v}' for k, v in budget.items())}); remove that folder "
                                  f"to retrain it, or pass the budget it had (--ablation-steps / --ablation-minutes)")
         log(f"[ablations] reusing {path}")

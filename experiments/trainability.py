@@ -7,10 +7,9 @@ on the real val split over several seeds: evaluate.py's `trainability` part.
 import torch
 from tqdm import tqdm
 
-import coco_map
 import data
-import detector
 import sample
+from perceptive import coco_map, detector
 
 
 def training_layouts(ck, n, seed):

@@ -49,15 +49,15 @@ import torch.nn as nn
 import config
 import data
 import diffusion
-import flops
 import optim
 import sample
-import shapes
 import train
+from data_sets import shapes
+from tools import flops
 from unet import UNet, UNetConfig
 
 WIDE = dict(base_channels=128)       # the "GPU-sized" config: 16x the default's FLOPs at the same depth
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent   # the repository
 
 
 def parse_args(argv=None):
@@ -285,7 +285,7 @@ class Bench:
                 "runpy.run_path('detdiff.py', run_name='__main__'); "
                 "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
                 "print('peak_rss_mb', r / 2 ** 20 if sys.platform == 'darwin' else r / 2 ** 10)")
-        data.resolve_data("shapes")                  # written once on a fresh machine (~10 s), not part of the run
+        shapes.build_if_missing("shapes")            # written once on a fresh machine (~10 s), not part of the run
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             p = subprocess.run([sys.executable, "-c", code, "--stage", "generator", "--steps", str(steps),

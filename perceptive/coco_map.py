@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-import coco
-from detections import detect_dataset
+import config
+from perceptive.detections import detect_dataset
 
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -124,7 +124,7 @@ def coco_map(gt, results, max_dets=100, area_range=(0.0, 1e5 ** 2)):
 def crowd_regions(json_path):
     """{image_id: [crowd boxes xywh]} of an instances json (data.py leaves crowds out of layouts)."""
     out = defaultdict(list)
-    for a in coco.read_json(json_path).get("annotations", []):
+    for a in config.read_json(json_path).get("annotations", []):
         if a.get("iscrowd", 0):
             out[a["image_id"]].append((a["category_id"], a["bbox"]))
     return out

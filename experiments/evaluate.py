@@ -20,7 +20,7 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 training distribution, origin / all easy / all hard, and all hard after the class filter), scored
                 on the real val split, `seeds` seeds: train_real_map50, train_aug_{origin,easy,hard}_map50,
                 train_aug_hard_filtered_map50 (means; the runs in metrics["trainability"])
-  masks         how well the instance masks sample.py exports (the perception head's, masks.object_masks) fit the
+  masks         how well the instance masks sample.py exports (the perception head's, sample.object_masks) fit the
                 objects the images drew: per object, the IoU with the object segmented inside its box by colour
                 contrast with a ring just outside it (masks.drawn_masks); beside it the filled box's IoU (--masks
                 box), and that segmentation on the real val images against their true masks (the segmenter's own
@@ -44,21 +44,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import ablations
 import autoencoder
-import coco
-import coco_map
 import config
-import crops
 import data
-import detections
-import detector
-import fid
-import figures
-import masks
-import report
 import sample
-import trainability
+from data_sets import export, shapes
+from experiments import ablations, crops, fid, masks, report, trainability
+from perceptive import coco_map, detections, detector
 
 PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability", "masks")
 
@@ -111,7 +103,7 @@ def detector_ap(det, images, layouts, names, ids, folder, det_size, max_objects)
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
-    sample.write_coco(folder, "val", images, layouts, names, ids)
+    export.write_coco(folder, "val", images, layouts, names, ids)
     r = coco_map.evaluate(det, data.CocoLayoutDataset(folder, "val", size=det_size, min_area=0,
                                                       max_objects=max_objects))
     return {k: round(r[k], 4) for k in ("mAP", "AP50", "AP75")}
@@ -121,9 +113,9 @@ def easy_hard_figure(real, generated, layouts, names, path, n=8):
     """Rows: the real val images, then the same layouts generated with origin, all-easy and all-hard attributes
     (same noise); boxes drawn, easy green, hard red."""
     rows = [("origin", real)] + [(m, generated[m]) for m in sample.MODES]
-    tiles = [figures.draw_layout(im, lay["boxes"], lay["labels"], names, lay["difficulty"])
+    tiles = [data.draw_layout(im, lay["boxes"], lay["labels"], names, lay["difficulty"])
              for m, ims in rows for im, lay in zip(ims[:n], sample.with_difficulty(layouts[:n], m))]
-    figures.image_grid(tiles, ncol=min(n, len(layouts))).save(path)
+    data.image_grid(tiles, ncol=min(n, len(layouts))).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,11 +133,11 @@ def check_settings(cfg):
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise coco.DataError(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+        raise config.DataError(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     if cfg.sampler not in sample.SAMPLERS:
-        raise coco.DataError(f"--sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
+        raise config.DataError(f"--sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
     if cfg.dtype not in config.DTYPES:
-        raise coco.DataError(f"--dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
+        raise config.DataError(f"--dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
     device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
     cfg = replace(cfg, device=str(device), dtype=dtype)           # what ran, in metrics.json and for the ablations
@@ -159,7 +151,7 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
     """Open RUN's log, generator and detector; check they serve the parts and rows (DataErrors). Fills meta."""
     run = Path(run)
     if not (run / "ckpt.pt").is_file():
-        raise coco.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
+        raise config.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
     out = Path(cfg.out) if cfg.out else run
     (out / "eval").mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
@@ -175,21 +167,21 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
     tc, st = ck["train_cfg"], detections.stage_settings(ck)     # the generator's settings, the stages'
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
     if not st.get("detector") and not (run / "detector.pt").is_file():
-        raise coco.DataError(f"{run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
+        raise config.DataError(f"{run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
     det = detections.run_detector(run, st, names, ids, device)   # the run's own, or the one given with --detector
     blind = [p for p in ("fidelity", "easy_hard") if p in parts] if isinstance(det, detections.ResultsFile) else []
     if blind or (cfg.ablations and isinstance(det, detections.ResultsFile)):
-        raise coco.DataError(f"{st['detector']}: a results json cannot score generated images "
+        raise config.DataError(f"{st['detector']}: a results json cannot score generated images "
                              f"({', '.join(blind) or 'ablations'}); "
                              f"pass --parts {','.join(p for p in parts if p not in blind) or 'crops'} or train the "
                              f"run with a detector checkpoint or torchvision:NAME")
     rows = ablations.ablation_settings(tc)
     pick = [r.strip() for r in cfg.ablation_rows.split(",") if r.strip()] or list(rows)
     if set(pick) - set(rows):
-        raise coco.DataError(f"--ablation-rows: unknown {', '.join(sorted(set(pick) - set(rows)))} (choose "
+        raise config.DataError(f"--ablation-rows: unknown {', '.join(sorted(set(pick) - set(rows)))} (choose "
                              f"from {', '.join(rows)})")
     to_train = {n: rows[n] for n in rows if n in pick}
-    root = data.resolve_data(tc["data"])
+    root = shapes.build_if_missing(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
     cfg = replace(cfg, attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
     gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch, seed=cfg.seed,
@@ -315,7 +307,7 @@ def masks_part(R):
         truth = [R.real_val_S.load(i) for i in range(len(lays))]
         if not all(r["boxes"].shape == tuple(lay["boxes"].shape) and np.allclose(r["boxes"], lay["boxes"].numpy())
                    for r, lay in zip(truth, lays)):
-            raise coco.DataError(f"{coco.split_paths(R.root, 'val')[0]}: the val objects no longer match the "
+            raise config.DataError(f"{data.split_paths(R.root, 'val')[0]}: the val objects no longer match the "
                                  f"layouts the run was given (was the data set changed?)")
         r = masks.mask_fit(R.real, lays, [x["masks"] for x in truth])
         M.update(mask_iou_head=g["iou"], mask_iou_box=g["box_iou"], mask_iou_real_gt=r["iou"],
@@ -349,7 +341,7 @@ def trainability_part(R, clf):
             if not ii:
                 log(f"[trainability] {name}: no generated image left, set skipped")
                 continue
-            sample.write_coco(folder, "train", ii, ll, names, ids)
+            export.write_coco(folder, "train", ii, ll, names, ids)
             extra[name] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
     det_cfg, det_steps = detector.DetectorConfig(len(names), tuple(names), R.stages["det_size"]), \
         cfg.det_steps or R.stages["det_steps"]
@@ -401,7 +393,7 @@ def write_metrics(R):
     run, M = R.out, R.M
     M["meta"]["seconds"]["total"] = total = round(time.time() - R.started, 1)
     if (run / "metrics.json").is_file():          # parts not run this time keep their earlier results
-        old = coco.read_json(run / "metrics.json")
+        old = config.read_json(run / "metrics.json")
         for k in ("seconds", "notes"):
             M["meta"][k] = {**old["meta"].get(k, {}), **M["meta"][k]}
         if "ablations" in M:                      # rows trained earlier (--ablation-rows) stay
@@ -442,7 +434,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         evaluate(a.run, config.pick(a, EvalConfig))
-    except coco.DataError as err:
+    except config.DataError as err:
         raise SystemExit(f"error: {err}") from None
 
 
