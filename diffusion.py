@@ -7,7 +7,7 @@ Notation (Ho et al. 2020, "DDPM"; t is an index 0..T-1 everywhere in this projec
     alpha_t      1 - beta_t                                                          `alphas[t]`
     alpha_bar_t  prod_{s <= t} alpha_s, the signal kept in x_t                       `alpha_bar[t]`
     L_simple     || eps - eps_theta ||^2 (DDPM Eq. 14)                               `loss_simple`
-    L_p          sqrt(alpha_bar_t) (L_m + L_d), the perception loss (docs/paper.md Eq. 8)    `perception.perception_loss`
+    L_p          sqrt(alpha_bar_t) (L_m + L_d), the perception loss (docs/paper.md Eq. 7)    `perception.perception_loss`
     lambda       L = L_simple + lambda L_p                                           `--pal-weight`
     x_0, x_t     a clean image in [-1, 1] (data.py owns that range) and its noised version; in latent mode
                  x_0 = z = scale * E(image), the frozen autoencoder's unit-variance latent (L_LDM = L_simple on z)

@@ -75,7 +75,7 @@ class TrainConfig:
     loss_weight: str = "minsnr"      # weight of L_simple over timesteps: minsnr (Min-SNR-gamma) | none (DDPM's
                                      # L_simple, the paper's)
     snr_gamma: float = 5.0           # Min-SNR's gamma (Hang et al.: 5)
-    pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (docs/paper.md Eq. 9); paper 0.01; 0 = no
+    pal_weight: float = 0.1          # lambda of L = L_simple + lambda L_p (docs/paper.md Eq. 8); paper 0.01; 0 = no
                                      # perception head
     attributes: str = "auto"         # auto: the run's attributes.json (pipeline stage) | none: [none] tokens | a path
     image_size: int = 32

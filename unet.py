@@ -254,8 +254,8 @@ class Attention(nn.Module):
         k, v = rearrange(self.kv(ctx), "b l (two h d) -> two b h l d", two=2, h=self.heads)
         attn_mask = None if mask is None else mask[:, None, None, :]           # (B, 1, 1, Lc)
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 attention on the CPU: the kernel's backward is 2.4-6x slower than in fp32 at these shapes
-            # (docs/performance.md); the core runs in fp32, the projections around it stay in bf16
+            # bf16 attention on the CPU: the kernel's backward is several times slower than in fp32 at these
+            # shapes (measured in docs/performance.md); the core runs in fp32, the projections around it stay in bf16
             with torch.autocast("cpu", enabled=False):
                 o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
         else:

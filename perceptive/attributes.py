@@ -24,7 +24,8 @@ logger = logging.getLogger("detdiff.perception")
 
 def attribute_warning(hard_fraction, source):
     """None, or the warning for a degenerate attribute: with almost every object hard (or easy) the [easy]/[hard]
-    token carries no signal (measured: a from-scratch detector on 61 real COCO images called 99.2% hard)."""
+    token carries no signal (a from-scratch detector trained on a few dozen real COCO images calls nearly
+    every object hard; docs/own_data.md)."""
     if hard_fraction > 0.9:
         return (f"warning: {100 * hard_fraction:.1f}% of the training objects are hard: the detector ({source}) "
                 f"finds almost none of them, so [easy]/[hard] carries no signal. Give a stronger detector "

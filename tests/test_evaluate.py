@@ -55,7 +55,7 @@ def test_report_shows_the_measured_numbers(run):
     out, M = run
     text = (out / "report.md").read_text()
     for head in ("1. Layout fidelity", "2. FID", "3. Easy vs hard", "4. Trainability", "5. Ablations",
-                 "6. Class consistency", "Targets"):
+                 "6. Class consistency", "The paper's claims on this run"):
         assert head in text, head
     assert f"| generated | 4 | {M['fidelity_map']:.3f} | {M['fidelity_map50']:.3f} |" in text
     assert "FID - (skipped: no file at" in text
