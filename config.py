@@ -1,12 +1,14 @@
-"""Configs in and out: a dataclass as command-line flags, a module saved with the config that rebuilds it, and the
-device and dtype settings resolved against the hardware (the one device rule every command follows).
+"""Configs in and out: a dataclass as command-line flags, a module saved with the config that
+rebuilds it, and the device and dtype settings resolved against the hardware (the one device rule
+every command follows).
 
-Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.UNetConfig`, the main job's
-`detdiff.PipelineConfig`, ...); `add_flags` makes each field a flag (`--pal-weight 0.1`, `--no-fg-reweight`) and
-`pick` reads them back. Every trained module is one file that rebuilds it alone: `save_module` / `load_module` (the
-detector, the crop classifier, the autoencoder; the generator's checkpoint carries more, see `train.py`).
-Bad input of any kind (a file, a flag, a setting) is a `DataError`: one line that names the file or the flag and the
-problem; the commands print it as `error: ...` and exit 1. `RunLog` is the one log a run folder keeps.
+Every setting in this project lives in a dataclass (`train.TrainConfig`, `unet.UNetConfig`, the main
+job's `detdiff.PipelineConfig`, ...); `add_flags` makes each field a flag (`--pal-weight 0.1`,
+`--no-fg-reweight`) and `pick` reads them back. Every trained module is one file that rebuilds it
+alone: `save_module` / `load_module` (the detector, the crop classifier, the autoencoder; the
+generator's checkpoint carries more, see `train.py`). Bad input of any kind (a file, a flag, a
+setting) is a `DataError`: one line that names the file or the flag and the problem; the commands
+print it as `error: ...` and exit 1. `RunLog` is the one log a run folder keeps.
 
     python detdiff.py --help                      # every flag add_flags made from TrainConfig and UNetConfig
 """
@@ -38,8 +40,9 @@ def read_json(path):
 
 
 class RunLog:
-    """A run folder's log: each line printed above any progress bar and appended to `path` (log.txt). A process
-    that is not the run's writer (a DDP rank other than 0: enabled=False) logs nothing."""
+    """A run folder's log: each line printed above any progress bar and appended to `path`
+    (log.txt). A process that is not the run's writer (a DDP rank other than 0: enabled=False) logs
+    nothing."""
 
     def __init__(self, path, enabled=True):
         self.file = open(path, "a") if enabled else None
@@ -55,14 +58,15 @@ class RunLog:
             self.file.close()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A dataclass as command-line flags
 
 def add_flags(parser, cls, skip=(), only=None, given_only=False):
-    """One flag per field of the dataclass `cls` (or of the `only` fields): --field-name, typed as the field;
-    booleans get --x / --no-x, tuples of ints read "1,2,4"; a field named in the class's CHOICES takes only those
-    values (argparse says which, in one line, before anything runs). given_only: the default is argparse.SUPPRESS,
-    so the parsed namespace holds only the flags given on the command line."""
+    """One flag per field of the dataclass `cls` (or of the `only` fields): --field-name, typed as
+    the field; booleans get --x / --no-x, tuples of ints read "1,2,4"; a field named in the class's
+    CHOICES takes only those values (argparse says which, in one line, before anything runs).
+    given_only: the default is argparse.SUPPRESS, so the parsed namespace holds only the flags given
+    on the command line."""
     for f in only if only is not None else fields(cls):
         if f.name in skip:
             continue
@@ -72,29 +76,32 @@ def add_flags(parser, cls, skip=(), only=None, given_only=False):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"default {f.default}")
         elif f.type in (tuple, "tuple"):
-            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",") if v), metavar="A,B,..",
+            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",") if v),
+                                metavar="A,B,..",
                                 default=default, help=f"default {','.join(map(str, f.default))}")
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=typ, default=default, choices=getattr(cls, "CHOICES", {}).get(f.name),
+            parser.add_argument(flag, type=typ, default=default,
+                                choices=getattr(cls, "CHOICES", {}).get(f.name),
                                 help=f"default {f.default}")
 
 
 def check_choices(cfg):
-    """A settings dataclass built in code (not from flags) against its CHOICES: a one-line DataError naming the
-    flag, the value and the choices, before anything runs."""
+    """A settings dataclass built in code (not from flags) against its CHOICES: a one-line DataError
+    naming the flag, the value and the choices, before anything runs."""
     for name, allowed in getattr(cfg, "CHOICES", {}).items():
         if getattr(cfg, name) not in allowed:
-            raise DataError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, got "
-                            f"{getattr(cfg, name)!r}")
+            raise DataError(f"--{name.replace('_', '-')} must be one of "
+                            f"{', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
 
 
 def pick(ns, cls, **kw):
-    """The dataclass `cls` from the fields a parsed namespace has (others keep their defaults), plus `kw`."""
+    """The dataclass `cls` from the fields a parsed namespace has (others keep their defaults), plus
+    `kw`."""
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}, **kw)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A module saved with its config
 
 def atomic_save(obj, path):
@@ -103,30 +110,34 @@ def atomic_save(obj, path):
     os.replace(tmp, path)   # readers see the old or the new file, never half of one
 
 
-# numpy's RNG state (an array) is the one thing a generator checkpoint holds beyond tensors and plain values
-NUMPY_STATE = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
+# numpy's RNG state (an array) is the one thing a generator checkpoint holds beyond tensors and
+# plain values
+NUMPY_STATE = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray,
+               np.dtype,
                type(np.dtype(np.uint32))]
 
 
 def load_file(path):
-    """torch.load of a file this project wrote (a generator checkpoint, a module file) with weights_only=True, so
-    that no code in the file runs: tensors, plain values and numpy's RNG-state arrays only."""
+    """torch.load of a file this project wrote (a generator checkpoint, a module file) with
+    weights_only=True, so that no code in the file runs: tensors, plain values and numpy's RNG-state
+    arrays only."""
     with torch.serialization.safe_globals(NUMPY_STATE):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_module(path, kind, module, config, **extra):
-    """One file that rebuilds `module` alone: what it is (`kind`), its `config` (a dict of plain values), its
-    weights, and any `extra` facts (plain values) a reader wants without building it."""
+    """One file that rebuilds `module` alone: what it is (`kind`), its `config` (a dict of plain
+    values), its weights, and any `extra` facts (plain values) a reader wants without building
+    it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(dict(kind=kind, config=config, state_dict=module.state_dict(), **extra), path)
 
 
 def load_module(path, kind, build, what, hint=""):
-    """(module in eval mode, the file's dict) from a `save_module` file of this `kind`; `build(config)` makes the
-    untrained module. A missing file, or a file of another kind, is a one-line DataError naming it and `what` it
-    should be (`hint`: how to make one)."""
+    """(module in eval mode, the file's dict) from a `save_module` file of this `kind`;
+    `build(config)` makes the untrained module. A missing file, or a file of another kind, is a
+    one-line DataError naming it and `what` it should be (`hint`: how to make one)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found" + (f" ({hint})" if hint else ""))
@@ -141,12 +152,13 @@ def load_module(path, kind, build, what, hint=""):
     return module.eval(), f
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The dtype setting
 
 
 def cpu_flags(path="/proc/cpuinfo"):
-    """The CPU's feature flags as the kernel lists them (Linux); an empty set where there is no such file."""
+    """The CPU's feature flags as the kernel lists them (Linux); an empty set where there is no such
+    file."""
     try:
         text = Path(path).read_text()
     except OSError:
@@ -155,9 +167,10 @@ def cpu_flags(path="/proc/cpuinfo"):
 
 
 def resolve_dtype(dtype, device, flags=None):
-    """--dtype auto -> (dtype, why): bf16 autocast where the hardware computes in bf16 (a CUDA device that
-    supports it; an x86 CPU with AVX-512 BF16 or AMX, read from /proc/cpuinfo), else fp32, because a CPU without
-    bf16 instructions emulates them and runs many times slower than in fp32. Other values pass through."""
+    """--dtype auto -> (dtype, why): bf16 autocast where the hardware computes in bf16 (a CUDA
+    device that supports it; an x86 CPU with AVX-512 BF16 or AMX, read from /proc/cpuinfo), else
+    fp32, because a CPU without bf16 instructions emulates them and runs many times slower than in
+    fp32. Other values pass through."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     if dtype != "auto":
@@ -165,7 +178,8 @@ def resolve_dtype(dtype, device, flags=None):
     device = torch.device(device)
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
-        return ("bf16", "auto: the GPU supports bf16") if ok else ("fp32", "auto: the GPU has no bf16")
+        return ("bf16", "auto: the GPU supports bf16") if ok else ("fp32", "auto: the GPU has no "
+                                                                           "bf16")
     if device.type == "cpu":
         have = sorted({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else set(flags)))
         if have:
@@ -174,15 +188,15 @@ def resolve_dtype(dtype, device, flags=None):
     return "fp32", f"auto: fp32 on {device.type}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The device setting: one rule for every command
 
 
 def resolve_device(spec="auto", local_rank=0):
-    """--device -> (torch.device, why). auto: CUDA (cuda:LOCAL_RANK under torchrun) if there is one, else Apple's
-    MPS, else the CPU. An explicit cuda / cuda:N / mps that this machine does not have is a one-line DataError;
-    a bare "cuda" under torchrun means this process's GPU, cuda:LOCAL_RANK. "meta" (PyTorch's shape-only device)
-    passes through: the tests run the device paths on it."""
+    """--device -> (torch.device, why). auto: CUDA (cuda:LOCAL_RANK under torchrun) if there is one,
+    else Apple's MPS, else the CPU. An explicit cuda / cuda:N / mps that this machine does not have
+    is a one-line DataError; a bare "cuda" under torchrun means this process's GPU, cuda:LOCAL_RANK.
+    "meta" (PyTorch's shape-only device) passes through: the tests run the device paths on it."""
     spec = (spec or "auto").strip()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -196,14 +210,16 @@ def resolve_device(spec="auto", local_rank=0):
         raise DataError(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DataError(f"--device {spec}: this machine has no CUDA device (torch {torch.__version__}); use "
-                            f"--device cpu or auto")
+            raise DataError(f"--device {spec}: this machine has no CUDA device (torch "
+                            f"{torch.__version__}); use --device cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise DataError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise DataError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise DataError(f"--device {spec}: Apple MPS is not available here; use --device cpu or auto")
+        raise DataError(f"--device {spec}: Apple MPS is not available here; use --device cpu or "
+                        f"auto")
     elif device.type not in ("cpu", "cuda", "mps", "meta"):
         raise DataError(f"--device {spec}: not supported (auto, cpu, cuda, cuda:N or mps)")
     return device, "as asked"
@@ -214,14 +230,16 @@ DTYPES = ("auto", *TORCH_DTYPES)   # every --dtype flag's choices
 
 
 def sampling_dtype(dtype, device):
-    """The dtype sampling runs in for a resolved training dtype: fp16 only on CUDA (elsewhere fp32), others as they
-    are. The grid stage, evaluate.py and the periodic sample grids all sample this way."""
+    """The dtype sampling runs in for a resolved training dtype: fp16 only on CUDA (elsewhere fp32),
+    others as they are. The grid stage, evaluate.py and the periodic sample grids all sample this
+    way."""
     return dtype if dtype != "fp16" or torch.device(device).type == "cuda" else "fp32"
 
 
 def autocast(device, dtype):
-    """The forward's autocast context for a resolved dtype (fp32 | bf16 | fp16): torch.autocast for a reduced
-    dtype, a null context in fp32 (torch.autocast refuses some devices, meta among them, even when disabled)."""
+    """The forward's autocast context for a resolved dtype (fp32 | bf16 | fp16): torch.autocast for
+    a reduced dtype, a null context in fp32 (torch.autocast refuses some devices, meta among them,
+    even when disabled)."""
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=TORCH_DTYPES[dtype])

@@ -1,8 +1,8 @@
-"""The optimisation pieces the generator's loop (train.py) and the autoencoder's (autoencoder.py) share: AdamW with
-weight decay on weight matrices only, linear warm-up then cosine decay (also the detector's and the crop
-classifier's), batches as a pure function of
-(seed, step) so that a resumed run sees exactly the batches the killed one would have, the EMA of the weights, and
-the RNG state a checkpoint carries.
+"""The optimisation pieces the generator's loop (train.py) and the autoencoder's (autoencoder.py)
+share: AdamW with weight decay on weight matrices only, linear warm-up then cosine decay (also the
+detector's and the crop classifier's), batches as a pure function of (seed, step) so that a resumed
+run sees exactly the batches the killed one would have, the EMA of the weights, and the RNG state a
+checkpoint carries.
 
     python detdiff.py --stage generator --steps 200 --out runs/quick   # the loop these serve
 """
@@ -16,14 +16,17 @@ import torch
 
 def make_optimizer(raw, cfg):
     """AdamW, weight decay on weight matrices and kernels only (not on biases and norm gains)."""
-    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [p for p in raw.parameters() if p.dim() < 2]
+    decay, no_decay = [p for p in raw.parameters() if p.dim() >= 2], [
+        p for p in raw.parameters() if p.dim() < 2
+    ]
     return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
                               dict(params=no_decay, weight_decay=0)], lr=cfg.lr, betas=(0.9, 0.99))
 
 
 def warmup_cosine(lr, step, warmup, progress, min_frac=0.0):
-    """The project's one learning-rate schedule: linear warm-up for `warmup` steps, then cosine decay from lr to
-    lr * min_frac as progress goes 0 -> 1 (the generator, the autoencoder, the detector, the crop classifier)."""
+    """The project's one learning-rate schedule: linear warm-up for `warmup` steps, then cosine
+    decay from lr to lr * min_frac as progress goes 0 -> 1 (the generator, the autoencoder, the
+    detector, the crop classifier)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     c = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -31,14 +34,15 @@ def warmup_cosine(lr, step, warmup, progress, min_frac=0.0):
 
 
 def lr_at(cfg, step, progress):
-    """warmup_cosine with a config's lr, warmup and min_lr_frac (TrainConfig; progress is the run's fraction of
-    its steps or of its time budget)."""
+    """warmup_cosine with a config's lr, warmup and min_lr_frac (TrainConfig; progress is the run's
+    fraction of its steps or of its time budget)."""
     return warmup_cosine(cfg.lr, step, cfg.warmup, progress, cfg.min_lr_frac)
 
 
 def batch_indices(n, batch, step, seed, rank=0, world=1):
-    """The dataset indices of `step`'s batch on `rank`: a pure function of (seed, step), so a resumed run sees
-    exactly the batches the killed run would have seen. Epochs are seeded permutations of 0..n-1."""
+    """The dataset indices of `step`'s batch on `rank`: a pure function of (seed, step), so a
+    resumed run sees exactly the batches the killed run would have seen. Epochs are seeded
+    permutations of 0..n-1."""
     G = batch * world
     first = step * G
     out = []
@@ -50,13 +54,15 @@ def batch_indices(n, batch, step, seed, rank=0, world=1):
 
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(n, seed, epoch):
-    """The order of epoch `epoch`: a permutation of 0..n-1 from its own seeded generator, as a list (kept for the
-    few epochs a run is in, so a step does not draw it again for every sample)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    """The order of epoch `epoch`: a permutation of 0..n-1 from its own seeded generator, as a list
+    (kept for the few epochs a run is in, so a step does not draw it again for every sample)."""
+    return torch.randperm(n,
+                          generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 
 def ema_update(ema, model, decay):
-    """EMA of the weights: theta_ema <- decay * theta_ema + (1 - decay) * theta; buffers are copied."""
+    """EMA of the weights: theta_ema <- decay * theta_ema + (1 - decay) * theta; buffers are
+    copied."""
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - decay)

@@ -1,4 +1,5 @@
-"""The data sets detdiff trains on and the data sets it writes: what serves the method (data.py reads them all).
+"""The data sets detdiff trains on and the data sets it writes: what serves the method (data.py
+reads them all).
 
     shapes.py       the embedded default data set `shapes` (procedural, nuisances that make detection hard)
     coco_subset.py  a small resized subset of COCO 2017 or of any instances json

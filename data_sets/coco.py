@@ -1,7 +1,9 @@
-"""The COCO format written out: instance masks as compressed RLE, and data set folders that appear all or nothing.
+"""The COCO format written out: instance masks as compressed RLE, and data set folders that appear
+all or nothing.
 
-Reading a COCO-format folder (instances json, images, polygon and RLE masks) is the method's and lives in data.py;
-what writes one lives here: the data sets (`shapes.py`, `coco_subset.py`) and generated data (`export.py`).
+Reading a COCO-format folder (instances json, images, polygon and RLE masks) is the method's and
+lives in data.py; what writes one lives here: the data sets (`shapes.py`, `coco_subset.py`) and
+generated data (`export.py`).
 
   1. RLE:      `mask_to_rle` (pycocotools' compressed string; `data.rle_to_mask` decodes it)
   2. folders:  `private_tmp` + `publish`, a data set folder built aside and renamed into place
@@ -17,8 +19,9 @@ import numpy as np
 from config import DataError
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Instance masks as compressed RLE (column-major runs that start with a run of zeros, as pycocotools).
+# ---------------------------------------------------------------------------------------------- 1.
+# Instance masks as compressed RLE (column-major runs that start with a run of zeros, as
+# pycocotools).
 
 
 def counts_to_rle_string(counts):
@@ -51,15 +54,17 @@ def mask_to_rle(mask):
 
 
 def private_tmp(out):
-    """A new temporary folder beside `out`, private to this process: two processes building the same data set at
-    once (two notebooks, a test run beside the main job) never write into each other's files."""
+    """A new temporary folder beside `out`, private to this process: two processes building the same
+    data set at once (two notebooks, a test run beside the main job) never write into each other's
+    files."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
 def publish(tmp, out):
-    """Rename a finished `tmp` to `out`: all or nothing, an interrupted build leaves no half data set behind. If
-    another process published `out` first, ours is discarded and a DataError says so."""
+    """Rename a finished `tmp` to `out`: all or nothing, an interrupted build leaves no half data
+    set behind. If another process published `out` first, ours is discarded and a DataError says
+    so."""
     try:
         tmp.rename(out)
     except OSError:

@@ -1,4 +1,5 @@
-"""coco_subset: a few categories of COCO 2017 (or of any instances json), filtered and resized to S x S.
+"""coco_subset: a few categories of COCO 2017 (or of any instances json), filtered and resized to S
+x S.
 
     python -m data_sets coco-subset --coco /path/coco  # writes data/coco_subset from a local COCO 2017 copy
     python -m data_sets coco-subset --json FILE --images DIR   # from any instances json (split by image id)
@@ -24,14 +25,16 @@ DEFAULT_COCO_CATEGORIES = ("person", "car", "bus", "dog", "cat", "horse")
 def build_coco_subset(out, coco=None, json_path=None, images=None,
                       categories=DEFAULT_COCO_CATEGORIES, size=128, min_area=0.02, max_objects=8,
                       max_images=None, val_every=10):
-    """Write a small COCO-format subset. From a COCO 2017 folder (`coco`) its train/val splits are kept;
-    from a single `json_path` + `images` folder, images go to val when crc32(image id) % val_every == 0.
-    Images are stretched to size x size; boxes, polygons and RLE masks are transformed with them."""
+    """Write a small COCO-format subset. From a COCO 2017 folder (`coco`) its train/val splits are
+    kept; from a single `json_path` + `images` folder, images go to val when crc32(image id) %
+    val_every == 0. Images are stretched to size x size; boxes, polygons and RLE masks are
+    transformed with them."""
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; remove it or choose another --out")
     if coco is not None:
-        sources = {s: (Path(coco) / "annotations" / f"instances_{s}2017.json", Path(coco) / f"{s}2017", None)
+        sources = {s: (Path(coco) / "annotations" / f"instances_{s}2017.json",
+                       Path(coco) / f"{s}2017", None)
                    for s in ("train", "val")}
     elif json_path is not None and images is not None:
         sources = {s: (Path(json_path), Path(images), s) for s in ("train", "val")}
@@ -55,20 +58,23 @@ def build_coco_subset(out, coco=None, json_path=None, images=None,
             W, H = rec["width"], rec["height"]
             objs = [o for o in rec["objects"] if o["label"] in chosen]
             area = [(o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) / (W * H) for o in objs]
-            keep = [objs[i] for i in np.argsort(area, kind="stable")[::-1] if area[i] >= min_area][:max_objects]
+            keep = [objs[i] for i in np.argsort(area,
+                                                kind="stable")[::-1] if area[i] >= min_area][:max_objects]
             n_dropped += len(objs) - len(keep)
             if not keep:
                 continue
             image = open_rgb(rec["file"])
             if image.size != (W, H):
-                raise DataError(f"{rec['file']}: json says {W}x{H}, the file is {image.size[0]}x{image.size[1]}")
+                raise DataError(f"{rec['file']}: json says {W}x{H}, the file is "
+                                f"{image.size[0]}x{image.size[1]}")
             name = f"{rec['image_id']:012d}.png"
             image.resize((size, size), Image.BICUBIC).save(tmp / split / name)
             out_images.append(dict(id=rec["image_id"], file_name=name, width=size, height=size))
             sx, sy = size / W, size / H
             for o in keep:
                 x0, y0, x1, y1 = o["box"]
-                ann = dict(id=o["ann_id"], image_id=rec["image_id"], category_id=cat_ids[o["label"]], iscrowd=0,
+                ann = dict(id=o["ann_id"], image_id=rec["image_id"],
+                           category_id=cat_ids[o["label"]], iscrowd=0,
                            bbox=[x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy])
                 seg = o["segmentation"]
                 if isinstance(seg, list):

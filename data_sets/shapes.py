@@ -1,10 +1,12 @@
-"""The embedded default data set `shapes`: procedural, deterministic by seed, written once in COCO format.
+"""The embedded default data set `shapes`: procedural, deterministic by seed, written once in COCO
+format.
 
-Five silhouettes on varied backgrounds; about 45% of the objects carry one nuisance (small, low contrast,
-occluded by an unlabelled bar, blurred, noisy) so that detection difficulty varies while every label stays
-right: the perception-aware attribute (docs/paper.md section 2) has something to find. Masks and boxes are the whole
-(amodal) silhouette, also where a bar hides part of it. The nuisance is kept in each annotation ("nuisance") so
-that later stages can check what [hard] objects are.
+Five silhouettes on varied backgrounds; about 45% of the objects carry one nuisance (small, low
+contrast, occluded by an unlabelled bar, blurred, noisy) so that detection difficulty varies while
+every label stays right: the perception-aware attribute (docs/paper.md section 2) has something to
+find. Masks and boxes are the whole (amodal) silhouette, also where a bar hides part of it. The
+nuisance is kept in each annotation ("nuisance") so that later stages can check what [hard] objects
+are.
 
     python -m data_sets shapes                    # writes data/shapes (a few seconds); `build_if_missing`
                                                   # makes it on first use for the commands that need it
@@ -40,7 +42,8 @@ def shape_polygon(name, rng):
         p = np.stack([np.cos(a), np.sin(a)], 1)
     elif name == "cross":
         u, v = 1.0, 0.33
-        p = np.array([[-v, -u], [v, -u], [v, -v], [u, -v], [u, v], [v, v], [v, u], [-v, u], [-v, v], [-u, v],
+        p = np.array([[-v, -u], [v, -u], [v, -v], [u, -v], [u, v], [v, v], [v, u], [-v, u], [-v, v],
+                      [-u, v],
                       [-u, -v], [-v, -v]])
     elif name == "star":
         a = np.pi / 2 + np.arange(10) * np.pi / 5
@@ -83,7 +86,8 @@ def render_shapes_image(rng, S=64, max_objects=5, nuisance_p=0.45, ss=4):
         span = unit.max(0) - unit.min(0)
         while np.prod(span * r) < 0.022 * S * S:  # keep every object above the 2% filter
             r *= 1.1
-        for _try in range(50):  # place so that at most 10% of the smaller box overlaps an earlier one
+        for _try in range(50):  # place so that at most 10% of the smaller box overlaps an earlier
+                                # one
             lo = -unit.min(0) * r + 1
             hi = S - 1 - unit.max(0) * r
             poly = unit * r + rng.uniform(lo, np.maximum(lo, hi))
@@ -95,7 +99,9 @@ def render_shapes_image(rng, S=64, max_objects=5, nuisance_p=0.45, ss=4):
         x0, y0, x1, y1 = (int(v) for v in (box[0], box[1], math.ceil(box[2]), math.ceil(box[3])))
         bg_l = _luma(img[y0:y1, x0:x1].reshape(-1, 3).mean(0))
         if nuisance == "low_contrast":  # a colour a few grey levels off the local background
-            colour = img[y0:y1, x0:x1].reshape(-1, 3).mean(0) + rng.choice([-1, 1]) * rng.uniform(14, 24)
+            colour = img[y0:y1, x0:x1].reshape(-1, 3).mean(0) + rng.choice([-1, 1]) * rng.uniform(
+                14, 24
+            )
         else:
             for _c in range(100):
                 colour = rng.uniform(0, 255, 3)
@@ -121,7 +127,8 @@ def render_shapes_image(rng, S=64, max_objects=5, nuisance_p=0.45, ss=4):
             patch = img[ya:yb, xa:xb]
             if nuisance == "blur":
                 pim = Image.fromarray(np.uint8(np.clip(patch, 0, 255)))
-                patch = np.asarray(pim.filter(ImageFilter.GaussianBlur(rng.uniform(1.3, 2.0))), np.float64)
+                patch = np.asarray(pim.filter(ImageFilter.GaussianBlur(rng.uniform(1.3, 2.0))),
+                                   np.float64)
             else:
                 patch = patch + rng.normal(0, rng.uniform(30, 50), patch.shape)
             img[ya:yb, xa:xb] = patch
@@ -132,14 +139,16 @@ def render_shapes_image(rng, S=64, max_objects=5, nuisance_p=0.45, ss=4):
 
 
 def _overlap(a, b):
-    """Intersection over the smaller box's area (catches a small box inside a big one, which IoU misses)."""
+    """Intersection over the smaller box's area (catches a small box inside a big one, which IoU
+    misses)."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
 def make_shapes(out, seed=0, n_train=2000, n_val=300, image_size=64, progress=True):
-    """Write the `shapes` data set in COCO format (PNG images, instances json with polygons) to `out`."""
+    """Write the `shapes` data set in COCO format (PNG images, instances json with polygons) to
+    `out`."""
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; remove it or choose another --out")
@@ -151,7 +160,8 @@ def make_shapes(out, seed=0, n_train=2000, n_val=300, image_size=64, progress=Tr
         images, anns = [], []
         for i in tqdm(range(n), desc=f"shapes/{split}", disable=not progress, leave=False):
             image_id = code * 1_000_000 + i + 1
-            rng = np.random.default_rng([seed, code, i])  # per-image stream: order-independent, reproducible
+            rng = np.random.default_rng([seed, code, i])  # per-image stream: order-independent,
+                                                          # reproducible
             img, objects = render_shapes_image(rng, image_size)
             name = f"{image_id:07d}.png"
             Image.fromarray(img).save(tmp / split / name)
@@ -160,8 +170,11 @@ def make_shapes(out, seed=0, n_train=2000, n_val=300, image_size=64, progress=Tr
                 p = np.round(o["polygon"], 2)
                 x0, y0 = p.min(0)
                 x1, y1 = p.max(0)
-                area = 0.5 * abs(np.dot(p[:, 0], np.roll(p[:, 1], 1)) - np.dot(p[:, 1], np.roll(p[:, 0], 1)))
-                anns.append(dict(id=ann_id, image_id=image_id, category_id=SHAPES.index(o["category"]) + 1,
+                area = 0.5 * abs(
+                    np.dot(p[:, 0], np.roll(p[:, 1], 1)) - np.dot(p[:, 1], np.roll(p[:, 0], 1))
+                )
+                anns.append(dict(id=ann_id, image_id=image_id,
+                                 category_id=SHAPES.index(o["category"]) + 1,
                                  bbox=[round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                                  area=round(float(area), 2), segmentation=[p.reshape(-1).tolist()],
                                  iscrowd=0, nuisance=o["nuisance"]))
@@ -169,19 +182,22 @@ def make_shapes(out, seed=0, n_train=2000, n_val=300, image_size=64, progress=Tr
         (tmp / "annotations").mkdir(exist_ok=True)
         with open(tmp / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(dict(images=images, annotations=anns, categories=categories,
-                           info=dict(description="detdiff shapes", seed=seed, image_size=image_size)), f)
+                           info=dict(description="detdiff shapes", seed=seed,
+                                     image_size=image_size)), f)
     return publish(tmp, out)
 
 
 def build_if_missing(name_or_path):
-    """data.resolve_data, with the embedded `shapes` set written to data/shapes first when it is not there yet: what
-    the commands (the main job, sample.py, evaluate, the notebooks) call before they read a data set by name."""
+    """data.resolve_data, with the embedded `shapes` set written to data/shapes first when it is not
+    there yet: what the commands (the main job, sample.py, evaluate, the notebooks) call before they
+    read a data set by name."""
     root = data.DATA_DIR / "shapes"
     if name_or_path == "shapes" and not (root / "annotations").is_dir():
         data.log.info("building the default data set in %s (once)", root)
         try:
             make_shapes(root)
         except DataError:
-            if not (root / "annotations" / "instances_val.json").exists():   # not a concurrent build: real
+            # not a concurrent build: real
+            if not (root / "annotations" / "instances_val.json").exists():
                 raise
     return data.resolve_data(name_or_path)

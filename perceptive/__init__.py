@@ -1,4 +1,5 @@
-"""The perceptive model: the detector DetDiffusion couples its generator to (docs/paper.md sections 2 and 4).
+"""The perceptive model: the detector DetDiffusion couples its generator to (docs/paper.md sections
+2 and 4).
 
     detector.py     detdiff's CenterNet-style detector, trained from scratch
     detections.py   any detector behind one `predict` (torchvision's, a COCO results json), class mapping

@@ -1,11 +1,12 @@
-"""COCO box mAP (Lin et al. 2014): pycocotools' COCOeval for iouType="bbox", written out here (checked against
-pycocotools in the tests), and `evaluate(source, dataset)` -> mAP, AP50, AP75 of any detection source
-(detections.py) on a data set's layouts. PAPER.md section 4's perception metric ("YOLO score").
+"""COCO box mAP (Lin et al. 2014): pycocotools' COCOeval for iouType="bbox", written out here
+(checked against pycocotools in the tests), and `evaluate(source, dataset)` -> mAP, AP50, AP75 of
+any detection source (detections.py) on a data set's layouts. PAPER.md section 4's perception metric
+("YOLO score").
 
-AP at one IoU threshold = mean over 101 recall points r of the interpolated precision max_{r' >= r} p(r');
-mAP = mean over IoU thresholds 0.50:0.05:0.95 and categories with ground truth; up to 100 detections per image and
-category; crowd regions and objects outside the area range are "ignore" regions. COCO files (results json,
-`coco_map`) use pixels xywh.
+AP at one IoU threshold = mean over 101 recall points r of the interpolated precision max_{r' >= r}
+p(r'); mAP = mean over IoU thresholds 0.50:0.05:0.95 and categories with ground truth; up to 100
+detections per image and category; crowd regions and objects outside the area range are "ignore"
+regions. COCO files (results json, `coco_map`) use pixels xywh.
 
     python perception.py eval --detector runs/detector/detector.pt --data shapes
 """
@@ -24,14 +25,18 @@ RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 def box_iou_xywh(d, g, crowd):
-    """IoU of detections d (D, 4) and ground truth g (G, 4), both xywh; against a crowd box the union is the
-    detection's own area (COCO: a detection inside a crowd region is not a false positive)."""
+    """IoU of detections d (D, 4) and ground truth g (G, 4), both xywh; against a crowd box the
+    union is the detection's own area (COCO: a detection inside a crowd region is not a false
+    positive)."""
     d, g = np.asarray(d, np.float64).reshape(-1, 4), np.asarray(g, np.float64).reshape(-1, 4)
-    iw = np.minimum(d[:, None, 0] + d[:, None, 2], g[None, :, 0] + g[None, :, 2]) - np.maximum(d[:, None, 0], g[None, :, 0])
-    ih = np.minimum(d[:, None, 1] + d[:, None, 3], g[None, :, 1] + g[None, :, 3]) - np.maximum(d[:, None, 1], g[None, :, 1])
+    iw = np.minimum(d[:, None, 0] + d[:, None, 2],
+                    g[None, :, 0] + g[None, :, 2]) - np.maximum(d[:, None, 0], g[None, :, 0])
+    ih = np.minimum(d[:, None, 1] + d[:, None, 3],
+                    g[None, :, 1] + g[None, :, 3]) - np.maximum(d[:, None, 1], g[None, :, 1])
     inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
     area_d, area_g = d[:, 2] * d[:, 3], g[:, 2] * g[:, 3]
-    union = np.where(np.asarray(crowd, bool)[None, :], area_d[:, None], area_d[:, None] + area_g[None, :] - inter)
+    union = np.where(np.asarray(crowd, bool)[None, :], area_d[:, None],
+                     area_d[:, None] + area_g[None, :] - inter)
     return np.where(inter > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
@@ -55,9 +60,9 @@ def match_image(gts, dts, max_dets, area_range):
             best, m = min(thr, 1 - 1e-10), -1
             for gi in range(G):
                 if g_taken[gi] and not crowd[gi]:
-                    continue                                    # already matched (crowds match many)
+                    continue                                   # already matched (crowds match many)
                 if m > -1 and not g_ignore[m] and g_ignore[gi]:
-                    break                                       # a real match beats any ignore region
+                    break                                     # a real match beats any ignore region
                 if ious[di, gi] < best:
                     continue
                 best, m = ious[di, gi], gi
@@ -71,13 +76,14 @@ def match_image(gts, dts, max_dets, area_range):
 
 
 def coco_map(gt, results, max_dets=100, area_range=(0.0, 1e5 ** 2)):
-    """COCO box AP of `results` (a COCO results list: image_id, category_id, bbox xywh, score) against `gt`
-    (a COCO instances dict: images, annotations with bbox xywh and iscrowd, categories).
+    """COCO box AP of `results` (a COCO results list: image_id, category_id, bbox xywh, score)
+    against `gt` (a COCO instances dict: images, annotations with bbox xywh and iscrowd,
+    categories).
 
-    Every image of gt counts (an image without objects turns its detections into false positives); categories
-    without ground truth are left out of the mean. Returns dict(mAP, AP50, AP75, per_category {cat_id: AP},
-    precision (T, R, K)); a value is -1 when no category has ground truth, as pycocotools prints.
-    """
+    Every image of gt counts (an image without objects turns its detections into false positives);
+    categories without ground truth are left out of the mean. Returns dict(mAP, AP50, AP75,
+    per_category {cat_id: AP}, precision (T, R, K)); a value is -1 when no category has ground
+    truth, as pycocotools prints. """
     image_ids = sorted({im["id"] for im in gt["images"]})
     cat_ids = sorted({c["id"] for c in gt["categories"]})
     known = set(image_ids)
@@ -86,7 +92,8 @@ def coco_map(gt, results, max_dets=100, area_range=(0.0, 1e5 ** 2)):
         gts[a["image_id"], a["category_id"]].append(a)
     for d in results:
         if d["image_id"] not in known:
-            raise ValueError(f"detection for image_id {d['image_id']}, which the ground truth does not have")
+            raise ValueError(f"detection for image_id {d['image_id']}, which the ground truth does "
+                             f"not have")
         dts[d["image_id"], d["category_id"]].append(d)
     T, R, K = len(IOU_THRESHOLDS), len(RECALL_POINTS), len(cat_ids)
     precision = -np.ones((T, R, K))
@@ -99,7 +106,7 @@ def coco_map(gt, results, max_dets=100, area_range=(0.0, 1e5 ** 2)):
         if n_pos == 0:
             continue
         scores = np.concatenate([s for s, _, _, _ in per_image])
-        order = np.argsort(-scores, kind="mergesort")           # all detections of the category, best first
+        order = np.argsort(-scores, kind="mergesort")   # all detections of the category, best first
         matched = np.concatenate([m for _, m, _, _ in per_image], 1)[:, order]
         ignored = np.concatenate([ig for _, _, ig, _ in per_image], 1)[:, order]
         tp = np.cumsum(matched & ~ignored, 1).astype(np.float64)
@@ -107,7 +114,8 @@ def coco_map(gt, results, max_dets=100, area_range=(0.0, 1e5 ** 2)):
         for t in range(T):
             recall = tp[t] / n_pos
             prec = tp[t] / (fp[t] + tp[t] + np.spacing(1))
-            prec = np.maximum.accumulate(prec[::-1])[::-1]      # interpolated: max precision at recall >= r
+            prec = np.maximum.accumulate(prec[::-1])[::-1]      # interpolated: max precision at
+                                                                # recall >= r
             idx = np.searchsorted(recall, RECALL_POINTS, side="left")
             q = np.zeros(R)
             ok = idx < len(prec)
@@ -118,11 +126,13 @@ def coco_map(gt, results, max_dets=100, area_range=(0.0, 1e5 ** 2)):
         p = p[p > -1]
         return float(p.mean()) if p.size else -1.0
     return dict(mAP=mean(precision), AP50=mean(precision[0]), AP75=mean(precision[5]),
-                per_category={c: mean(precision[:, :, k]) for k, c in enumerate(cat_ids)}, precision=precision)
+                per_category={c: mean(precision[:, :, k]) for k, c in enumerate(cat_ids)},
+                precision=precision)
 
 
 def crowd_regions(json_path):
-    """{image_id: [crowd boxes xywh]} of an instances json (data.py leaves crowds out of layouts)."""
+    """{image_id: [crowd boxes xywh]} of an instances json (data.py leaves crowds out of
+    layouts)."""
     out = defaultdict(list)
     for a in config.read_json(json_path).get("annotations", []):
         if a.get("iscrowd", 0):
@@ -131,10 +141,10 @@ def crowd_regions(json_path):
 
 
 def evaluate(source, dataset, crowd_json=None, batch_size=64, max_dets=100):
-    """COCO mAP / AP50 / AP75 of a detection source on `dataset` (its layouts are the ground truth, in each
-    image's own pixel frame), on whatever device the source is (its detections come back on the CPU). Pass the
-    split's instances json as `crowd_json` to count its crowd regions as ignore regions (data.py drops crowds
-    from layouts, so the dataset alone does not have them)."""
+    """COCO mAP / AP50 / AP75 of a detection source on `dataset` (its layouts are the ground truth,
+    in each image's own pixel frame), on whatever device the source is (its detections come back on
+    the CPU). Pass the split's instances json as `crowd_json` to count its crowd regions as ignore
+    regions (data.py drops crowds from layouts, so the dataset alone does not have them)."""
     dets = detect_dataset(source, dataset, batch_size=batch_size, max_dets=max_dets)
     crowds = crowd_regions(crowd_json) if crowd_json else {}
     images, anns, results = [], [], []
@@ -153,8 +163,10 @@ def evaluate(source, dataset, crowd_json=None, batch_size=64, max_dets=100):
         d = dets[image_id]
         for box, s, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
             x0, y0, x1, y1 = box[0] * W, box[1] * H, box[2] * W, box[3] * H
-            results.append(dict(image_id=image_id, category_id=label, bbox=[x0, y0, x1 - x0, y1 - y0], score=s))
-    gt = dict(images=images, annotations=anns, categories=[dict(id=k) for k in range(len(dataset.class_names))])
+            results.append(dict(image_id=image_id, category_id=label,
+                                bbox=[x0, y0, x1 - x0, y1 - y0], score=s))
+    gt = dict(images=images, annotations=anns,
+              categories=[dict(id=k) for k in range(len(dataset.class_names))])
     r = coco_map(gt, results, max_dets=max_dets)
     names = dataset.class_names
     return dict(mAP=r["mAP"], AP50=r["AP50"], AP75=r["AP75"],

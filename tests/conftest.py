@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny shapes data sets, tiny model / run / detector settings, and the one-line error check."""
+"""Shared fixtures: tiny shapes data sets, tiny model / run / detector settings, and the one-line
+error check."""
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,22 +14,27 @@ from data_sets import shapes
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process or otherwise slow tests (deselect with -m 'not slow')")
+    config.addinivalue_line("markers",
+                            "slow: multi-process or otherwise slow tests (deselect with -m 'not "
+                            "slow')")
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A 16 + 4 image shapes data set at 32 px (written once per session)."""
-    return str(shapes.make_shapes(tmp_path_factory.mktemp("d") / "shapes", n_train=16, n_val=4, image_size=32,
+    return str(shapes.make_shapes(tmp_path_factory.mktemp("d") / "shapes", n_train=16, n_val=4,
+                                  image_size=32,
                                   progress=False))
 
 
-TINY_MODEL = dict(base_channels=8, channel_mults=(1, 2), self_attn_levels=(1,), cross_attn_levels=(1,), heads=2,
+TINY_MODEL = dict(base_channels=8, channel_mults=(1, 2), self_attn_levels=(1,),
+                  cross_attn_levels=(1,), heads=2,
                   d_model=16, enc_layers=1, enc_heads=2)
 
 
 def tiny_train_cfg(data_root, out, **kw):
-    base = dict(data=data_root, out=str(out), steps=4, minutes=0.0, batch_size=4, warmup=2, image_size=16, bins=8,
+    base = dict(data=data_root, out=str(out), steps=4, minutes=0.0, batch_size=4, warmup=2,
+                image_size=16, bins=8,
                 max_objects=4, log_every=1, sample_every=2, ckpt_every=2, sample_steps=2, n_grid=2,
                 dtype="fp32", timesteps=50, device="cpu")
     base.update(kw)
@@ -36,7 +42,8 @@ def tiny_train_cfg(data_root, out, **kw):
 
 
 def tiny_run_cfgs(data_root, out, **kw):
-    """(TrainConfig, PipelineConfig) of a tiny main job: the settings in kw go to the one that has the field."""
+    """(TrainConfig, PipelineConfig) of a tiny main job: the settings in kw go to the one that has
+    the field."""
     pnames = {f.name for f in fields(detdiff.PipelineConfig)}
     return (tiny_train_cfg(data_root, out, **{k: v for k, v in kw.items() if k not in pnames}),
             detdiff.PipelineConfig(**{k: v for k, v in kw.items() if k in pnames}))
@@ -45,7 +52,8 @@ def tiny_run_cfgs(data_root, out, **kw):
 @pytest.fixture(scope="session")
 def shapes32(tmp_path_factory):
     """32 training + 8 validation shapes images at 32 px."""
-    return shapes.make_shapes(tmp_path_factory.mktemp("p") / "shapes", n_train=32, n_val=8, image_size=32,
+    return shapes.make_shapes(tmp_path_factory.mktemp("p") / "shapes", n_train=32, n_val=8,
+                              image_size=32,
                               progress=False)
 
 

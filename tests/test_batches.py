@@ -6,11 +6,13 @@ import data
 
 
 def datasets(root, M=4, S=16):
-    tok = data.LayoutTokenizer(data.CocoLayoutDataset(root, "train", size=S).class_names, bins=8, max_objects=M)
+    tok = data.LayoutTokenizer(data.CocoLayoutDataset(root, "train", size=S).class_names, bins=8,
+                               max_objects=M)
     probe = data.CocoLayoutDataset(root, "train", size=S, max_objects=M)
     ann = [a for i in range(len(probe)) for a in probe.load(i)["ann_ids"].tolist()]
-    attrs = {a: ("easy", "hard")[k % 2] for k, a in enumerate(ann)}             # a mix of [easy] and [hard]
-    return data.CocoLayoutDataset(root, "train", size=S, max_objects=M, shuffle_objects=True, tokenizer=tok,
+    attrs = {a: ("easy", "hard")[k % 2] for k, a in enumerate(ann)}     # a mix of [easy] and [hard]
+    return data.CocoLayoutDataset(root, "train", size=S, max_objects=M, shuffle_objects=True,
+                                  tokenizer=tok,
                                   attributes=attrs), tok
 
 
@@ -25,8 +27,10 @@ def test_a_batch_is_the_item_paths_batch_for_the_same_draws(tiny_data):
         new = decoded.batch(idx)
         for k in ("image", "tokens", "boxes", "labels", "difficulty", "masks", "valid"):
             assert new[k].dtype == old[k].dtype and torch.equal(new[k], old[k]), k
-        assert torch.equal(torch.rand(3), old_next)   # and leaves the global generator where the item path does
-    assert set(new["difficulty"][new["valid"]].tolist()) == {1, 2}               # the attributes are in the batch
+        assert torch.equal(torch.rand(3), old_next)   # and leaves the global generator where the
+                                                      # item path does
+    # the attributes are in the batch
+    assert set(new["difficulty"][new["valid"]].tolist()) == {1, 2}
     assert old["tokens"].ne(tok.pad_id).any()
 
 
@@ -34,11 +38,14 @@ def test_tokens_are_the_tokenizers_encoding_whatever_the_object_order(tiny_data)
     ds, tok = datasets(tiny_data)
     decoded = data.DecodedLayouts(ds, progress=False)
     idx = torch.arange(len(ds))
-    orders = torch.stack([torch.arange(4).flip(0) if n == 4 else torch.arange(4) for n in decoded.counts.tolist()])
+    orders = torch.stack(
+        [torch.arange(4).flip(0) if n == 4 else torch.arange(4) for n in decoded.counts.tolist()]
+    )
     b = decoded.batch(idx, orders)
     for i in range(len(ds)):
         v = b["valid"][i]
-        assert torch.equal(b["tokens"][i], tok.encode(b["boxes"][i][v], b["labels"][i][v], b["difficulty"][i][v]))
+        assert torch.equal(b["tokens"][i],
+                           tok.encode(b["boxes"][i][v], b["labels"][i][v], b["difficulty"][i][v]))
 
 
 def test_a_batch_on_the_meta_device_mixes_in_no_cpu_tensor(tiny_data):
@@ -57,7 +64,9 @@ def test_latent_mode_keeps_no_images(tiny_data):
 
 
 def test_storage_stays_on_the_host_when_the_gpu_is_short_of_memory(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 2000))   # 1000 bytes free
+    # 1000 bytes free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 2000))
     assert data.storage_device(250, "cuda:0") == torch.device("cuda:0")
     assert data.storage_device(251, "cuda:0") == torch.device("cpu")
-    assert data.storage_device(10 ** 12, "mps") == torch.device("mps")      # unified memory: always there
+    # unified memory: always there
+    assert data.storage_device(10 ** 12, "mps") == torch.device("mps")

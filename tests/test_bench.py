@@ -1,4 +1,5 @@
-"""bench.py: the peer row and the table with a stand-in peer (no timing assertions), and its errors."""
+"""bench.py: the peer row and the table with a stand-in peer (no timing assertions), and its
+errors."""
 import subprocess
 
 import pytest
@@ -9,7 +10,8 @@ from tools import bench, flops
 
 
 class StandInUNet(torch.nn.Module):
-    """Called like diffusers' UNet2DConditionModel; one 3x3 convolution plus the mean of the context."""
+    """Called like diffusers' UNet2DConditionModel; one 3x3 convolution plus the mean of the
+    context."""
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
@@ -19,9 +21,11 @@ class StandInUNet(torch.nn.Module):
 
 
 def test_peer_row_runs_with_a_stand_in_peer():
-    """Bench.peer end to end (sizing, FLOPs on the real modules, timing of both, the table line) without diffusers:
-    the stand-in's FLOPs are our encoder's plus its convolution's 2 * 9 * 3 * 3 * S * S per image."""
-    a = bench.parse_args(["--quick", "--batch", "2", "--rounds", "1", "--round-s", "0.01", "--device", "cpu"])
+    """Bench.peer end to end (sizing, FLOPs on the real modules, timing of both, the table line)
+    without diffusers: the stand-in's FLOPs are our encoder's plus its convolution's 2 * 9 * 3 * 3 *
+    S * S per image."""
+    a = bench.parse_args(["--quick", "--batch", "2", "--rounds", "1", "--round-s", "0.01",
+                          "--device", "cpu"])
     bn = bench.Bench(a)
     S = 8
 
@@ -37,10 +41,14 @@ def test_peer_row_runs_with_a_stand_in_peer():
     assert p["gflops_ours"] == round(flops.count_flops(lambda: ours(torch.randn(2, 3, S, S), torch.zeros(
         2, dtype=torch.long), tokens)) / 2 / 1e9, 4)
     assert set(p["ratio"]) == {"fp32", "bf16"} and all(v > 0 for v in p["img_s"].values())
-    r = dict(hardware=dict(cpu="x", cores=2, torch="t", device="cpu", loadavg_start=[0.0], loadavg_end=[0.0]),
-             settings=dict(batch=2), date="d", peak_flops={"fp32": 1e9}, peak_kernel={"fp32": "matmul 1024"},
-             train={}, peer=p, sampling_s_per_img={}, scaling={}, peak_rss_mb=1, peak_rss=dict(steps=1),
-             headline_dtype="bf16", train_img_s=1.0, mfu=0.1, peer_ratio=p["ratio"]["bf16"], sampler="s",
+    r = dict(hardware=dict(cpu="x", cores=2, torch="t", device="cpu", loadavg_start=[0.0],
+                           loadavg_end=[0.0]),
+             settings=dict(batch=2), date="d", peak_flops={"fp32": 1e9},
+             peak_kernel={"fp32": "matmul 1024"},
+             train={}, peer=p, sampling_s_per_img={}, scaling={}, peak_rss_mb=1,
+             peak_rss=dict(steps=1),
+             headline_dtype="bf16", train_img_s=1.0, mfu=0.1, peer_ratio=p["ratio"]["bf16"],
+             sampler="s",
              sample_s_per_img=0.1,
              seconds=1.0)
     assert "peer: stand-in:" in bench.table(r) and "ours/peer" in bench.table(r)
@@ -49,8 +57,10 @@ def test_peer_row_runs_with_a_stand_in_peer():
 def test_a_failed_peak_memory_child_is_a_runtime_error_with_its_stderr(monkeypatch):
     bn = bench.Bench(bench.parse_args(["--quick", "--device", "cpu"]))
     monkeypatch.setattr(bench.shapes, "build_if_missing", lambda name: None)
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 3, "", "boom\n"))
-    with pytest.raises(RuntimeError, match=r"peak-memory run \(detdiff.py --stage generator\) exited 3:\nboom"):
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd,
+                        **kw: subprocess.CompletedProcess(cmd, 3, "", "boom\n"))
+    with pytest.raises(RuntimeError,
+                       match=r"peak-memory run \(detdiff.py --stage generator\) exited 3:\nboom"):
         bn.peak_rss(2)
 
 
@@ -64,8 +74,8 @@ def test_bench_main_turns_a_bad_device_into_one_line(capsys):
 
 @pytest.mark.parametrize("flags, dtypes", [(set(), ["fp32"]), ({"avx512_bf16"}, ["fp32", "bf16"])])
 def test_bench_times_bf16_only_where_the_cpu_has_it(monkeypatch, flags, dtypes):
-    """A CPU without AVX-512 BF16 / AMX would emulate bf16 (its 4096 x 4096 peak matmul alone ran for half an
-    hour): no bf16 rows there, and the headline is the fp32 a run on it trains in."""
+    """A CPU without AVX-512 BF16 / AMX would emulate bf16 (its 4096 x 4096 peak matmul alone ran
+    for half an hour): no bf16 rows there, and the headline is the fp32 a run on it trains in."""
     monkeypatch.setattr(bench.config, "cpu_flags", lambda: flags)
     bn = bench.Bench(bench.parse_args(["--quick", "--device", "cpu"]))
     assert bn.dtypes == dtypes and bn.headline == dtypes[-1]

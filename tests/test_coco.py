@@ -1,5 +1,5 @@
-"""coco.py: instance masks (polygons, RLE) against hand-computed and pycocotools values, and a data set folder
-built aside and published all or nothing."""
+"""coco.py: instance masks (polygons, RLE) against hand-computed and pycocotools values, and a data
+set folder built aside and published all or nothing."""
 import numpy as np
 import pytest
 
@@ -26,15 +26,19 @@ def test_polygon_triangle_by_hand_and_union():
 
 
 def test_polygon_matches_pycocotools_value():
-    # reference printed by pycocotools 2.0.11 (mask.decode(mask.merge(mask.frPyObjects(poly, 7, 9))))
-    want = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0, 0],
-                     [0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0],
+    # reference printed by pycocotools 2.0.11 (mask.decode(mask.merge(mask.frPyObjects(poly, 7,
+    # 9))))
+    want = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0, 0],
+                     [0, 0, 1, 1, 1, 1, 1, 0, 0],
+                     [0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0, 0],
+                     [0, 0, 0, 0, 1, 0, 0, 0, 0],
                      [0, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
     assert (data.polygon_to_mask([[1.5, 0.5, 7.2, 2.0, 4.0, 6.3]], 7, 9) == want).all()
 
 
 def test_uncompressed_rle_by_hand():
-    # 3 x 2 image, column-major runs: 1 zero, 3 ones, 2 zeros -> column 0 = [0,1,1], column 1 = [1,0,0]
+    # 3 x 2 image, column-major runs: 1 zero, 3 ones, 2 zeros -> column 0 = [0,1,1], column 1 =
+    # [1,0,0]
     m = data.rle_to_mask({"size": [3, 2], "counts": [1, 3, 2]})
     assert (m == np.array([[0, 1], [1, 0], [1, 0]], bool)).all()
 
@@ -69,9 +73,15 @@ def test_masks_against_pycocotools_if_installed():
         ref = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
         assert coco.mask_to_rle(m)["counts"] == ref["counts"].decode()
     differ = total = 0
-    for i in range(100):  # polygons: pycocotools rasterises on a 5x finer grid, so only boundary pixels differ
-        poly = (shapes.shape_polygon(shapes.SHAPES[i % 5], rng) * rng.uniform(3, 10) + rng.uniform(10, 20, 2)).ravel()
-        want = mask_util.decode(mask_util.merge(mask_util.frPyObjects([poly.tolist()], 30, 30))).astype(bool)
+    for i in range(100):  # polygons: pycocotools rasterises on a 5x finer grid, so only boundary
+        # pixels differ
+        poly = (
+            shapes.shape_polygon(shapes.SHAPES[i % 5], rng) * rng.uniform(3, 10)
+            + rng.uniform(10, 20, 2)
+        ).ravel()
+        want = mask_util.decode(
+            mask_util.merge(mask_util.frPyObjects([poly.tolist()], 30, 30))
+        ).astype(bool)
         got = data.polygon_to_mask([poly], 30, 30)
         assert (got & want).sum() / (got | want).sum() > 0.8
         differ, total = differ + (got != want).sum(), total + want.sum()
@@ -81,7 +91,7 @@ def test_masks_against_pycocotools_if_installed():
 def test_concurrent_builds_do_not_share_a_temp_folder_and_the_second_is_refused(tmp_path):
     out = tmp_path / "shapes"
     a, b = coco.private_tmp(out), coco.private_tmp(out)
-    assert a != b and a.parent == b.parent == tmp_path                   # each build writes only its own folder
+    assert a != b and a.parent == b.parent == tmp_path       # each build writes only its own folder
     (a / "x.txt").write_text("first")
     (b / "x.txt").write_text("second")
     assert coco.publish(a, out) == out

@@ -1,5 +1,6 @@
-"""config.py: --dtype auto against the CPU's flags, a dataclass as flags and back, and a module saved with its config
-(an autoencoder file written before the move loads as it is; a file of another kind is one line naming it)."""
+"""config.py: --dtype auto against the CPU's flags, a dataclass as flags and back, and a module
+saved with its config (an autoencoder file written before the move loads as it is; a file of another
+kind is one line naming it)."""
 import argparse
 from dataclasses import dataclass
 
@@ -13,8 +14,8 @@ from perceptive import detector
 
 
 def test_dtype_auto_follows_the_cpu_flags(tmp_path):
-    """auto -> bf16 only on a CPU with native bf16 (avx512_bf16 or amx_bf16), fp32 otherwise; an explicit dtype
-    passes through; the flags are read from a cpuinfo file."""
+    """auto -> bf16 only on a CPU with native bf16 (avx512_bf16 or amx_bf16), fp32 otherwise; an
+    explicit dtype passes through; the flags are read from a cpuinfo file."""
     cpu = torch.device("cpu")
     assert config.resolve_dtype("auto", cpu, {"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
     assert config.resolve_dtype("auto", cpu, {"amx_bf16"})[0] == "bf16"
@@ -24,7 +25,8 @@ def test_dtype_auto_follows_the_cpu_flags(tmp_path):
     with pytest.raises(ValueError, match="--dtype"):
         config.resolve_dtype("int8", cpu)
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: "
+                    "1\nflags\t\t: fpu\n")
     assert {"fpu", "sse", "avx512f", "avx512_bf16"} == config.cpu_flags(info)
     assert config.cpu_flags(tmp_path / "missing") == set()
 
@@ -47,7 +49,7 @@ def test_flags_from_a_dataclass_and_back():
         p.parse_args(["--name", "b"])                                   # skipped: not a flag
     given = argparse.ArgumentParser()
     config.add_flags(given, Knobs, given_only=True)
-    assert vars(given.parse_args(["--lr", "0.5"])) == {"lr": 0.5}       # only what the command line gave
+    assert vars(given.parse_args(["--lr", "0.5"])) == {"lr": 0.5}  # only what the command line gave
 
 
 class Tiny(torch.nn.Module):
@@ -71,26 +73,31 @@ def test_module_file_round_trip_and_a_file_without_its_kind_is_refused(tmp_path)
 
 def test_a_missing_file_or_another_kind_is_one_line_naming_it(tmp_path):
     with pytest.raises(config.DataError, match=r"nope.pt: tiny module not found \(make one\)"):
-        config.load_module(tmp_path / "nope.pt", "tiny", lambda c: Tiny(**c), "tiny module", hint="make one")
+        config.load_module(tmp_path / "nope.pt", "tiny", lambda c: Tiny(**c), "tiny module",
+                           hint="make one")
     config.save_module(tmp_path / "m.pt", "other", Tiny(3), dict(width=3))
     with pytest.raises(config.DataError) as e:
         config.load_module(tmp_path / "m.pt", "tiny", lambda c: Tiny(**c), "tiny module")
     assert "m.pt: not a tiny module" in str(e.value) and "\n" not in str(e.value)
 
 
-# ---- every kind of file the project writes loads with weights_only=True ----------------------------------------
+# ---- every kind of file the project writes loads with weights_only=True
+# ----------------------------------------
 
 def test_every_file_the_project_writes_loads_without_running_code(ckpt, tmp_path):
-    """A generator checkpoint (with numpy's RNG state, allowed by name), a detector, an autoencoder and a crop
-    classifier file all load with weights_only=True; a pickle that would run code is refused."""
+    """A generator checkpoint (with numpy's RNG state, allowed by name), a detector, an autoencoder
+    and a crop classifier file all load with weights_only=True; a pickle that would run code is
+    refused."""
     ck = config.load_file(ckpt)
-    assert {"model", "ema", "opt", "rng", "train_cfg"} <= ck.keys() and ck["rng"][0]["numpy"][0] == "MT19937"
+    assert {"model", "ema", "opt", "rng",
+            "train_cfg"} <= ck.keys() and ck["rng"][0]["numpy"][0] == "MT19937"
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(ckpt, weights_only=True)                   # numpy's state needs the allow-list
     det = detector.Detector(detector.DetectorConfig(2, ("a", "b"), 32, width=8, dilations=(1,)))
     detector.save_detector(det, tmp_path / "detector.pt")
     ae = autoencoder.Autoencoder(autoencoder.AutoencoderConfig(channels=4, factor=2))
-    config.save_module(tmp_path / "autoencoder.pt", autoencoder.KIND, ae, dict(channels=4, factor=2))
+    config.save_module(tmp_path / "autoencoder.pt", autoencoder.KIND, ae,
+                       dict(channels=4, factor=2))
     clf = crops.CropClassifier(2, ("a", "b"), 4, 8, 0.1)
     crops.save_crop_classifier(clf, tmp_path / "crops.pt")
     for name in ("detector.pt", "autoencoder.pt", "crops.pt"):

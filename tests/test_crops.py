@@ -1,5 +1,6 @@
-"""crops.py (class consistency): object crops against numpy slicing, the crop classifier on a tiny synthetic problem, per-difficulty
-accuracy and the acceptance filter against hand counts with stub classifiers, and checkpoint errors."""
+"""crops.py (class consistency): object crops against numpy slicing, the crop classifier on a tiny
+synthetic problem, per-difficulty accuracy and the acceptance filter against hand counts with stub
+classifiers, and checkpoint errors."""
 import numpy as np
 import pytest
 import torch
@@ -22,14 +23,17 @@ def layout(boxes_px, labels, S, difficulty=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# object_crops. roi_align(aligned=True) shifts the box by -0.5 px, so pixel i's centre sits at coordinate i.
-# With bins of one pixel, sampling_ratio=-1 takes ceil(1) = 1 sample per bin, at x0 - 0.5 + j + 0.5 = x0 + j:
-# an integer, so bilinear interpolation puts weight 1 on pixel x0 + j and the crop is exactly the slice.
-# With bins of two pixels it takes 2 x 2 samples at x0 + 2j and x0 + 2j + 1: the crop is the 2 x 2 block mean.
+# object_crops. roi_align(aligned=True) shifts the box by -0.5 px, so pixel i's centre sits at
+# coordinate i. With bins of one pixel, sampling_ratio=-1 takes ceil(1) = 1 sample per bin, at x0 -
+# 0.5 + j + 0.5 = x0 + j: an integer, so bilinear interpolation puts weight 1 on pixel x0 + j and
+# the crop is exactly the slice. With bins of two pixels it takes 2 x 2 samples at x0 + 2j and x0 +
+# 2j + 1: the crop is the 2 x 2 block mean.
 
 @pytest.mark.parametrize("box, context, size, y, x", [
-    ((2, 3, 7, 8), 0.0, 5, slice(3, 8), slice(2, 7)),      # a 5 x 5 box on the grid, cropped at its size
-    ((3, 3, 7, 7), 0.25, 6, slice(2, 8), slice(2, 8)),     # context 0.25 of a 4 px side = 1 px on each side
+    ((2, 3, 7, 8), 0.0, 5, slice(3, 8), slice(2, 7)),      # a 5 x 5 box on the grid, cropped at its
+                                                           # size
+    ((3, 3, 7, 7), 0.25, 6, slice(2, 8), slice(2, 8)),     # context 0.25 of a 4 px side = 1 px on
+                                                           # each side
 ])
 def test_crop_equals_numpy_slice(box, context, size, y, x):
     img = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
@@ -46,23 +50,26 @@ def test_crop_downsampled_is_block_mean():
 
 def test_crop_bookkeeping_several_layouts():
     S = 16
-    images = [np.full((S, S, 3), 40 * k, np.uint8) for k in range(3)]  # image k has a flat value: crops tell it
+    # image k has a flat value: crops tell it
+    images = [np.full((S, S, 3), 40 * k, np.uint8) for k in range(3)]
     layouts = [layout([(0, 0, 8, 8), (4, 4, 12, 12)], [3, 1], S, [1, 2]),
                layout(np.zeros((0, 4)), [], S, []),
-               layout([(1, 1, 5, 5), (8, 2, 16, 10), (2, 8, 10, 16)], [0, 2, 4], S)]  # no difficulty -> none
+               # no difficulty -> none
+               layout([(1, 1, 5, 5), (8, 2, 16, 10), (2, 8, 10, 16)], [0, 2, 4], S)]
     got, labels, diff, index = crops.object_crops(images, layouts, size=8, context=0.0)
     assert got.shape == (5, 3, 8, 8)
     assert labels.tolist() == [3, 1, 0, 2, 4]
     assert diff.tolist() == [1, 2, 0, 0, 0]
     assert index.tolist() == [0, 0, 2, 2, 2]
-    torch.testing.assert_close(got.mean((1, 2, 3)), torch.tensor([-1.0, -1.0] + [80 / 127.5 - 1] * 3))
+    torch.testing.assert_close(got.mean((1, 2, 3)),
+                               torch.tensor([-1.0, -1.0] + [80 / 127.5 - 1] * 3))
     empty = crops.object_crops(images[:1], layouts[1:2], size=8)
     assert empty[0].shape == (0, 3, 8, 8) and empty[1].shape == empty[3].shape == (0,)
 
 
 # ----------------------------------------------------------------------------------------------
-# Training on a tiny synthetic problem: squares with horizontal stripes, vertical stripes or a checkerboard
-# (all three keep their label under a horizontal flip), random colours, on noise.
+# Training on a tiny synthetic problem: squares with horizontal stripes, vertical stripes or a
+# checkerboard (all three keep their label under a horizontal flip), random colours, on noise.
 
 class StripesDataset:
     class_names = ("horizontal", "vertical", "checker")
@@ -81,7 +88,8 @@ class StripesDataset:
                 img[y0:y0 + side, x0:x0 + side] = np.where(on[..., None], light, dark)
                 boxes.append([x0 / S, y0 / S, (x0 + side) / S, (y0 + side) / S])
                 labels.append(c)
-            self.items.append(dict(image=np.uint8(img), boxes=np.float32(boxes), labels=np.int64(labels)))
+            self.items.append(dict(image=np.uint8(img), boxes=np.float32(boxes),
+                                   labels=np.int64(labels)))
 
     def __len__(self):
         return len(self.items)
@@ -91,10 +99,12 @@ class StripesDataset:
 
 
 def test_train_reaches_high_accuracy():
-    clf = crops.train_crop_classifier(StripesDataset(32, seed=0), steps=60, batch=32, log=lambda s: None)
+    clf = crops.train_crop_classifier(StripesDataset(32, seed=0), steps=60, batch=32,
+                                      log=lambda s: None)
     test = StripesDataset(20, seed=1)
     images = [it["image"] for it in test.items]
-    layouts = [dict(boxes=torch.from_numpy(it["boxes"]), labels=torch.from_numpy(it["labels"])) for it in test.items]
+    layouts = [dict(boxes=torch.from_numpy(it["boxes"]),
+                    labels=torch.from_numpy(it["labels"])) for it in test.items]
     acc = crops.crop_accuracy(clf, images, layouts)
     assert acc["overall"]["count"] == 40 and acc["overall"]["accuracy"] >= 0.9
     assert clf.class_names == StripesDataset.class_names
@@ -102,13 +112,15 @@ def test_train_reaches_high_accuracy():
 
 def test_train_is_deterministic():
     ds = StripesDataset(8, seed=0)
-    a, b = (crops.train_crop_classifier(ds, steps=3, batch=8, seed=5, log=lambda s: None) for _ in range(2))
+    a, b = (crops.train_crop_classifier(ds, steps=3, batch=8, seed=5,
+                                        log=lambda s: None) for _ in range(2))
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 
 
 # ----------------------------------------------------------------------------------------------
-# crop_accuracy and accept_objects with stub classifiers whose output is fixed by the crop's dominant colour.
+# crop_accuracy and accept_objects with stub classifiers whose output is fixed by the crop's
+# dominant colour.
 
 class Stub(nn.Module):
     """Crop whose channel c dominates -> logits table[c]."""
@@ -150,14 +162,22 @@ def test_crop_accuracy_per_difficulty_by_hand():
 
 
 def test_accept_objects_threshold():
-    # red -> probabilities (0.7, 0.2, 0.1); green -> (0.5, 0.5, 0) exactly (two equal logits, one of -1e4)
+    # red -> probabilities (0.7, 0.2, 0.1); green -> (0.5, 0.5, 0) exactly (two equal logits, one of
+    # -1e4)
     stub = Stub([np.log([0.7, 0.2, 0.1]).tolist(), [0.0, 0.0, -1e4], [0.0, 0.0, 0.0]])
     im0, b0 = painted(16, [((0, 0, 4, 4), RED), ((8, 0, 12, 4), RED), ((0, 8, 4, 12), GREEN)])
     im1, _ = painted(16, [])
-    layouts = [layout(b0, [0, 1, 1], 16), layout(np.zeros((0, 4)), [], 16)]  # p of the layout class: .7, .2, .5
-    for min_prob, want in ((0.5, [True, False, True]), (0.6, [True, False, False]), (0.1, [True, True, True])):
+    # p of the layout class: .7, .2, .5
+    layouts = [layout(b0, [0, 1, 1], 16), layout(np.zeros((0, 4)), [], 16)]
+    for min_prob, want in ((0.5, [True, False, True]), (0.6, [True, False, False]),
+                           (0.1, [True, True, True])):
         keep = crops.accept_objects(stub, [im0, im1], layouts, min_prob=min_prob)
-        assert len(keep) == 2 and keep[0].tolist() == want and keep[1].shape == (0,) and keep[0].dtype == torch.bool
+        assert (
+            len(keep) == 2
+            and keep[0].tolist() == want
+            and keep[1].shape == (0,)
+            and keep[0].dtype == torch.bool
+        )
 
 
 # ----------------------------------------------------------------------------------------------

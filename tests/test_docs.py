@@ -1,5 +1,5 @@
-"""README.md and docs/*.md: every relative link and image resolves (the file exists, and a #heading exists in the
-page it points to), and no page names an issue of the tracker (a reader has none)."""
+"""README.md and docs/*.md: every relative link and image resolves (the file exists, and a #heading
+exists in the page it points to), and no page names an issue of the tracker (a reader has none)."""
 import re
 from pathlib import Path
 
@@ -11,12 +11,13 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def slug(heading):
-    """GitHub's anchor of a heading: lower case, punctuation dropped (not - and _), spaces as hyphens."""
+    """GitHub's anchor of a heading: lower case, punctuation dropped (not - and _), spaces as
+    hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def anchors(page):
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)          # no headings inside code blocks
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)   # no headings inside code blocks
     return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
 
 
@@ -29,12 +30,13 @@ def test_every_relative_link_and_image_resolves(page):
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     broken = []
     for target in LINK.findall(text):
-        if re.match(r"[a-z]+:", target):                                      # http(s), mailto: not checked here
+        if re.match(r"[a-z]+:", target):                         # http(s), mailto: not checked here
             continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
-            broken.append(f"{target} (no file {dest.relative_to(ROOT) if ROOT in dest.parents else dest})")
+            broken.append(f"{target} (no file "
+                          f"{dest.relative_to(ROOT) if ROOT in dest.parents else dest})")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading #{anchor} in {dest.name})")
     assert broken == [], f"{page.name}: " + "; ".join(broken)

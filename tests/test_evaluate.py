@@ -1,7 +1,7 @@
-"""evaluate.py: the report on a tiny finished run (every key of metrics.json, the numbers in report.md), detector
-AP through the COCO round trip against hand-made detections, the ablation generators, bad input. The parts' own
-modules have their own test files (test_fid.py, test_crops.py, test_masks.py, test_trainability.py,
-test_ablations.py, test_report.py)."""
+"""evaluate.py: the report on a tiny finished run (every key of metrics.json, the numbers in
+report.md), detector AP through the COCO round trip against hand-made detections, the ablation
+generators, bad input. The parts' own modules have their own test files (test_fid.py, test_crops.py,
+test_masks.py, test_trainability.py, test_ablations.py, test_report.py)."""
 import json
 import re
 import shutil
@@ -20,8 +20,10 @@ import detdiff
 from experiments import ablations, evaluate
 from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
-KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid", "easy_ap50",
-        "origin_ap50", "hard_ap50", "train_real_map50", "train_aug_origin_map50", "train_aug_hard_map50",
+KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid",
+        "easy_ap50",
+        "origin_ap50", "hard_ap50", "train_real_map50", "train_aug_origin_map50",
+        "train_aug_hard_map50",
         "train_aug_easy_map50", "crop_acc_easy", "crop_acc_hard")
 
 
@@ -29,7 +31,8 @@ KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_ma
 def run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("e") / "run"
     detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)
-    cfg = evaluate.EvalConfig(quick=True, ablations=True, inception=str(out / "no_inception.pt"), crop_size=8)
+    cfg = evaluate.EvalConfig(quick=True, ablations=True, inception=str(out / "no_inception.pt"),
+                              crop_size=8)
     return out, evaluate.evaluate(out, cfg)
 
 
@@ -38,15 +41,20 @@ def test_every_key_is_in_metrics_json(run):
     saved = json.loads((out / "metrics.json").read_text())
     for k in KEYS:
         assert k in saved, k
-    assert saved["fid"] is None and "no_inception.pt" in saved["meta"]["notes"]["fid"]   # skipped, and why
-    assert set(saved["meta"]["seconds"]) >= {"fidelity", "fid", "crops", "trainability", "ablations", "total"}
-    assert saved["meta"]["n_layouts"] == 4                                              # the tiny val split
+    # skipped, and why
+    assert saved["fid"] is None and "no_inception.pt" in saved["meta"]["notes"]["fid"]
+    assert set(saved["meta"]["seconds"]) >= {"fidelity", "fid", "crops", "trainability",
+                                             "ablations", "total"}
+    assert saved["meta"]["n_layouts"] == 4                                      # the tiny val split
     T = saved["trainability"]
-    assert T["seeds"] == 1 and T["real_images"] == 2 and len(T["runs"]["real"]) == 1    # 10% of 16 images
-    assert set(saved["ablations"]) == {"both on", "loss off", "attribute off", "both off", "lambda 0.01", "lambda 1"}
+    # 10% of 16 images
+    assert T["seeds"] == 1 and T["real_images"] == 2 and len(T["runs"]["real"]) == 1
+    assert set(saved["ablations"]) == {"both on", "loss off", "attribute off", "both off",
+                                       "lambda 0.01", "lambda 1"}
     assert saved["ablations"]["loss off"]["pal_weight"] == 0 and not saved["ablations"]["both off"]["attributes"]
     assert saved["meta"]["attr_guidance"] != 1 and 0 <= saved["ablations"]["lambda 1"]["fidelity_map50_plain"] <= 1
-    assert saved["ablations"]["attribute off"]["fidelity_map50_plain"] is None    # no attribute: w_d 1 is the row
+    # no attribute: w_d 1 is the row
+    assert saved["ablations"]["attribute off"]["fidelity_map50_plain"] is None
     for k in ("fidelity_map50", "easy_ap50", "crop_acc_hard", "train_aug_hard_map50"):
         assert 0 <= saved[k] <= 1
 
@@ -54,7 +62,8 @@ def test_every_key_is_in_metrics_json(run):
 def test_report_shows_the_measured_numbers(run):
     out, M = run
     text = (out / "report.md").read_text()
-    for head in ("1. Layout fidelity", "2. FID", "3. Easy vs hard", "4. Trainability", "5. Ablations",
+    for head in ("1. Layout fidelity", "2. FID", "3. Easy vs hard", "4. Trainability",
+                 "5. Ablations",
                  "6. Class consistency", "The paper's claims on this run"):
         assert head in text, head
     assert f"| generated | 4 | {M['fidelity_map']:.3f} | {M['fidelity_map50']:.3f} |" in text
@@ -74,10 +83,12 @@ def test_ablation_runs_record_their_settings(run):
 
 def test_a_later_part_keeps_the_earlier_ones(run):
     out, first = run
-    evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", inception=str(out / "none.pt")))
+    evaluate.evaluate(out,
+                      evaluate.EvalConfig(quick=True, parts="fidelity",
+                                          inception=str(out / "none.pt")))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["train_real_map50"] == first["train_real_map50"] and "ablations" in saved
-    assert saved["fidelity_map50"] == first["fidelity_map50"]          # same seed, same images, same score
+    assert saved["fidelity_map50"] == first["fidelity_map50"]   # same seed, same images, same score
 
 
 class BoxDetector(torch.nn.Module):
@@ -87,7 +98,8 @@ class BoxDetector(torch.nn.Module):
         self.boxes, self.labels = torch.tensor(boxes), torch.tensor(labels)
 
     def predict(self, images, score_threshold=0.01, max_dets=100):
-        return [dict(boxes=self.boxes, scores=torch.full((len(self.labels),), 0.9), labels=self.labels)
+        return [dict(boxes=self.boxes, scores=torch.full((len(self.labels),), 0.9),
+                     labels=self.labels)
                 for _ in images]
 
 
@@ -95,24 +107,29 @@ def test_out_leaves_the_run_folder_as_it_is_and_a_kept_crop_classifier_is_used(r
     out, first = run
     folder, report_dir = tmp_path / "kept", tmp_path / "report"
     shutil.copytree(out, folder)
-    shutil.copyfile(out / "eval" / "crop_classifier.pt", folder / "crop_classifier.pt")   # as checkpoints/shapes
+    # as checkpoints/shapes
+    shutil.copyfile(out / "eval" / "crop_classifier.pt", folder / "crop_classifier.pt")
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
-    M = evaluate.evaluate(folder, evaluate.EvalConfig(quick=True, parts="crops", out=str(report_dir)))
-    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before              # nothing written there
+    M = evaluate.evaluate(folder,
+                          evaluate.EvalConfig(quick=True, parts="crops", out=str(report_dir)))
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before    # nothing written there
     assert (report_dir / "metrics.json").is_file() and (report_dir / "report.md").is_file()
-    assert not (report_dir / "eval" / "crop_classifier.pt").exists()                   # not trained again
+    assert not (report_dir / "eval" / "crop_classifier.pt").exists()             # not trained again
     assert f"[crops] the crop classifier {folder / 'crop_classifier.pt'}" in (report_dir / "log.txt").read_text()
-    assert M["crop_acc_real"] == first["crop_acc_real"]          # the same classifier on the same real crops
+    assert M["crop_acc_real"] == first["crop_acc_real"]          # the same classifier on the same
+                                                                 # real crops
 
 
 def test_detector_ap_against_hand_made_detections(tmp_path):
     images = [np.zeros((32, 32, 3), np.uint8)] * 3
-    lay = dict(boxes=torch.tensor([[0.25, 0.25, 0.75, 0.75]]), labels=torch.tensor([1]), difficulty=torch.tensor([0]))
+    lay = dict(boxes=torch.tensor([[0.25, 0.25, 0.75, 0.75]]), labels=torch.tensor([1]),
+               difficulty=torch.tensor([0]))
     kw = dict(names=["a", "b"], ids=[1, 2], det_size=32, max_objects=4)
-    hit = evaluate.detector_ap(BoxDetector([[0.25, 0.25, 0.75, 0.75]], [1]), images, [lay] * 3, folder=tmp_path / "x", **kw)
+    hit = evaluate.detector_ap(BoxDetector([[0.25, 0.25, 0.75, 0.75]], [1]), images, [lay] * 3,
+                               folder=tmp_path / "x", **kw)
     assert hit == dict(mAP=1.0, AP50=1.0, AP75=1.0)
-    # IoU of [8, 8, 24, 24] and [8, 8, 24, 20.5]: 16 * 12.5 / (16 * 16) = 0.78 -> a hit at 0.50:0.75 (6 of the
-    # 10 thresholds), a miss from 0.80 on
+    # IoU of [8, 8, 24, 24] and [8, 8, 24, 20.5]: 16 * 12.5 / (16 * 16) = 0.78 -> a hit at 0.50:0.75
+    # (6 of the 10 thresholds), a miss from 0.80 on
     near = evaluate.detector_ap(BoxDetector([[0.25, 0.25, 0.75, 0.640625]], [1]), images, [lay] * 3,
                                 folder=tmp_path / "x", **kw)
     assert near["AP50"] == 1.0 and near["AP75"] == 1.0 and near["mAP"] == pytest.approx(0.6)
@@ -121,28 +138,32 @@ def test_detector_ap_against_hand_made_detections(tmp_path):
     assert wrong["AP50"] == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad input: a one-line config.DataError naming the setting or the file, before anything heavy runs
 
 def test_bad_settings_are_named_before_the_run_is_opened(tmp_path):
     # tmp_path is no run folder: the settings are checked first
-    with pytest.raises(config.DataError, match=r"^--parts: unknown fidelty \(choose from fidelity, easy_hard, fid,"):
+    with pytest.raises(config.DataError,
+                       match=r"^--parts: unknown fidelty \(choose from fidelity, easy_hard, fid,"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(parts="fidelity,fidelty"))
-    with pytest.raises(config.DataError, match=r"^--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'$"):
+    with pytest.raises(config.DataError,
+                       match=r"^--sampler must be one of ddim, ddpm, dpm\+\+2m, got 'dpm'$"):
         evaluate.evaluate(tmp_path, evaluate.EvalConfig(sampler="dpm"))
-    with pytest.raises(config.DataError, match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
+    with pytest.raises(config.DataError,
+                       match=r"^--dtype must be auto, fp32, bf16 or fp16, got 'fp8'$"):
         evaluate.check_settings(evaluate.EvalConfig(dtype="fp8"))
     assert list(tmp_path.iterdir()) == []                                      # nothing written
 
 
 def test_a_folder_without_ckpt_pt_is_named(tmp_path):
-    with pytest.raises(config.DataError, match=re.escape(f"{tmp_path / 'ckpt.pt'}: missing; evaluate a finished")):
+    with pytest.raises(config.DataError,
+                       match=re.escape(f"{tmp_path / 'ckpt.pt'}: missing; evaluate a finished")):
         evaluate.evaluate(tmp_path)
 
 
 def run_folder(ckpt, tmp_path, **stages):
-    """A run folder in tmp_path holding only a copy of the tiny generator checkpoint, with the main job's stage
-    settings (PipelineConfig's defaults, `stages` over them)."""
+    """A run folder in tmp_path holding only a copy of the tiny generator checkpoint, with the main
+    job's stage settings (PipelineConfig's defaults, `stages` over them)."""
     ck = torch.load(ckpt, weights_only=False)
     ck["pipeline_cfg"] = {**asdict(detdiff.PipelineConfig()), **stages}
     (tmp_path / "run").mkdir()
@@ -151,7 +172,8 @@ def run_folder(ckpt, tmp_path, **stages):
 
 
 def test_a_checkpoint_without_stage_settings_is_named(ckpt, tmp_path):
-    """train.py alone (no main job) writes no detector settings: evaluate says so instead of a KeyError."""
+    """train.py alone (no main job) writes no detector settings: evaluate says so instead of a
+    KeyError."""
     out = tmp_path / "bare"
     out.mkdir()
     shutil.copy(ckpt, out / "ckpt.pt")
@@ -161,7 +183,8 @@ def test_a_checkpoint_without_stage_settings_is_named(ckpt, tmp_path):
 
 def test_a_run_without_detector_pt_is_named(ckpt, tmp_path):
     out = run_folder(ckpt, tmp_path)
-    with pytest.raises(config.DataError, match=re.escape(f"{out / 'detector.pt'}: missing; evaluate a finished")):
+    with pytest.raises(config.DataError,
+                       match=re.escape(f"{out / 'detector.pt'}: missing; evaluate a finished")):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu"))
 
 
@@ -169,40 +192,55 @@ def test_a_results_json_detector_cannot_score_generated_images(ckpt, tmp_path):
     dets = tmp_path / "dets.json"
     dets.write_text("[]")                                     # a valid (empty) COCO results json
     out = run_folder(ckpt, tmp_path, detector=str(dets))
-    with pytest.raises(config.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
-                                                       "(fidelity, easy_hard); pass --parts fid or train")):
-        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="fidelity,easy_hard,fid"))
-    with pytest.raises(config.DataError, match=re.escape(f"{dets}: a results json cannot score generated images "
+    with pytest.raises(config.DataError,
+                       match=re.escape(f"{dets}: a results json cannot score generated images "
+                                                       "(fidelity, easy_hard); pass --parts fid or "
+                                                       "train")):
+        evaluate.evaluate(out,
+                          evaluate.EvalConfig(quick=True, device="cpu",
+                                              parts="fidelity,easy_hard,fid"))
+    with pytest.raises(config.DataError,
+                       match=re.escape(f"{dets}: a results json cannot score generated images "
                                                        "(ablations); pass --parts crops or train")):
-        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="crops", ablations=True))
+        evaluate.evaluate(out,
+                          evaluate.EvalConfig(quick=True, device="cpu", parts="crops",
+                                              ablations=True))
 
 
-def test_val_objects_that_no_longer_match_the_layouts_are_named(ckpt, tiny_data, tmp_path, monkeypatch):
-    # the layouts the run reads are nudged (as if the data set changed under it): the masks part names the json
+def test_val_objects_that_no_longer_match_the_layouts_are_named(
+    ckpt, tiny_data, tmp_path, monkeypatch
+):
+    # the layouts the run reads are nudged (as if the data set changed under it): the masks part
+    # names the json
     dets = tmp_path / "dets.json"
-    dets.write_text("[]")                                     # a detector the masks part does not use
+    dets.write_text("[]")                                   # a detector the masks part does not use
     out = run_folder(ckpt, tmp_path, detector=str(dets))
     split_layouts = evaluate.sample.split_layouts
     monkeypatch.setattr(evaluate.sample, "split_layouts",
-                        lambda ck, n: [dict(lay, boxes=lay["boxes"] * 0.5) for lay in split_layouts(ck, n)])
+                        lambda ck,
+                        n: [dict(lay, boxes=lay["boxes"] * 0.5) for lay in split_layouts(ck, n)])
     json_path = Path(tiny_data) / "annotations" / "instances_val.json"
-    with pytest.raises(config.DataError, match=re.escape(f"{json_path}: the val objects no longer match the layouts")):
+    with pytest.raises(config.DataError,
+                       match=re.escape(f"{json_path}: the val objects no longer match the layouts")):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, device="cpu", parts="masks"))
 
 
 def test_the_command_line_says_a_data_error_in_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--run", str(tmp_path), "--device", "cpu"],
+    p = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--run", str(tmp_path),
+                        "--device", "cpu"],
                        capture_output=True, text=True, cwd=Path(evaluate.__file__).parents[1])
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr.splitlines() == [f"error: {tmp_path / 'ckpt.pt'}: missing; evaluate a finished `python detdiff.py` "
-                                     f"run folder"]
+    assert p.stderr.splitlines() == [f"error: {tmp_path / 'ckpt.pt'}: missing; evaluate a finished "
+                                     f"`python detdiff.py` run folder"]
 
 
 def test_main_job_switch_runs_the_evaluation(run, tiny_data, monkeypatch):
     out, _ = run
     called = []
-    monkeypatch.setattr(evaluate, "evaluate", lambda r, cfg=None: called.append(str(r)) or {"fid": None})
-    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, evaluate=True), TINY_MODEL)
+    monkeypatch.setattr(evaluate, "evaluate", lambda r,
+                        cfg=None: called.append(str(r)) or {"fid": None})
+    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, evaluate=True),
+                               TINY_MODEL)
     assert called == [str(out)] and summary["evaluate"] == {"fid": None}
     detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES), TINY_MODEL)   # off by default
     assert called == [str(out)]
@@ -230,16 +268,20 @@ def test_masks_part_in_the_report(run):
 
 def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_ones(run):
     out, first = run
-    with pytest.raises(config.DataError, match="^--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
+    with pytest.raises(config.DataError,
+                       match="^--ablation-rows: unknown lambda 7 \\(choose from both on, loss off"):
         evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", ablations=True,
                                                    ablation_rows="loss off,lambda 7"))
-    # no part but the ablations, with an Inception network (a stand-in): its FID per row, the run's own FID kept
+    # no part but the ablations, with an Inception network (a stand-in): its FID per row, the run's
+    # own FID kept
     from test_fid import NvidiaLike
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)                  # torch.jit is deprecated in torch 2.14
+        warnings.simplefilter("ignore", FutureWarning)       # torch.jit is deprecated in torch 2.14
         torch.jit.save(torch.jit.script(NvidiaLike()), str(out / "standin.pt"))
     before = json.loads((out / "metrics.json").read_text())
-    evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="", ablations=True, ablation_rows="loss off",
+    evaluate.evaluate(out,
+                      evaluate.EvalConfig(quick=True, parts="", ablations=True,
+                                          ablation_rows="loss off",
                                                inception=str(out / "standin.pt")))
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["ablations"]) == set(first["ablations"])              # the other rows are kept
@@ -247,11 +289,13 @@ def test_ablation_rows_are_checked_before_anything_runs_and_add_to_the_earlier_o
 
 
 def test_a_finished_ablation_of_another_budget_is_not_reused(run):
-    out, _ = run                                   # the quick ablations trained 3 steps; the run itself 4
+    out, _ = run                             # the quick ablations trained 3 steps; the run itself 4
     ck = torch.load(out / "ckpt.pt", weights_only=False)
-    with pytest.raises(config.DataError, match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
+    with pytest.raises(config.DataError,
+                       match=r"loss_off/ckpt.pt: trained with another budget \(minutes 0, steps 3 "
                        r"instead of minutes 0, steps 4\)"):
-        ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(), print)
+        ablations.train_ablation(out, ck, "loss off", dict(pal_weight=0.0), evaluate.EvalConfig(),
+                                 print)
 
 
 def test_evaluate_refuses_an_unknown_sampler(capsys):

@@ -1,4 +1,5 @@
-"""figures.py: a grid's size and tile positions, a layout's box drawn where the box is, and a loss-curve PNG."""
+"""figures.py: a grid's size and tile positions, a layout's box drawn where the box is, and a
+loss-curve PNG."""
 import numpy as np
 from PIL import Image
 
@@ -12,12 +13,14 @@ def test_image_grid_places_tiles_by_hand():
     assert g.size == (2 * (4 + 1) + 1, 3 * (3 + 1) + 1)                   # 3 rows of 2
     a = np.asarray(g)
     assert tuple(a[1, 1]) == (0, 0, 0) and tuple(a[1, 6]) == (10, 0, 0)  # tiles 0 and 1 on row 0
-    assert tuple(a[9, 1]) == (40, 0, 0) and tuple(a[9, 6]) == (255, 255, 255)   # tile 4, then the fill
+    # tile 4, then the fill
+    assert tuple(a[9, 1]) == (40, 0, 0) and tuple(a[9, 6]) == (255, 255, 255)
 
 
 def test_draw_layout_outlines_the_box_at_its_pixels():
     im = np.zeros((8, 8, 3), np.uint8)
-    out = np.asarray(data.draw_layout(im, [[0.25, 0.25, 0.75, 0.75]], [0], ["c"], difficulty=[2], scale=2))
+    out = np.asarray(data.draw_layout(im, [[0.25, 0.25, 0.75, 0.75]], [0], ["c"], difficulty=[2],
+                                      scale=2))
     assert out.shape == (16, 16, 3)
     red = (out == (255, 0, 0)).all(-1)                                    # [hard]: red
     assert red[4, 4:12].all() and red[11, 4:12].all() and red[4:12, 4].all() and red[4:12, 11].all()

@@ -1,9 +1,10 @@
-"""The layout of the code. The method (the top-level modules but the main job's entry, detdiff.py) imports only
-itself, so that `import train` loads nothing of the tooling one folder down (data_sets/, perceptive/, experiments/,
-tools/); imports among all modules run one way (no circle, and no project import hidden inside a function); one
-training step reads four files at most; and README.md's table of files lists every module below the ones it
-imports. A method file run as a script may hand its command line to the tooling in its `if __name__ == "__main__"`
-block (sample.py does: writing data sets is tooling); importing the module never runs that block."""
+"""The layout of the code. The method (the top-level modules but the main job's entry, detdiff.py)
+imports only itself, so that `import train` loads nothing of the tooling one folder down
+(data_sets/, perceptive/, experiments/, tools/); imports among all modules run one way (no circle,
+and no project import hidden inside a function); one training step reads four files at most; and
+README.md's table of files lists every module below the ones it imports. A method file run as a
+script may hand its command line to the tooling in its `if __name__ == "__main__"` block (sample.py
+does: writing data sets is tooling); importing the module never runs that block."""
 import ast
 import re
 import subprocess
@@ -26,8 +27,8 @@ def is_main_block(node):
 
 
 def imports(name, main_block=True):
-    """The project modules module `name` imports anywhere in it (top level or inside a function); without its
-    `if __name__ == "__main__"` block when main_block is False."""
+    """The project modules module `name` imports anywhere in it (top level or inside a function);
+    without its `if __name__ == "__main__"` block when main_block is False."""
     tree = ast.parse(MODULES[name].read_text())
     body = [n for n in tree.body if main_block or not is_main_block(n)]
     out = set()
@@ -46,11 +47,14 @@ def test_the_method_imports_only_the_method():
 
 
 def test_importing_train_or_sample_loads_only_method_modules():
-    """What a reader of the method imports: nothing of the tooling comes along (checked in a fresh interpreter)."""
+    """What a reader of the method imports: nothing of the tooling comes along (checked in a fresh
+    interpreter)."""
     code = "import sys, train, sample; print(' '.join(sorted(sys.modules)))"
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
     project = {m for m in loaded.stdout.split() if m.split(".")[0] in METHOD | set(PACKAGES) | {ENTRY}}
-    assert project <= METHOD and {"train", "sample", "unet", "diffusion", "perception", "data"} <= project
+    assert project <= METHOD and {"train", "sample", "unet", "diffusion", "perception",
+                                  "data"} <= project
 
 
 def test_imports_run_one_way():
@@ -62,17 +66,20 @@ def test_imports_run_one_way():
             raise AssertionError("import circle: " + " -> ".join(path + [m]))
         if state.get(m) != "done":
             state[m] = "open"
-            for d in sorted(graph[m] - ({"data_sets.export"} if m == "sample" else set())):   # sample's main block
+            # sample's main block
+            for d in sorted(graph[m] - ({"data_sets.export"} if m == "sample" else set())):
                 visit(d, path + [m])
             state[m] = "done"
             order.append(m)
     for m in sorted(graph):
         visit(m, [])
-    assert order.index("data") < order.index("train") < order.index(ENTRY)   # from the data up to the main job
+    # from the data up to the main job
+    assert order.index("data") < order.index("train") < order.index(ENTRY)
 
 
 def test_no_project_import_inside_a_function():
-    """An import of a project module inside a function would hide a circle instead of removing it."""
+    """An import of a project module inside a function would hide a circle instead of removing
+    it."""
     hidden = []
     for m, p in MODULES.items():
         for fn in ast.walk(ast.parse(p.read_text())):
@@ -86,18 +93,22 @@ def test_no_project_import_inside_a_function():
 
 
 def test_one_training_step_reads_four_files_at_most():
-    """train.train_step and what it calls: the modules its body names (diffusion, perception, ...), the UNet's
-    module (the forward, the perception head inside it) and train.py itself."""
+    """train.train_step and what it calls: the modules its body names (diffusion, perception, ...),
+    the UNet's module (the forward, the perception head inside it) and train.py itself."""
     tree = ast.parse(MODULES["train"].read_text())
     step = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train_step")
-    named = {n.value.id for n in ast.walk(step) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    named = {
+        n.value.id
+        for n in ast.walk(step)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+    }
     files = (named & METHOD) | {"train", "unet"}
     assert files == {"train", "diffusion", "unet", "perception"}
 
 
 def test_the_readmes_table_of_files_lists_every_module_below_what_it_imports():
-    """README.md's "The files" table names every module once (`data.py`, `perceptive/detector.py`), each after (or
-    in the row of) the modules it imports."""
+    """README.md's "The files" table names every module once (`data.py`, `perceptive/detector.py`),
+    each after (or in the row of) the modules it imports."""
     text = (ROOT / "README.md").read_text()
     table = text[text.index("| layer | file | what it holds |"):].split("\n\n")[0].splitlines()[2:]
     rows = [[p[:-3].replace("/", ".") for p in re.findall(r"`([\w/]+\.py)`", row.split("|")[2])] for row in table]

@@ -1,4 +1,5 @@
-"""shapes.py: the embedded data set is the same for the same seed, and every label is inside its image and loads."""
+"""shapes.py: the embedded data set is the same for the same seed, and every label is inside its
+image and loads."""
 import json
 
 import pytest

@@ -1,5 +1,5 @@
-"""trainability.py: the generated training layouts are the training set's, drawn at random and mirrored half the
-time."""
+"""trainability.py: the generated training layouts are the training set's, drawn at random and
+mirrored half the time."""
 import torch
 
 import sample

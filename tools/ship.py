@@ -1,5 +1,5 @@
-"""The trained model that ships with the repository in checkpoints/shapes/: the one command that makes it, and the
-checks that keep it loadable by today's code (tests/test_ship.py runs them in CI).
+"""The trained model that ships with the repository in checkpoints/shapes/: the one command that
+makes it, and the checks that keep it loadable by today's code (tests/test_ship.py runs them in CI).
 
     python ship.py                            # train it (the main job at 5000 generator steps into runs/shapes_ship),
                                               # evaluate it, export it to checkpoints/shapes: 35 min on a 2-core CPU
@@ -16,9 +16,8 @@ What checkpoints/shapes/ holds (about 4 MB):
   crop_classifier.pt  evaluate.py's crop classifier (class consistency), and sample.py's --classifier
   metrics.json, report.md, easy_hard_eval.png   evaluate.py's report on the model (the README quotes it)
 
-A change to the UNet's modules or to a default that the model was trained with makes `--check` (and CI) fail and
-name what moved; the model is then retrained with `python ship.py`, never patched.
-"""
+A change to the UNet's modules or to a default that the model was trained with makes `--check` (and
+CI) fail and name what moved; the model is then retrained with `python ship.py`, never patched. """
 import argparse
 import shutil
 import sys
@@ -42,41 +41,52 @@ PARTS = "fidelity,easy_hard,crops,masks"               # evaluate.py's parts quo
 REPORT = ("metrics.json", "report.md", "easy_hard_eval.png")
 # settings that say how a run was driven, not what it learned: they may differ from today's defaults
 # (and sampling settings, which the sampler takes from its own flags)
-RUN_ONLY = {"out", "resume", "steps", "minutes", "log_every", "sample_every", "ckpt_every", "device", "dtype",
-            "compile", "attributes", "n_eval", "evaluate", "stage", "sampler", "sample_steps", "guidance",
+RUN_ONLY = {"out", "resume", "steps", "minutes", "log_every", "sample_every", "ckpt_every",
+            "device", "dtype",
+            "compile", "attributes", "n_eval", "evaluate", "stage", "sampler", "sample_steps",
+            "guidance",
             "attr_guidance", "n_grid"}
 
 
 def slim_checkpoint(ck):
-    """A finished run's checkpoint -> the shipped one: the EMA weights in float16 and what sampling reads."""
-    keep = ("step", "elapsed", "finished", "train_cfg", "model_cfg", "pipeline_cfg", "img_s", "space", "dtype",
+    """A finished run's checkpoint -> the shipped one: the EMA weights in float16 and what sampling
+    reads."""
+    keep = ("step", "elapsed", "finished", "train_cfg", "model_cfg", "pipeline_cfg", "img_s",
+            "space", "dtype",
             "autoencoder", "tokenizer", "history")
     out = {k: ck[k] for k in keep if k in ck}
     out["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["ema"].items()}
-    out["attributes_used"] = "attributes.json" if ck.get("attributes_used") else ""   # beside it (load_checkpoint)
+    # beside it (load_checkpoint)
+    out["attributes_used"] = "attributes.json" if ck.get("attributes_used") else ""
     return out
 
 
 def refuse_a_full(dest):
-    """The shipped folder is replaced only by hand: a folder that holds anything is a DataError naming it."""
+    """The shipped folder is replaced only by hand: a folder that holds anything is a DataError
+    naming it."""
     if Path(dest).exists() and any(Path(dest).iterdir()):
         raise config.DataError(f"{dest}: already holds a model; remove the folder to replace it")
 
 
 def export(run, dest=SHIPPED):
-    """Copy a finished, evaluated run into `dest` (a new or empty folder): the slim generator, the detector, the
-    attribute sidecar, evaluate.py's crop classifier and report. Returns the files written."""
+    """Copy a finished, evaluated run into `dest` (a new or empty folder): the slim generator, the
+    detector, the attribute sidecar, evaluate.py's crop classifier and report. Returns the files
+    written."""
     run, dest = Path(run), Path(dest)
     if not (run / "ckpt.pt").is_file():
-        raise config.DataError(f"{run / 'ckpt.pt'}: missing; export a finished `python detdiff.py` run folder")
+        raise config.DataError(f"{run / 'ckpt.pt'}: missing; export a finished `python detdiff.py` "
+                               f"run folder")
     ck = config.load_file(run / "ckpt.pt")
     if not ck.get("finished"):
-        raise config.DataError(f"{run / 'ckpt.pt'}: the run has not finished (step {ck.get('step')}); finish it first")
+        raise config.DataError(f"{run / 'ckpt.pt'}: the run has not finished (step "
+                               f"{ck.get('step')}); finish it first")
     sources = {"detector.pt": run / "detector.pt", "attributes.json": run / "attributes.json",
-               "crop_classifier.pt": run / "eval" / "crop_classifier.pt", **{f: run / f for f in REPORT}}
+               "crop_classifier.pt": run / "eval" / "crop_classifier.pt",
+               **{f: run / f for f in REPORT}}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
-        raise config.DataError(f"{missing[0]}: missing; run `python evaluate.py --run {run} --parts {PARTS}` first")
+        raise config.DataError(f"{missing[0]}: missing; run `python evaluate.py --run {run} "
+                               f"--parts {PARTS}` first")
     refuse_a_full(dest)
     dest.mkdir(parents=True, exist_ok=True)
     config.atomic_save(slim_checkpoint(ck), dest / "ckpt.pt")
@@ -86,20 +96,27 @@ def export(run, dest=SHIPPED):
 
 
 def drift(ck):
-    """The settings of a checkpoint that differ from what today's defaults would build: one 'FLAG: shipped X,
-    default Y' line each (empty when the model is today's default model)."""
+    """The settings of a checkpoint that differ from what today's defaults would build: one 'FLAG:
+    shipped X, default Y' line each (empty when the model is today's default model)."""
     defaults = [(ck["model_cfg"], asdict(UNetConfig()), detdiff.model_fields()),
                 (ck["train_cfg"], asdict(TrainConfig()), fields(TrainConfig)),
-                (ck.get("pipeline_cfg") or {}, asdict(detdiff.PipelineConfig()), fields(detdiff.PipelineConfig))]
-    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v    # noqa: E731 (a json list, a tuple)
-    return [f"--{f.name.replace('_', '-')}: shipped {stored[f.name]!r}, default {default[f.name]!r}"
-            for stored, default, fs in defaults for f in fs
-            if f.name not in RUN_ONLY and f.name in stored and as_list(stored[f.name]) != as_list(default[f.name])]
+                (ck.get("pipeline_cfg") or {}, asdict(detdiff.PipelineConfig()),
+                 fields(detdiff.PipelineConfig))]
+    # noqa: E731 (a json list, a tuple)
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    return [
+        f"--{f.name.replace('_', '-')}: shipped {stored[f.name]!r}, default {default[f.name]!r}"
+        for stored, default, fs in defaults
+        for f in fs
+        if f.name not in RUN_ONLY
+        and f.name in stored
+        and as_list(stored[f.name]) != as_list(default[f.name])
+    ]
 
 
 def check(folder=SHIPPED):
-    """Every shipped file loads with today's code (the generator strictly) and the generator's settings are
-    today's defaults. Returns the problems found, one line each."""
+    """Every shipped file loads with today's code (the generator strictly) and the generator's
+    settings are today's defaults. Returns the problems found, one line each."""
     folder, problems = Path(folder), []
     loaders = {"ckpt.pt": sample.load_checkpoint, "detector.pt": detector.load_detector,
                "crop_classifier.pt": crops.load_crop_classifier,
@@ -119,25 +136,28 @@ def size_mb(folder=SHIPPED):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Make, export or check the shipped model in checkpoints/shapes.")
+    ap = argparse.ArgumentParser(description="Make, export or check the shipped model in "
+                                             "checkpoints/shapes.")
     ap.add_argument("--run", default="", help="export this finished run instead of training one")
     ap.add_argument("--dest", default=str(SHIPPED), help="the folder to write (new or empty)")
-    ap.add_argument("--check", action="store_true", help="check the shipped files against today's code")
+    ap.add_argument("--check", action="store_true",
+                    help="check the shipped files against today's code")
     a = ap.parse_args(argv)
     try:
         if a.check:
             problems = check(a.dest)
-            print("\n".join(problems) or f"{a.dest}: loads with today's code and matches today's defaults "
-                                          f"({size_mb(a.dest):.1f} MB)")
+            print("\n".join(problems) or f"{a.dest}: loads with today's code and matches today's "
+                                         f"defaults ({size_mb(a.dest):.1f} MB)")
             return 1 if problems else 0
-        refuse_a_full(a.dest)                           # before half an hour of training, not after it
+        refuse_a_full(a.dest)                        # before half an hour of training, not after it
         run = Path(a.run or RUN)
         if not a.run:
             detdiff.main(["--out", str(run)] + RECIPE)
         if not all((run / f).is_file() for f in ("metrics.json", "eval/crop_classifier.pt")):
             evaluate.evaluate(run, evaluate.EvalConfig(parts=PARTS))
         export(run, a.dest)
-        print(f"wrote {a.dest} ({size_mb(a.dest):.1f} MB) from {run}; its numbers: {run / 'report.md'}")
+        print(f"wrote {a.dest} ({size_mb(a.dest):.1f} MB) from {run}; its numbers: "
+              f"{run / 'report.md'}")
     except config.DataError as err:
         raise SystemExit(f"error: {err}") from None
     return 0
