@@ -1,5 +1,5 @@
 """Latent mode (`--space latent`): the frozen autoencoder the UNet learns in, as the paper's Stable
-Diffusion backbone does (PAPER.md section 1: L_LDM = L_simple on the autoencoder's scaled latents z
+Diffusion backbone does (docs/paper.md section 1: L_LDM = L_simple on the autoencoder's scaled latents z
 = scale * E(x)).
 
 Trained by the main job's `autoencoder` stage (`train_autoencoder`: L1 reconstruction of the real
@@ -46,7 +46,7 @@ class Autoencoder(nn.Module):
     scale, `scale = 1 / std(E(x))` over training images, is measured after training
     (`train_autoencoder`). `encode` returns scaled latents and `decode` takes them, so the diffusion
     code sees unit-variance x_0 in latent space as it sees [-1, 1] images in pixel space. L_LDM
-    (PAPER.md s.1) is L_simple on these z."""
+    (docs/paper.md section 1) is L_simple on these z."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg, n = cfg, int(math.log2(cfg.factor))

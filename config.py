@@ -231,7 +231,7 @@ DTYPES = ("auto", *TORCH_DTYPES)   # every --dtype flag's choices
 
 def sampling_dtype(dtype, device):
     """The dtype sampling runs in for a resolved training dtype: fp16 only on CUDA (elsewhere fp32),
-    others as they are. The grid stage, evaluate.py and the periodic sample grids all sample this
+    others as they are. The grid stage, experiments/evaluate.py and the periodic sample grids all sample this
     way."""
     return dtype if dtype != "fp16" or torch.device(device).type == "cuda" else "fp32"
 

@@ -17,11 +17,11 @@ every run setting.
                                                         detdiff .pt or a COCO results json)
     torchrun --nproc_per_node=2 detdiff.py --stage generator ...   # DDP (gloo on CPU, nccl on CUDA)
 
-Where each stage's concept lives: data.py (and shapes.py, the embedded data set), detector.py (the
-perceptive model trained from scratch; detections.py for the user's, coco_map.py for its mAP),
+Where each stage's concept lives: data.py (and data_sets/shapes.py, the embedded data set), perceptive/detector.py (the
+perceptive model trained from scratch; perceptive/detections.py for the user's, perceptive/coco_map.py for its mAP),
 perception.py (the attribute and the perception loss), autoencoder.py (latent mode), train.py (the
 generator's training loop and `TrainConfig`, its settings; the stages' settings are `PipelineConfig`
-here; `--help` lists both), sample.py and evaluate.py (the grid stage and `--evaluate`). The
+here; `--help` lists both), sample.py and experiments/evaluate.py (the grid stage and `--evaluate`). The
 notation (beta_t, alpha_bar_t, x_t, eps, eps_theta, L_simple, L_p, lambda) is tabled in
 diffusion.py. """
 import argparse
@@ -80,7 +80,7 @@ class PipelineConfig:
     beta: float = 0.5                # attribute: IoU threshold
     class_aware: bool = False        # attribute: a prediction must also have the object's class
     n_eval: int = 100       # val layouts generated for the grid stage's quick layout-fidelity check
-    evaluate: bool = False           # then run evaluate.py on the run folder: report.md,
+    evaluate: bool = False           # then run experiments/evaluate.py on the run folder: report.md,
                                      # metrics.json (see its docstring; about 25 min on shapes)
 
 
@@ -186,8 +186,8 @@ def pipeline(cfg, pcfg=None, mcfg_overrides=None):
     (r.out / "summary.json").write_text(json.dumps(r.summary, indent=1))
     r.log(summary_text(r.summary))
     r.log.close()
-    if r.pcfg.evaluate:                          # the paper's experiments on this run (evaluate.py)
-        # see evaluate.py
+    if r.pcfg.evaluate:                          # the paper's experiments on this run (experiments/evaluate.py)
+        # see experiments/evaluate.py
         blind = ("fidelity", "easy_hard") if isinstance(r.given, detections.ResultsFile) else ()
         r.summary["evaluate"] = evaluate.evaluate(r.out, evaluate.EvalConfig(
             parts=",".join(p for p in evaluate.PARTS if p not in blind), device=cfg.device,
@@ -445,7 +445,7 @@ def stage_grid(r):
 def grid_and_fidelity(r, grid_path):
     """Generate the val layouts, draw the grid, and score the generated images with the run's
     detector against the real ones at the same resolution (the paper's YOLO score, quick version;
-    evaluate.py has the full one)."""
+    experiments/evaluate.py has the full one)."""
     cfg, out, ckpt_path, det_path = r.cfg, r.out, r.out / "ckpt.pt", r.out / "detector.pt"
     for need in (ckpt_path,) if r.given is not None else (ckpt_path, det_path):
         if not need.is_file():

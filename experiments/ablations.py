@@ -1,9 +1,9 @@
-"""Ablations (PAPER.md section 4): the perception loss and the perception-aware attribute, on and
+"""Ablations (docs/paper.md section 4): the perception loss and the perception-aware attribute, on and
 off, and the weight lambda of L_p; each ablation generator trained into RUN/ablations/<name> with
 the run's own settings otherwise and the same budget (by default as many steps as the run), then
 scored by evaluate.py (`--ablations`).
 
-    python evaluate.py --run runs/shapes --ablations --ablation-rows "loss off,attribute off"
+    python -m experiments.evaluate --run runs/shapes --ablations --ablation-rows "loss off,attribute off"
 """
 from dataclasses import replace
 from pathlib import Path

@@ -6,7 +6,7 @@ of the wrong class is a wrong label). A small CNN trained on real object crops a
 resolution judges the generated objects: `crop_accuracy` per [none]/[easy]/[hard], `accept_objects`
 for the class filter (evaluate.py's trainability part and `sample.py --classifier`).
 
-    python evaluate.py --run runs/shapes --parts crops      # writes RUN/eval/crop_classifier.pt
+    python -m experiments.evaluate --run runs/shapes --parts crops      # writes RUN/eval/crop_classifier.pt
 """
 import time
 

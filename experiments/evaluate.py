@@ -1,9 +1,9 @@
-"""The paper's experiments at small scale (PAPER.md section 4) on a finished run: one command, one
+"""The paper's experiments at small scale (docs/paper.md section 4) on a finished run: one command, one
 report.
 
-    python evaluate.py --run runs/shapes                 # report.md, metrics.json and figures in the run folder
-    python evaluate.py --run runs/shapes --quick         # small numbers: a first look in a minute, and the tests
-    python evaluate.py --run runs/shapes --ablations     # also trains the ablation generators (the run's steps each)
+    python -m experiments.evaluate --run runs/shapes                 # report.md, metrics.json and figures in the run folder
+    python -m experiments.evaluate --run runs/shapes --quick         # small numbers: a first look in a minute, and the tests
+    python -m experiments.evaluate --run runs/shapes --ablations     # also trains the ablation generators (the run's steps each)
     python detdiff.py --evaluate                         # the main job, then this
 
 Parts (--parts), what each measures and its keys in RUN/metrics.json:

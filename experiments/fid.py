@@ -1,5 +1,5 @@
 """FID (Heusel et al. 2017, arXiv 1706.08500): the Frechet distance between Inception features of
-generated and real images, PAPER.md section 4's image-quality number.
+generated and real images, docs/paper.md section 4's image-quality number.
 
 FID = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), mu and S the mean and covariance of the
 2048-d pool features of the TensorFlow Inception graph inception-2015-12-05 in the TorchScript port
@@ -14,7 +14,7 @@ clean-fid's "clean" mode (Parmar et al. 2022): uint8 -> float -> PIL bicubic to 
 clip [0, 255] -> (x - 128) / 128 -> trunk -> (N, 2048); equal to clean-fid's own features bit for
 bit (tests/test_fid.py stores some).
 
-    python evaluate.py --run runs/shapes --parts fid
+    python -m experiments.evaluate --run runs/shapes --parts fid
 """
 import hashlib
 import importlib.util

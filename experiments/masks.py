@@ -6,7 +6,7 @@ Which pixels lie in a box is the project's one rule, `data.box_pixels` (a pixel 
 [x0, x1) x [y0, y1)), here as `box_pixels` on numpy arrays.
 
     python sample.py --ckpt runs/shapes/ckpt.pt --masks head     # RLE masks in the COCO json, masks.png
-    python evaluate.py --run runs/shapes --parts masks
+    python -m experiments.evaluate --run runs/shapes --parts masks
 """
 import numpy as np
 import torch

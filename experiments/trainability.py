@@ -1,9 +1,9 @@
-"""Trainability (PAPER.md section 4): does generated data help a detector? Detectors trained on a
+"""Trainability (docs/paper.md section 4): does generated data help a detector? Detectors trained on a
 small real subset, alone and with generated images (new layouts from the training distribution,
 origin / all easy / all hard), scored on the real val split over several seeds: evaluate.py's
 `trainability` part.
 
-    python evaluate.py --run runs/shapes --parts trainability
+    python -m experiments.evaluate --run runs/shapes --parts trainability
 """
 import torch
 from tqdm import tqdm

@@ -19,7 +19,7 @@ from config import DataError, read_json
 from perception import assign_attributes
 from perceptive import detections, detector
 
-logger = logging.getLogger("detdiff.perception")
+logger = logging.getLogger(__name__)
 
 
 def attribute_warning(hard_fraction, source):

@@ -1,6 +1,6 @@
 """COCO box mAP (Lin et al. 2014): pycocotools' COCOeval for iouType="bbox", written out here
 (checked against pycocotools in the tests), and `evaluate(source, dataset)` -> mAP, AP50, AP75 of
-any detection source (detections.py) on a data set's layouts. PAPER.md section 4's perception metric
+any detection source (detections.py) on a data set's layouts. docs/paper.md section 4's perception metric
 ("YOLO score").
 
 AP at one IoU threshold = mean over 101 recall points r of the interpolated precision max_{r' >= r}
@@ -8,7 +8,7 @@ p(r'); mAP = mean over IoU thresholds 0.50:0.05:0.95 and categories with ground 
 detections per image and category; crowd regions and objects outside the area range are "ignore"
 regions. COCO files (results json, `coco_map`) use pixels xywh.
 
-    python perception.py eval --detector runs/detector/detector.pt --data shapes
+    python -m perceptive eval --detector runs/detector/detector.pt --data shapes
 """
 from collections import defaultdict
 

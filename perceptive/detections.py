@@ -3,13 +3,13 @@ a torchvision COCO detector with weights from a local file, or a COCO results js
 detector; and the mapping of a detector's classes onto the data set's.
 
 This is how a user brings their own perceptive model (`python detdiff.py --detector SPEC`,
-`open_source`): it then decides the perception-aware attribute (PAPER.md section 2) and scores
+`open_source`): it then decides the perception-aware attribute (docs/paper.md section 2) and scores
 generated images (section 4). Nothing is ever downloaded. A source that is a network (Detector,
 TorchvisionDetector, Relabelled: nn.Modules) runs on the device it was moved to (`open_source(...,
 device=)`, `.to(device)`) and returns its detections on the CPU.
 
-    python perception.py eval --results my_dets.json --data DIR       # any detector's COCO results json
-    python perception.py eval --torchvision fasterrcnn_resnet50_fpn --weights FILE --data coco_subset
+    python -m perceptive eval --results my_dets.json --data DIR       # any detector's COCO results json
+    python -m perceptive eval --torchvision fasterrcnn_resnet50_fpn --weights FILE --data coco_subset
 """
 from collections import defaultdict
 from pathlib import Path

@@ -2,7 +2,7 @@
 "Objects as Points"), per-class centre heatmap + box size + centre offset at stride 4, trained from
 scratch.
 
-PAPER.md section 2 (the detector that labels every training object [easy] or [hard]) and section 4
+docs/paper.md section 2 (the detector that labels every training object [easy] or [hard]) and section 4
 (the "YOLO score": a detector trained on real images measures generated ones). `train` fits it on a
 data.py data set, `predict` decodes it without NMS, `save_detector` / `load_detector` keep it in one
 file with its config. Other detectors (torchvision's, a results json) share its `predict` interface
@@ -15,7 +15,7 @@ Devices: `train` fits the detector on any device (`device`, and an autocast `dty
 config.resolve_device / resolve_dtype); `predict` runs on the model's own device whatever the
 images' and returns its detections on the CPU, where every consumer (mAP, attributes) reads them.
 
-    python perception.py train --data shapes --out runs/detector      # ~2-3 min on 2 cores, prints val mAP
+    python -m perceptive train --data shapes --out runs/detector      # ~2-3 min on 2 cores, prints val mAP
 """
 import logging
 import math
@@ -311,7 +311,7 @@ def load_detector(path):
         return Detector(DetectorConfig(**dict(c, class_names=tuple(c["class_names"]),
                                               dilations=tuple(c["dilations"]))))
     model, f = config.load_module(path, KIND, build, "detector checkpoint",
-                                  hint="train one with `python perception.py train`")
+                                  hint="train one with `python -m perceptive train`")
     if f.get("train_config"):
         model.train_config = DetTrainConfig(**f["train_config"])
     return model

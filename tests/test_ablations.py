@@ -1,4 +1,4 @@
-"""ablations.py: the rows and the budget of the ablation generators."""
+"""experiments/ablations.py: the rows and the budget of the ablation generators."""
 import pytest
 import torch
 

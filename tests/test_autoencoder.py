@@ -141,7 +141,7 @@ def test_wrong_autoencoder_is_an_error(tiny_ae, tiny_data, tmp_path):
 
 def test_latent_main_job_and_its_evaluation(tiny_data, tmp_path):
     """--space latent through the whole main job (the autoencoder stage before the generator) and
-    evaluate.py on the run: the ablation generators learn on the same frozen autoencoder."""
+    experiments/evaluate.py on the run: the ablation generators learn on the same frozen autoencoder."""
     out = tmp_path / "run"
     s = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, space="latent", **TINY_STAGES, **TINY_AE),
                          TINY_MODEL)

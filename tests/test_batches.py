@@ -1,4 +1,4 @@
-"""batches.py: the training loop's batches, decoded once into tensors, are the item path's batches
+"""data.py: the training loop's batches, decoded once into tensors, are the item path's batches
 (data.CocoLayoutDataset + data.collate) for the same random draws, on any device."""
 import torch
 

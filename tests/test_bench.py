@@ -1,4 +1,4 @@
-"""bench.py: the peer row and the table with a stand-in peer (no timing assertions), and its
+"""tools/bench.py: the peer row and the table with a stand-in peer (no timing assertions), and its
 errors."""
 import subprocess
 

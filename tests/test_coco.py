@@ -1,4 +1,4 @@
-"""coco.py: instance masks (polygons, RLE) against hand-computed and pycocotools values, and a data
+"""data_sets/coco.py: instance masks (polygons, RLE) against hand-computed and pycocotools values, and a data
 set folder built aside and published all or nothing."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""coco_map.py: COCO box mAP against hand-computed values and pycocotools (live when installed, and
+"""perceptive/coco_map.py: COCO box mAP against hand-computed values and pycocotools (live when installed, and
 numbers it printed, hard-coded), and a results json of the ground truth scoring 1."""
 import copy
 import json

@@ -1,4 +1,4 @@
-"""coco_subset.py: a subset of one instances json, split deterministically by image id, boxes and
+"""data_sets/coco_subset.py: a subset of one instances json, split deterministically by image id, boxes and
 masks resized with the images, and an unknown category as one line."""
 import torch
 from PIL import Image

@@ -1,4 +1,4 @@
-"""crops.py (class consistency): object crops against numpy slicing, the crop classifier on a tiny
+"""experiments/crops.py (class consistency): object crops against numpy slicing, the crop classifier on a tiny
 synthetic problem, per-difficulty accuracy and the acceptance filter against hand counts with stub
 classifiers, and checkpoint errors."""
 import numpy as np

@@ -235,7 +235,7 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(
                       "--detector-weights", flags["detector_weights"]])
     out = tmp_path / "run"
     cmap = "circle=person,square=car,triangle=dog,cross=cat,star=bird"
-    monkeypatch.chdir(tmp_path)           # a relative weights path is kept absolute for evaluate.py
+    monkeypatch.chdir(tmp_path)           # a relative weights path is kept absolute for experiments/evaluate.py
     flags["detector_weights"] = "w.pth"
     summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, **flags,
                                               detector_classes=cmap), TINY_MODEL)

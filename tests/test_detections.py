@@ -1,4 +1,4 @@
-"""detections.py: the perceptive model a user brings (a detdiff checkpoint of other classes, a
+"""perceptive/detections.py: the perceptive model a user brings (a detdiff checkpoint of other classes, a
 torchvision detector from a local weights file, a COCO results json), its classes mapped onto the
 data set's, and bad input as one line."""
 import json

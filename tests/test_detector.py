@@ -1,4 +1,4 @@
-"""detector.py: the CenterNet targets decode back to their boxes, a few training steps beat chance,
+"""perceptive/detector.py: the CenterNet targets decode back to their boxes, a few training steps beat chance,
 a detector survives its file, and a missing checkpoint is one line naming it."""
 import subprocess
 import sys

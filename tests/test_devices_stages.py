@@ -41,7 +41,7 @@ def tiny_detector(num_classes=5, class_names=(), size=32):
 
 
 # ----------------------------------------------------------------------------------------------
-# detector.py
+# perceptive/detector.py
 
 def test_centernet_targets_are_made_on_the_boxes_device(meta_nonzero):
     b = meta_batch()
@@ -125,7 +125,7 @@ def test_bf16_training_on_the_cpu_gives_an_fp32_model(tiny_data):
 
 
 # ----------------------------------------------------------------------------------------------
-# crops.py
+# experiments/crops.py
 
 def test_crop_classifier_step_on_the_device():
     x = torch.empty(4, 3, 16, 16, device=META)                           # the images, on the device

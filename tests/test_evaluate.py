@@ -1,4 +1,4 @@
-"""evaluate.py: the report on a tiny finished run (every key of metrics.json, the numbers in
+"""experiments/evaluate.py: the report on a tiny finished run (every key of metrics.json, the numbers in
 report.md), detector AP through the COCO round trip against hand-made detections, the ablation
 generators, bad input. The parts' own modules have their own test files (test_fid.py, test_crops.py,
 test_masks.py, test_trainability.py, test_ablations.py, test_report.py)."""

@@ -1,4 +1,4 @@
-"""fid.py: the Frechet distance against closed forms, the statistics against numpy, where the
+"""experiments/fid.py: the Frechet distance against closed forms, the statistics against numpy, where the
 weights are looked for, the two TorchScript layouts, and (when the Inception weights are installed)
 features against values that clean-fid's own code computed."""
 import numpy as np

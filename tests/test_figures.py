@@ -1,4 +1,4 @@
-"""figures.py: a grid's size and tile positions, a layout's box drawn where the box is, and a
+"""experiments/figures.py: a grid's size and tile positions, a layout's box drawn where the box is, and a
 loss-curve PNG."""
 import numpy as np
 from PIL import Image

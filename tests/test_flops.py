@@ -1,4 +1,4 @@
-"""flops.py: MFU and growth arithmetic, FLOP counts of linear layers, attention (forward and
+"""tools/flops.py: MFU and growth arithmetic, FLOP counts of linear layers, attention (forward and
 backward) and the dense kernels against hand-computed values (no timing assertions)."""
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""masks.py: the exported masks (the head's probability above the threshold, inside the box) by
+"""experiments/masks.py: the exported masks (the head's probability above the threshold, inside the box) by
 hand, Otsu's threshold against brute force, and the drawn object recovered from a disc on a textured
 background."""
 import numpy as np

@@ -1,5 +1,5 @@
 """perception.py: the perception-aware attribute on hand-made boxes, where its sidecar goes, the
-degenerate-attribute warning; and the perception-aware loss (PAPER.md section 3): FPN mask head, L_m
+degenerate-attribute warning; and the perception-aware loss (docs/paper.md section 3): FPN mask head, L_m
 (BCE), L_d (Dice), sqrt(alpha_bar_t)."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""shapes.py: the embedded data set is the same for the same seed, and every label is inside its
+"""data_sets/shapes.py: the embedded data set is the same for the same seed, and every label is inside its
 image and loads."""
 import json
 

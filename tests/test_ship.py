@@ -1,4 +1,4 @@
-"""ship.py and the model it shipped in checkpoints/shapes: the shipped files load strictly with
+"""tools/ship.py and the model it shipped in checkpoints/shapes: the shipped files load strictly with
 today's code, its settings are today's defaults (or the failure names the flag), the folder stays
 small, and (slow) the shipped generator still draws what the shipped detector finds, at the fraction
 of real AP50 the README states.

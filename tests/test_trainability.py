@@ -1,4 +1,4 @@
-"""trainability.py: the generated training layouts are the training set's, drawn at random and
+"""experiments/trainability.py: the generated training layouts are the training set's, drawn at random and
 mirrored half the time."""
 import torch
 

@@ -5,9 +5,9 @@ Training throughput with its FLOPs and model FLOPs utilisation, diffusers' UNet 
 beside ours, the cost of each sampler, how training cost grows with image size and object count, and
 the peak memory of a default training run.
 
-    python bench.py                  # the table, and bench.json; < 10 min on 2 quiet cores, compile included
-    python bench.py --quick          # 2 rounds, no compile, 20-step sampling only: checks that everything runs
-    python bench.py --profile        # torch.profiler's top ops of the default step (docs/performance.md)
+    python -m tools.bench                  # the table, and bench.json; < 10 min on 2 quiet cores, compile included
+    python -m tools.bench --quick          # 2 rounds, no compile, 20-step sampling only: checks that everything runs
+    python -m tools.bench --profile        # torch.profiler's top ops of the default step (docs/performance.md)
 
 What each number includes:
 - train img/s: one full step of train.train's loop body on a fixed synthetic batch (B=32; every

@@ -1,6 +1,6 @@
 """How bench.py measures: FLOPs as torch.utils.flop_counter counts them (plus the CPU
 flash-attention kernels its table lacks), model FLOPs utilisation against the best dense kernel of
-the same dtype, and timing in alternating rounds with the median kept. `python bench.py` uses them;
+the same dtype, and timing in alternating rounds with the median kept. `python -m tools.bench` uses them;
 tests/test_flops.py checks them by hand. """
 import statistics
 import time

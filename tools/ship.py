@@ -1,23 +1,23 @@
 """The trained model that ships with the repository in checkpoints/shapes/: the one command that
 makes it, and the checks that keep it loadable by today's code (tests/test_ship.py runs them in CI).
 
-    python ship.py                            # train it (the main job at 5000 generator steps into runs/shapes_ship),
+    python -m tools.ship                            # train it (the main job at 5000 generator steps into runs/shapes_ship),
                                               # evaluate it, export it to checkpoints/shapes: 35 min on a 2-core CPU
                                               # with bf16 (README); in fp32 the generator alone takes about 1.5 h
-    python ship.py --run runs/shapes_ship     # export a run that is already trained (evaluated here if it is not)
-    python ship.py --check                    # the shipped files against today's code and defaults
+    python -m tools.ship --run runs/shapes_ship     # export a run that is already trained (evaluated here if it is not)
+    python -m tools.ship --check                    # the shipped files against today's code and defaults
 
 What checkpoints/shapes/ holds (about 4 MB):
   ckpt.pt             the generator: its EMA weights only, stored in float16 (sample.load_checkpoint copies them into
                       a float32 UNet), with its config, tokenizer and schedule settings. No optimizer, raw weights or
                       RNG state: it samples, it does not resume.
-  detector.pt         the run's perceptive model: the detector behind the attributes and evaluate.py's "YOLO score"
-  attributes.json     the attribute sidecar: [easy] / [hard] for every train and val object (PAPER.md s.2)
-  crop_classifier.pt  evaluate.py's crop classifier (class consistency), and sample.py's --classifier
-  metrics.json, report.md, easy_hard_eval.png   evaluate.py's report on the model (the README quotes it)
+  detector.pt         the run's perceptive model: the detector behind the attributes and experiments/evaluate.py's "YOLO score"
+  attributes.json     the attribute sidecar: [easy] / [hard] for every train and val object (docs/paper.md section 2)
+  crop_classifier.pt  experiments/evaluate.py's crop classifier (class consistency), and sample.py's --classifier
+  metrics.json, report.md, easy_hard_eval.png   experiments/evaluate.py's report on the model (the README quotes it)
 
 A change to the UNet's modules or to a default that the model was trained with makes `--check` (and
-CI) fail and name what moved; the model is then retrained with `python ship.py`, never patched. """
+CI) fail and name what moved; the model is then retrained with `python -m tools.ship`, never patched. """
 import argparse
 import shutil
 import sys
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent   # the repository
 SHIPPED = ROOT / "checkpoints" / "shapes"
 RUN = "runs/shapes_ship"
 RECIPE = ["--minutes", "0", "--steps", "5000"]          # the main job's defaults otherwise
-PARTS = "fidelity,easy_hard,crops,masks"               # evaluate.py's parts quoted in the README
+PARTS = "fidelity,easy_hard,crops,masks"               # experiments/evaluate.py's parts quoted in the README
 REPORT = ("metrics.json", "report.md", "easy_hard_eval.png")
 # settings that say how a run was driven, not what it learned: they may differ from today's defaults
 # (and sampling settings, which the sampler takes from its own flags)
@@ -70,7 +70,7 @@ def refuse_a_full(dest):
 
 def export(run, dest=SHIPPED):
     """Copy a finished, evaluated run into `dest` (a new or empty folder): the slim generator, the
-    detector, the attribute sidecar, evaluate.py's crop classifier and report. Returns the files
+    detector, the attribute sidecar, experiments/evaluate.py's crop classifier and report. Returns the files
     written."""
     run, dest = Path(run), Path(dest)
     if not (run / "ckpt.pt").is_file():
@@ -85,7 +85,7 @@ def export(run, dest=SHIPPED):
                **{f: run / f for f in REPORT}}
     missing = [str(p) for p in sources.values() if not p.is_file()]
     if missing:
-        raise config.DataError(f"{missing[0]}: missing; run `python evaluate.py --run {run} "
+        raise config.DataError(f"{missing[0]}: missing; run `python -m experiments.evaluate --run {run} "
                                f"--parts {PARTS}` first")
     refuse_a_full(dest)
     dest.mkdir(parents=True, exist_ok=True)
