@@ -165,7 +165,7 @@ def train_autoencoder(cfg, root, path, log=print, device="cpu", dtype="fp32"):
                                        latent_channels=cfg.ae_latent_channels,
                                        # initialised on the CPU: any device
                                        factor=cfg.ae_factor)).to(device)
-    opt, t0 = optim.make_optimizer(ae, cfg), time.time()
+    opt, t0 = optim.make_optimizer(ae, cfg, "adamw"), time.time()
     # fp16 gradients underflow unscaled
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     bar = tqdm(range(cfg.ae_steps), desc="autoencoder", dynamic_ncols=True)

@@ -46,7 +46,8 @@ from unet import UNet, UNetConfig
 class TrainConfig:
     CHOICES: ClassVar[dict] = dict(dtype=config.DTYPES, schedule=("cosine", "linear"),
                                    sampler=sample.SAMPLERS,
-                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"))
+                                   loss_weight=("minsnr", "none"), space=("pixel", "latent"),
+                                   optimizer=("adamw", "muon"))
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
@@ -62,6 +63,9 @@ class TrainConfig:
     warmup: int = 100
     min_lr_frac: float = 0.1         # cosine decay to lr * min_lr_frac
     weight_decay: float = 0.01
+    optimizer: str = "adamw"         # adamw | muon: Muon for the hidden weight matrices, AdamW for
+                                     # the rest (optim.Muon)
+    muon_lr_scale: float = 2.0       # --optimizer muon: the Muon group's lr is lr times this
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     dtype: str = "auto"              # auto | fp32 | bf16 | fp16 (GradScaler only for fp16). auto:
@@ -368,7 +372,7 @@ def set_up_model(r, ck, mcfg_overrides):
     r.raw = UNet(r.mcfg, loc_xy=r.tok.location_xy()).to(r.device)
     r.ema = copy.deepcopy(r.raw).eval().requires_grad_(False)
     r.diff = diffusion.Diffusion(cfg.timesteps, cfg.schedule).to(r.device)
-    r.opt = optim.make_optimizer(r.raw, cfg)
+    r.opt = optim.make_optimizer(r.raw, cfg, dtype=r.dtype)
     r.scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == "fp16")
     if ck:
         r.raw.load_state_dict(ck["model"])

@@ -114,12 +114,14 @@ def test_mask_head_and_perception_loss_on_meta():
     assert logits.shape == (2, 4, 16, 16) and l_p.device == META and l_p.shape == (2,)
 
 
-@pytest.mark.parametrize("loss_weight, fg", [("minsnr", True), ("none", False)])
-def test_train_step_on_meta(loss_weight, fg):
+@pytest.mark.parametrize("loss_weight, fg, optimizer",
+                         [("minsnr", True, "adamw"), ("none", False, "adamw"),
+                                                       ("minsnr", True, "muon")])
+def test_train_step_on_meta(loss_weight, fg, optimizer):
     model, tok = tiny()
     raw = model.to(META)
     cfg = train.TrainConfig(timesteps=50, loss_weight=loss_weight, fg_reweight=fg, p_uncond=0.5,
-                            p_uncond_attr=0.5)
+                            p_uncond_attr=0.5, optimizer=optimizer)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = optim.make_optimizer(raw, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

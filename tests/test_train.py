@@ -56,16 +56,14 @@ def test_every_periodic_branch_runs(tiny_data, tmp_path):
     assert not (out / "ckpt.pt.tmp").exists()
 
 
-def test_killed_and_resumed_run_matches_a_straight_run(tiny_data, tmp_path):
-    straight = train.train(tiny_train_cfg(tiny_data, tmp_path / "a", steps=6, ckpt_every=3,
-                                          sample_every=0), TINY_MODEL)
-    train.train(tiny_train_cfg(tiny_data, tmp_path / "b", steps=6, ckpt_every=3, sample_every=0),
-                TINY_MODEL,
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_and_resumed_run_matches_a_straight_run(tiny_data, tmp_path, optimizer):
+    kw = dict(steps=6, ckpt_every=3, sample_every=0, optimizer=optimizer)
+    straight = train.train(tiny_train_cfg(tiny_data, tmp_path / "a", **kw), TINY_MODEL)
+    train.train(tiny_train_cfg(tiny_data, tmp_path / "b", **kw), TINY_MODEL,
                 interrupt_at=4)                  # "killed" at step 4; the last checkpoint is step 3
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
-    resumed = train.train(tiny_train_cfg(tiny_data, tmp_path / "b", steps=6, ckpt_every=3,
-                                         sample_every=0,
-                                         resume=True))
+    resumed = train.train(tiny_train_cfg(tiny_data, tmp_path / "b", resume=True, **kw))
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     ca, cb = (torch.load(tmp_path / x / "ckpt.pt", weights_only=False) for x in ("a", "b"))
