@@ -86,6 +86,18 @@ def add_flags(parser, cls, skip=(), only=None, given_only=False):
                                 help=f"default {f.default}")
 
 
+def from_saved(cls, saved):
+    """The settings dataclass `cls` from the dict a checkpoint saved. A setting that no longer exists because one
+    value of it was all that stayed (cls.RETIRED, name -> that value) is dropped when it holds that value; any
+    other value of it is a DataError, since today's code cannot rebuild what it made."""
+    saved, retired = dict(saved), getattr(cls, "RETIRED", {})
+    for name, kept in retired.items():
+        if name in saved and saved.pop(name) != kept:
+            raise DataError(f"--{name.replace('_', '-')}: this checkpoint was made with a form detdiff no longer "
+                            f"has (only {kept!r} is left)")
+    return cls(**saved)
+
+
 def check_choices(cfg):
     """A settings dataclass built in code (not from flags) against its CHOICES: a one-line DataError
     naming the flag, the value and the choices, before anything runs."""

@@ -497,7 +497,7 @@ def main(argv=None):
     try:
         if targs.get("resume"):
             targs, pargs = resumed_settings(targs, pargs, margs)
-        cfg, pcfg = TrainConfig(**targs), PipelineConfig(**pargs)
+        cfg, pcfg = config.from_saved(TrainConfig, targs), PipelineConfig(**pargs)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the generator stage only, every
                                                          # rank trains
             if pcfg.stage != "generator":

@@ -56,7 +56,7 @@ def extract(a, t, x):
 class Diffusion(nn.Module):
     """The fixed forward process. Buffers are computed in float64 and stored as float32."""
 
-    def __init__(self, T=1000, schedule="linear"):
+    def __init__(self, T, schedule):
         super().__init__()
         self.T = T
         betas = make_betas(schedule, T)

@@ -176,7 +176,7 @@ def load_checkpoint(path, weights="ema", device="cpu"):
         side = Path(path).parent / Path(ck.get("attributes_used") or "-").name
         if ck.get("attributes_used") and not Path(ck["attributes_used"]).is_file() and side.is_file():
             ck["attributes_used"] = str(side)
-        model = UNet(UNetConfig.from_saved(ck["model_cfg"]))
+        model = UNet(config.from_saved(UNetConfig, ck["model_cfg"]))
         model.load_state_dict(ck[weights])
         diff = Diffusion(ck["train_cfg"]["timesteps"], ck["train_cfg"]["schedule"]).to(device)
     except (KeyError, RuntimeError, EOFError, TypeError, pickle.UnpicklingError) as e:

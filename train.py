@@ -48,6 +48,7 @@ class TrainConfig:
                                    sampler=sample.SAMPLERS,
                                    loss_weight=("minsnr", "none"), space=("pixel", "latent"),
                                    optimizer=("adamw", "muon"))
+    RETIRED: ClassVar[dict] = dict(t_sampling="uniform", location="grid")   # config.from_saved
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
@@ -364,7 +365,7 @@ def set_up_model(r, ck, mcfg_overrides):
     """UNet, EMA, schedule, AdamW and GradScaler (the checkpoint's shapes and states win on resume),
     wrapped in DDP and torch.compile when asked."""
     cfg = r.cfg
-    r.mcfg = UNetConfig.from_saved(ck["model_cfg"]) if ck else \
+    r.mcfg = config.from_saved(UNetConfig, ck["model_cfg"]) if ck else \
         model_config(cfg, r.tok, mcfg_overrides,
                      r.ae.cfg.latent_channels if r.ae is not None else None)
     if cfg.pal_weight > 0 and not r.mcfg.mask_dim:

@@ -48,6 +48,7 @@ MAX_SIDE = 256   # the largest side of a feature map with cross-attention (a 256
 @dataclass
 class UNetConfig:
     CHOICES: ClassVar[dict] = dict(cond=("tokens", "paint"))
+    RETIRED: ClassVar[dict] = dict(location="grid")   # config.from_saved: one form of location tokens is left
     # image side
     in_channels: int = 3
     base_channels: int = 32
@@ -87,17 +88,6 @@ class UNetConfig:
                    tokens_per_object=tok.tokens_per_object,
                    max_objects=tok.max_objects, pad_id=tok.pad_id, class_offset=tok.class_offset,
                    loc_offset=tok.loc_offset, bins=tok.bins, **overrides)
-
-    @classmethod
-    def from_saved(cls, saved):
-        """The config a checkpoint carries. Checkpoints made while the location tokens had a second
-        form also name `location: grid`, the one form there is now (data.LayoutTokenizer); it is
-        dropped, any other is refused."""
-        saved = dict(saved)
-        if saved.pop("location", "grid") != "grid":
-            raise ValueError("this checkpoint's location tokens are not the grid form, the only "
-                             "one detdiff reads")
-        return cls(**saved)
 
     @property
     def down_factor(self):

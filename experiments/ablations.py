@@ -58,7 +58,7 @@ def train_ablation(run, ck, name, overrides, cfg, log, into=None):
     attrs = str(run / "attributes.json") if tc["attributes"] == "auto" else tc["attributes"]
     if ck.get("autoencoder"):                     # a latent-space run: the same frozen autoencoder
         overrides = dict(overrides, autoencoder=ck["autoencoder"]["path"])
-    tcfg = train.TrainConfig(**{**tc, "attributes": attrs, **budget, **overrides, "out": str(out),
+    tcfg = config.from_saved(train.TrainConfig, {**tc, "attributes": attrs, **budget, **overrides, "out": str(out),
                                 "resume": path.is_file(), "device": cfg.device, "dtype": cfg.dtype})
     if cfg.quick:
         tcfg = replace(tcfg, steps=3, minutes=0, sample_every=0, ckpt_every=0, log_every=1)

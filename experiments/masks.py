@@ -1,6 +1,6 @@
-"""Instance masks of generated objects: the perception head's masks exported with a generated data
-set (`object_masks`, read off the sampling steps by `sample.generate(mask_steps=k)`), and how well
-they fit the object the image actually drew (`drawn_masks`, `mask_fit`: evaluate.py's `masks` part).
+"""How well the instance masks of generated objects fit what the image drew: the perception head's masks
+that a generated data set exports (`sample.object_masks`, read off the sampling steps) against the object the
+image actually drew (`drawn_masks`, `mask_fit`: the evaluation's `masks` part), and a picture of them.
 
 Which pixels lie in a box is the project's one rule, `data.box_pixels` (a pixel whose centre is in
 [x0, x1) x [y0, y1)), here as `box_pixels` on numpy arrays.
@@ -18,20 +18,6 @@ def box_pixels(box, S, grow=0):
     """bool numpy (S, S): the pixels of `box` ([0, 1] xyxy) grown by `grow` pixels on every side, by
     data.box_pixels' rule."""
     return data.box_pixels(torch.as_tensor(np.asarray(box, np.float64)), S, grow).numpy()
-
-
-def object_masks(probs, layouts, threshold=0.5):
-    """Exported instance masks: the perception head's probability (from
-    `sample.generate(mask_steps=k)`) above `threshold`, kept inside the object's box (`box_pixels`).
-    probs: list of (M, S, S) tensors on any device -> one bool (n_objects, S, S) numpy array per
-    layout."""
-    out = []
-    for p, lay in zip(probs, layouts):
-        n, S = len(lay["labels"]), p.shape[-1]
-        inside = np.array([box_pixels(b, S) for b in lay["boxes"].double().numpy()],
-                          bool).reshape(n, S, S)
-        out.append((p[:n] > threshold).cpu().numpy() & inside)
-    return out
 
 
 def mask_picture(masks, S):

@@ -70,7 +70,7 @@ def test_posterior_mean_and_variance_match_gaussian_bayes(t):
 
 
 def test_posterior_at_t0_is_x0():
-    d = diffusion.Diffusion(100)
+    d = diffusion.Diffusion(100, "linear")
     x0, x_t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     mean, var = d.posterior(x0, x_t, torch.zeros(2, dtype=torch.long))
     assert torch.allclose(mean, x0, atol=1e-6) and (var == 0).all()
@@ -90,7 +90,7 @@ def test_ddim_eta1_single_step_equals_ddpm_step(t, clip):
 
 
 def test_last_step_adds_no_noise():
-    d = diffusion.Diffusion(100)
+    d = diffusion.Diffusion(100, "linear")
     x_t, eps, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     t = torch.zeros(2, dtype=torch.long)
     x0 = d.predict_x0(x_t, t, eps).clamp(-1, 1)
@@ -166,7 +166,7 @@ def test_train_step_weights_l_simple_per_sample():
     """With --loss-weight minsnr, L_simple is the mean over samples of w_t x the per-sample squared
     error."""
     cfg = train.TrainConfig(loss_weight="minsnr", snr_gamma=5.0)
-    diff = diffusion.Diffusion(1000)
+    diff = diffusion.Diffusion(1000, "linear")
     t = torch.tensor([10, 900])
     eps, eps_pred = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4) * torch.tensor([1.0, 2.0]).view(
         2, 1, 1, 1
@@ -205,7 +205,7 @@ def ode_solution(diff, x_T, s):
 
 
 def test_dpm2m_first_step_is_ddim():
-    diff, g = diffusion.Diffusion(1000), torch.Generator().manual_seed(0)
+    diff, g = diffusion.Diffusion(1000, "linear"), torch.Generator().manual_seed(0)
     x, x0 = torch.randn(2, 1, 4, 4, generator=g), torch.randn(2, 1, 4, 4, generator=g).clamp(-1, 1)
     t, t_prev = torch.tensor([900, 900]), torch.tensor([700, 700])
     eps = (x - diff.alpha_bar[900].sqrt() * x0) / (1 - diff.alpha_bar[900]).sqrt()
@@ -215,7 +215,7 @@ def test_dpm2m_first_step_is_ddim():
 
 
 def test_dpm2m_second_order_step_against_hand_computed_values():
-    diff = diffusion.Diffusion(1000)
+    diff = diffusion.Diffusion(1000, "linear")
     ab = {t: float(diff.alpha_bar[t]) for t in (900, 800, 700)}
     lam = {t: 0.5 * math.log(ab[t] / (1 - ab[t])) for t in ab}       # lambda = log(alpha / sigma)
     x, x0, x0_last = 0.7, 0.3, -0.2                                  # scalars, by hand
@@ -235,7 +235,7 @@ def test_dpm2m_second_order_step_against_hand_computed_values():
 
 
 def test_dpm2m_converges_to_the_ode_solution_and_to_ddim():
-    diff = diffusion.Diffusion(1000)
+    diff = diffusion.Diffusion(1000, "linear")
     model, tokens, null = (
         GaussianEps(diff),
         torch.zeros(4, 1, dtype=torch.long),
@@ -260,7 +260,7 @@ def test_dpm2m_converges_to_the_ode_solution_and_to_ddim():
 
 
 def test_logsnr_grid_is_uniform_in_lambda():
-    diff = diffusion.Diffusion(1000)
+    diff = diffusion.Diffusion(1000, "linear")
     ts = diffusion.logsnr_grid(diff, 10)
     assert ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
     lam = [0.5 * math.log(float(diff.alpha_bar[t]) / (1 - float(diff.alpha_bar[t]))) for t in ts]

@@ -175,7 +175,7 @@ def test_perception_loss_is_sqrt_alpha_bar_times_bce_plus_dice_and_falls_with_t(
     torch.manual_seed(0)
     logits, masks = torch.randn(3, 2, 8, 8), (torch.rand(3, 2, 8, 8) > 0.5).float()
     valid = torch.ones(3, 2, dtype=torch.bool)
-    diff = diffusion.Diffusion(1000)
+    diff = diffusion.Diffusion(1000, "linear")
     t = torch.tensor([10, 500, 990])
     lp = perception.perception_loss(logits, masks, valid, diff.alpha_bar[t])
     inner = (perception.mask_bce(logits, masks) + perception.mask_dice(logits, masks)).mean(1)

@@ -191,7 +191,7 @@ def test_sample_main_turns_a_layout_error_into_one_line(ckpt, tmp_path):
 
 
 def test_unknown_sampler_is_refused():
-    diff = diffusion.Diffusion(10)
+    diff = diffusion.Diffusion(10, "linear")
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         sample.generate(GaussianEps(diff), diff, torch.zeros(1, 1, dtype=torch.long),
                         torch.zeros(1, dtype=torch.long),

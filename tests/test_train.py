@@ -21,7 +21,7 @@ def test_one_batch_overfit():
     torch.manual_seed(0)
     tok = data.LayoutTokenizer(["a", "b"], bins=8, max_objects=2)
     m = unet.UNet(unet.UNetConfig.for_tokenizer(tok, **TINY_MODEL))
-    d = diffusion.Diffusion(100)
+    d = diffusion.Diffusion(100, "linear")
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     t, eps = torch.tensor([10, 30, 60, 90]), torch.randn(4, 3, 16, 16)
     tokens = torch.stack([tok.encode(torch.tensor([[0.1, 0.1, 0.6, 0.6]]),

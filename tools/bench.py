@@ -299,7 +299,7 @@ class Bench:
         """Seconds per image of sample.generate (B layouts, guidance doubles the batch) per sampler,
         steps, dtype."""
         m, B = self.model().eval(), self.a.batch
-        (b, null), diff, rows = self.batch(B, S), diffusion.Diffusion().to(self.dev), {}
+        (b, null), diff, rows = self.batch(B, S), diffusion.Diffusion(1000, "cosine").to(self.dev), {}
 
         def s_per_img(d, sampler, steps, dtype):
             flops.sync(self.dev)
@@ -317,7 +317,7 @@ class Bench:
             # DDPM walks all T steps: a schedule with T = n_ddpm walks n_ddpm of them, each at the
             # same cost
             rows[f"ddpm-1000 {dtype} (extrapolated from {n_ddpm} steps)"] = round(
-                s_per_img(diffusion.Diffusion(n_ddpm).to(self.dev), "ddpm", None,
+                s_per_img(diffusion.Diffusion(n_ddpm, "cosine").to(self.dev), "ddpm", None,
                           dtype) * 1000 / n_ddpm, 3)
             self.log(f"sampling {dtype}: " + ", ".join(f"{k.split()[0]} {v}" for k,
                                                        v in rows.items() if dtype in k))
