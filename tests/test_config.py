@@ -109,3 +109,15 @@ def test_every_file_the_project_writes_loads_without_running_code(ckpt, tmp_path
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
         config.load_file(tmp_path / "evil.pt")
+
+
+def test_from_saved_drops_a_retired_setting_at_its_one_value_and_refuses_another():
+    """The shipped checkpoint still names settings that have one value left (location 'grid', t_sampling
+    'uniform'): they rebuild today's config; a checkpoint made with the removed form is a one-line error."""
+    import train
+    import unet
+    saved = dict(vars(train.TrainConfig(lr=3e-3)), t_sampling="uniform", location="grid")
+    assert config.from_saved(train.TrainConfig, saved) == train.TrainConfig(lr=3e-3)
+    assert config.from_saved(unet.UNetConfig, dict(vars(unet.UNetConfig()), location="grid")) == unet.UNetConfig()
+    with pytest.raises(config.DataError, match="--location: .*only 'grid' is left"):
+        config.from_saved(unet.UNetConfig, dict(vars(unet.UNetConfig()), location="axis"))
