@@ -631,10 +631,10 @@ def resolve_data(name_or_path):
     if name_or_path in ("shapes", "coco_subset"):
         root = DATA_DIR / name_or_path
         if not (root / "annotations").is_dir():
-            how = "python -m data_sets shapes (or any command of detdiff.py, sample.py, which make it on first use)" \
-                if name_or_path == "shapes" else "python -m data_sets coco-subset --coco /path/to/coco (a local " \
-                "COCO 2017 copy), or --json FILE --images DIR"
-            raise DataError(f"{root}: missing. Make it with `{how}`")
+            how = "`python -m data_sets shapes` (python detdiff.py and python sample.py make it on first use)" \
+                if name_or_path == "shapes" else "`python -m data_sets coco-subset --coco /path/to/coco` (a local " \
+                "COCO 2017 copy), or with --json FILE --images DIR"
+            raise DataError(f"{root}: missing. Make it with {how}")
         return root
     root = Path(name_or_path)
     if not root.is_dir():

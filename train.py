@@ -207,7 +207,7 @@ class Run:
     attr_path: Path = None         # the attribute sidecar the run trains with (None: [none] tokens)
     decoded: data.DecodedLayouts = None    # the train split, decoded once: batches by indexing
     val_batch: dict = None                 # the periodic grid's val layouts and real images
-    null: torch.Tensor = None              # the null prompt (B-less), on the device
+    null: torch.Tensor = None              # the null prompt (L,), on the device
     ae: object = None          # latent space: the frozen autoencoder, its path and fingerprint, and
     ae_info: dict = None                   # every training image's scaled latent (N, c, S/f, S/f)
     latents: torch.Tensor = None
