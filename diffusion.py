@@ -240,12 +240,30 @@ def dpm2m_step(diff, x_t, t, t_prev, x0, x0_last=None, h_last=None):
     return x.to(x_t.dtype), h
 
 
+# The lowest log-SNR a DPM-Solver++ grid starts from: DDPM's linear schedule's at t = T-1 with T =
+# 1000 (about -5.06, alpha_bar 4e-5). The cosine schedule's betas are clipped at 0.999, so its last
+# timesteps fall to lambda -9.9 (alpha_bar 2e-9): a grid uniform down to there spends its first
+# steps where x_t is noise and nothing changes (DPM-Solver stops the cosine schedule at t = 0.9946
+# for the same reason). Sampling starts from N(0, I) at the grid's first timestep.
+LAMBDA_MIN = float(half_log_snr(torch.cumprod(1 - make_betas("linear", 1000), 0)[-1]))
+
+
 def logsnr_grid(diff, steps):
-    """DPM-Solver's timestep grid for low-resolution pixel models: lambda_t uniform between
-    lambda_{T-1} and lambda_0, each rounded to the nearest of the T discrete timesteps (repeats
-    dropped, so a long grid may hold a few fewer than `steps`). On the Gaussian test problem of
-    tests/test_diffusion.py this grid converges at second order where the DDIM grid (uniform in t)
-    does not: its last steps are too long in lambda."""
+    """DPM-Solver's timestep grid for low-resolution pixel models: exactly `steps` timesteps from
+    lambda_min = max(lambda_{T-1}, LAMBDA_MIN) up to lambda_0, uniform in lambda_t, each rounded to
+    the nearest of the T discrete timesteps; where two round to one timestep (the schedule's ends,
+    where lambda moves fast in t) the later one moves to the next free timestep, so every step is a
+    model call. On the Gaussian test problem of tests/test_diffusion.py this grid converges at
+    second order where the DDIM grid (uniform in t) does not: its last steps are too long in
+    lambda."""
+    if not 1 <= steps <= diff.T:
+        raise ValueError(f"steps must be between 1 and T = {diff.T}, got {steps}")
     lam = half_log_snr(diff.alpha_bar.detach().cpu().double())           # increasing as t decreases
-    want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
-    return (lam[None, :] - want[:, None]).abs().argmin(1).unique_consecutive().tolist()
+    lo = max(float(lam[-1]), LAMBDA_MIN)
+    want = torch.linspace(lo, float(lam[0]), steps, dtype=torch.float64)
+    ts = (lam[None, :] - want[:, None]).abs().argmin(1).tolist()             # decreasing in t
+    for i in range(1, steps):                       # strictly decreasing: a repeat takes the next t
+        ts[i] = min(ts[i], ts[i - 1] - 1)
+    for i in range(steps - 1, -1, -1):              # ... and none below 0 (the last is t = 0)
+        ts[i] = max(ts[i], steps - 1 - i)
+    return ts

@@ -259,6 +259,25 @@ def test_dpm2m_converges_to_the_ode_solution_and_to_ddim():
     assert gap[0] > gap[1] > gap[2]
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_logsnr_grid_takes_exactly_the_steps_asked_and_none_where_x_t_is_noise(schedule):
+    """Rounding lambda to the nearest timestep used to merge steps at the schedule's ends: asking the
+    cosine schedule for 15 gave 13 timesteps, three of them at alpha_bar <= 1e-5 (t = 999, 998, 997)."""
+    diff = diffusion.Diffusion(1000, schedule)
+    for n in (2, 5, 15, 20, 50, 200, 1000):
+        ts = diffusion.logsnr_grid(diff, n)
+        assert len(ts) == n and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:])) and ts[0] <= 999
+    ts = diffusion.logsnr_grid(diff, 15)
+    assert float(diff.alpha_bar[ts[0]]) > 1e-5 and float(diff.alpha_bar[ts[1]]) > 1e-5
+    # the first step from lambda_min is as long in lambda as the others (up to rounding t)
+    lam = 0.5 * (diff.alpha_bar.double().log() - (1 - diff.alpha_bar.double()).log())
+    h = [float(lam[b] - lam[a]) for a, b in zip(ts, ts[1:])]
+    assert h[0] < 1.5 * (sum(h) / len(h))
+    assert abs(float(lam[ts[0]]) - max(float(lam[-1]), diffusion.LAMBDA_MIN)) < 0.05
+    with pytest.raises(ValueError, match="steps must be between 1 and T = 1000"):
+        diffusion.logsnr_grid(diff, 0)
+
+
 def test_logsnr_grid_is_uniform_in_lambda():
     diff = diffusion.Diffusion(1000, "linear")
     ts = diffusion.logsnr_grid(diff, 10)

@@ -95,6 +95,19 @@ def test_sample_cli_attr_guidance_default_follows_the_checkpoint_and_warns(ckpt,
     assert "trained without attribute-only dropout (--p-uncond-attr 0)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("sampler, steps", [("dpm++2m", 15), ("dpm++2m", 20), ("ddim", 15)])
+def test_generate_calls_the_model_once_per_step_asked(sampler, steps):
+    """`steps` model calls (guidance 1, attribute guidance off: one forward per step) on the default
+    cosine schedule, for each sampler."""
+    diff = diffusion.Diffusion(1000, "cosine")
+    model, calls = GaussianEps(diff), []
+    model.register_forward_hook(lambda m, args, out: calls.append(int(args[1][0])))
+    sample.generate(model, diff, torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                    4, steps, sampler, guidance=1.0, generator=torch.Generator().manual_seed(0),
+                    progress=False)
+    assert len(calls) == steps and len(set(calls)) == steps and calls[-1] == 0
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_rebuild_from_checkpoint_and_generate(ckpt, sampler):
     model, tok, diff, ck = sample.load_checkpoint(ckpt)
