@@ -89,8 +89,11 @@ def add_flags(parser, cls, skip=(), only=None, given_only=False):
 def from_saved(cls, saved):
     """The settings dataclass `cls` from the dict a checkpoint saved. A setting that no longer exists because one
     value of it was all that stayed (cls.RETIRED, name -> that value) is dropped when it holds that value; any
-    other value of it is a DataError, since today's code cannot rebuild what it made."""
+    other value of it is a DataError, since today's code cannot rebuild what it made. A setting added
+    after a checkpoint was made (cls.ADDED, name -> the value such checkpoints were made with) takes
+    that value, not today's default."""
     saved, retired = dict(saved), getattr(cls, "RETIRED", {})
+    saved = {**getattr(cls, "ADDED", {}), **saved}
     for name, kept in retired.items():
         if name in saved and saved.pop(name) != kept:
             raise DataError(f"--{name.replace('_', '-')}: this checkpoint was made with a form detdiff no longer "

@@ -101,10 +101,10 @@ def model_fields():
 
 # The paper's own settings where the defaults (docs/experiments.md, README) differ from them;
 # `--paper` sets them all, and any flag given beside it still wins. The schedule is DDPM's linear
-# one (the paper's Stable Diffusion uses a scaled-linear variant of it).
+# one (the paper's Stable Diffusion uses a scaled-linear variant of it). The paper names no
+# optimiser; AdamW is what Stable Diffusion is trained and fine-tuned with.
 PAPER_SETTINGS = dict(cond="tokens", pal_weight=0.01, loss_weight="none", fg_reweight=False,
-                      schedule="linear",
-                      p_uncond_attr=0.0)
+                      schedule="linear", p_uncond_attr=0.0, optimizer="adamw")
 
 
 def build_parser():

@@ -49,6 +49,7 @@ class TrainConfig:
                                    loss_weight=("minsnr", "none"), space=("pixel", "latent"),
                                    optimizer=("adamw", "muon"))
     RETIRED: ClassVar[dict] = dict(t_sampling="uniform", location="grid")   # config.from_saved
+    ADDED: ClassVar[dict] = dict(optimizer="adamw")    # what checkpoints made before it trained with
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
@@ -64,9 +65,9 @@ class TrainConfig:
     warmup: int = 100
     min_lr_frac: float = 0.1         # cosine decay to lr * min_lr_frac
     weight_decay: float = 0.01
-    optimizer: str = "adamw"         # adamw | muon: Muon for the hidden weight matrices, AdamW for
-                                     # the rest (optim.Muon)
-    muon_lr_scale: float = 2.0       # --optimizer muon: the Muon group's lr is lr times this
+    optimizer: str = "muon"          # muon | adamw. muon: Muon for the hidden weight matrices,
+                                     # AdamW for the rest (optim.Muon; docs/experiments.md, "Muon")
+    muon_lr_scale: float = 2.0       # muon: the Muon group's lr is lr times this
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     dtype: str = "auto"              # auto | fp32 | bf16 | fp16 (GradScaler only for fp16). auto:

@@ -54,6 +54,24 @@ def test_peer_row_runs_with_a_stand_in_peer():
     assert "peer: stand-in:" in bench.table(r) and "ours/peer" in bench.table(r)
 
 
+def test_optimizer_rows_time_both_optimizers_and_their_step_alone():
+    """Bench.optimizers: one row per optimizer and dtype, the share being the optimiser's step time
+    over the whole step's (B / img/s), and the default step's optimizer is Muon. No timing
+    assertions: a loaded machine makes any ordering of the two times possible."""
+    a = bench.parse_args(["--quick", "--batch", "2", "--rounds", "1", "--round-s", "0.01",
+                          "--device", "cpu"])
+    bn = bench.Bench(a)
+    bn.dtypes = ["fp32"]
+    bn.optimizers(S=8)
+    rows = bn.res["optimizer"]
+    assert set(rows) == {"adamw fp32", "muon fp32"}
+    assert all(v["opt_ms"] > 0 and v["img_s"] > 0 for v in rows.values())
+    assert all(v["share"] == pytest.approx(v["opt_ms"] / 1e3 * v["img_s"] / 2, rel=0.02, abs=2e-3)
+               for v in rows.values())
+    step = bench.make_step(bn.model(), *bn.batch(2, 8), "fp32", bn.dev)
+    assert type(step.opt).__name__ == "Muon"                     # the default's optimizer
+
+
 def test_a_failed_peak_memory_child_is_a_runtime_error_with_its_stderr(monkeypatch):
     bn = bench.Bench(bench.parse_args(["--quick", "--device", "cpu"]))
     monkeypatch.setattr(bench.shapes, "build_if_missing", lambda name: None)

@@ -121,3 +121,13 @@ def test_from_saved_drops_a_retired_setting_at_its_one_value_and_refuses_another
     assert config.from_saved(unet.UNetConfig, dict(vars(unet.UNetConfig()), location="grid")) == unet.UNetConfig()
     with pytest.raises(config.DataError, match="--location: .*only 'grid' is left"):
         config.from_saved(unet.UNetConfig, dict(vars(unet.UNetConfig()), location="axis"))
+
+
+def test_from_saved_gives_a_setting_added_later_the_value_older_checkpoints_were_made_with():
+    """A checkpoint saved before --optimizer existed trained with AdamW: resuming it must not switch to
+    today's default (Muon), whose state would not match the saved optimizer's."""
+    import train
+    saved = {k: v for k, v in vars(train.TrainConfig()).items() if k != "optimizer"}
+    assert train.TrainConfig().optimizer == "muon"
+    assert config.from_saved(train.TrainConfig, saved).optimizer == "adamw"
+    assert config.from_saved(train.TrainConfig, dict(saved, optimizer="muon")).optimizer == "muon"

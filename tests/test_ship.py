@@ -96,6 +96,9 @@ def test_drift_names_each_flag_that_differs_from_the_defaults(tiny_run):
     ck["model_cfg"], ck["train_cfg"] = dict(ck["model_cfg"],
                                             base_channels=32), dict(ck["train_cfg"], steps=7)
     assert "--base-channels: shipped 8, default 32" not in ship.drift(ck)
+    # a checkpoint from before --optimizer existed trained with AdamW: that is drift from Muon
+    ck["train_cfg"] = {k: v for k, v in ck["train_cfg"].items() if k != "optimizer"}
+    assert "--optimizer: shipped 'adamw', default 'muon'" in ship.drift(ck)
 
 
 # --------------------------------------------------------------------------------------------------

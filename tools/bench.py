@@ -14,7 +14,8 @@ What each number includes:
   layout slot holds an object, its mask the filled box; `latent`: --space latent at 64 px, a 4 x 16
   x 16 latent x_0 with 64 px masks, the autoencoder not included because a run encodes its images
   once): condition dropout, q_sample, forward under autocast (with the perception head when the
-  model has one), L_simple + lambda L_p, backward, grad clipping, AdamW, EMA (the loss stays on the
+  model has one), L_simple + lambda L_p, backward, grad clipping, the optimizer (the default: Muon
+  for the hidden matrices, AdamW for the rest), EMA (the loss stays on the
   device, as in the loop, which reads it back once per log line). Not included: reading and
   collating the batch from disk, logging, checkpoints. One warm-up step, then rounds of steps (about
   1.5 s each); the median round counts. Rows timed against each other alternate rounds.
@@ -25,6 +26,7 @@ What each number includes:
   step FLOPs per image x img/s / the peak of the same dtype: the best FLOP/s of a set of dense
   kernels (torch.matmul at three sizes, 1x1 and 3x3 convolutions; `flops.dense_kernels`), timed at
   the start and at the end.
+- optimizer: the default step with AdamW and with Muon, and opt.step() alone, per dtype.
 - peer: diffusers' UNet2DConditionModel sized to our forward FLOPs (within 10%), fed by our
   LayoutEncoder, both without the perception head (L_simple only), same step and optimizer. `pip
   install -r requirements-bench.txt`.
@@ -134,7 +136,7 @@ def make_step(raw, batch, null, dtype, device, compile=False, tc=train.TrainConf
         batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last))
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     diff = diffusion.Diffusion(tc.timesteps, tc.schedule).to(device)
-    opt = optim.make_optimizer(raw, tc)
+    opt = optim.make_optimizer(raw, tc, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     model = torch.compile(raw) if compile else raw
     amp = config.autocast(device, dtype)
@@ -147,6 +149,7 @@ def make_step(raw, batch, null, dtype, device, compile=False, tc=train.TrainConf
                                       count[0])
         count[0] += 1
         return loss                        # read back once per log line by the loop, not every step
+    step.opt = opt                         # Bench.optimizers times its step() alone
     return step
 
 
@@ -263,6 +266,27 @@ class Bench:
             warmup_s=round(warm, 1))
         self.log(f"train {name}: {row['img_s']} img/s, {row['gflops_fwd']} GFLOPs fwd, "
                  f"{row['gflops_step']} per step, {f_step * B / s / 1e9:.0f} GFLOP/s" + (f", compile + first step {warm:.0f}s" if compile else ""))
+
+    def optimizers(self, S=32):
+        """The optimiser's share of the default step, per dtype: the whole step with AdamW and with
+        Muon (alternating rounds), and opt.step() alone on the gradients the last step left."""
+        rows = self.res["optimizer"] = {}
+        for dt in self.dtypes:
+            steps = {f"{kind} {dt}": make_step(self.model(), *self.batch(self.a.batch, S), dt,
+                                               self.dev,
+                                               tc=dataclasses.replace(train.TrainConfig(),
+                                                                      optimizer=kind))
+                     for kind in ("adamw", "muon")}
+            whole = flops.time_rounds(steps, self.dev, self.a.rounds, self.a.round_s)
+            alone = flops.time_rounds({k: fn.opt.step for k, fn in steps.items()}, self.dev,
+                                      self.a.rounds, self.a.round_s)
+            for k in steps:
+                rows[k] = dict(img_s=round(self.a.batch / whole[k][0], 2),
+                               opt_ms=round(1e3 * alone[k][0], 1),
+                               share=round(alone[k][0] / whole[k][0], 3))
+            self.log(f"optimizer {dt}: " + ", ".join(
+                f"{k.split()[0]} {rows[k]['img_s']} img/s, step {rows[k]['opt_ms']} ms "
+                f"({100 * rows[k]['share']:.0f}%)" for k in steps))
 
     def peer(self, S=32, build=None):
         """Ours (the default config) vs a peer UNet at equal forward FLOPs, both L_simple only,
@@ -392,6 +416,10 @@ def table(r):
         out += [f"  {dt:5s} ours {p['img_s']['ours ' + dt]:6.1f} img/s, peer "
                 f"{p['img_s']['peer ' + dt]:6.1f} img/s: ours/peer {x:.2f}x" for dt,
                 x in p["ratio"].items()]
+    if "optimizer" in r:
+        out.append("optimizer, default 32 px step: img/s, opt.step() alone, its share of the step")
+        out += [f"  {k:32s} {v['img_s']:7.1f} {v['opt_ms']:7.1f} ms {100 * v['share']:5.1f}%"
+                for k, v in r["optimizer"].items()]
     out.append(f"sampling, s per image (B={B}, guidance 3)")
     out += [f"  {k:46s} {v:7.3f}" for k, v in r["sampling_s_per_img"].items()]
     out += [f"scaling {k}: " + ", ".join(f"{x} {i:.1f}" for x,
@@ -460,6 +488,7 @@ def run(a):
     bn.train("default 128px fp32", S=128)
     for M in (1, 16):
         bn.train(f"default 32px fp32 {M} objects", M=M)
+    bn.optimizers()
     bn.peer()
     bn.sampling()
     peaks.append({dt: flops.dense_peak(dt, dev)[1] for dt in bn.dtypes})

@@ -98,8 +98,9 @@ def export(run, dest=SHIPPED):
 def drift(ck):
     """The settings of a checkpoint that differ from what today's defaults would build: one 'FLAG:
     shipped X, default Y' line each (empty when the model is today's default model)."""
+    # a setting added after the checkpoint was made counts at the value it was made with
     defaults = [(ck["model_cfg"], asdict(UNetConfig()), detdiff.model_fields()),
-                (ck["train_cfg"], asdict(TrainConfig()), fields(TrainConfig)),
+                ({**TrainConfig.ADDED, **ck["train_cfg"]}, asdict(TrainConfig()), fields(TrainConfig)),
                 (ck.get("pipeline_cfg") or {}, asdict(detdiff.PipelineConfig()),
                  fields(detdiff.PipelineConfig))]
     # noqa: E731 (a json list, a tuple)
