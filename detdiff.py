@@ -210,8 +210,9 @@ class Run:
     t_all: float = field(default_factory=time.time)
     summary: dict = field(default_factory=dict)   # summary.json, each stage adding its part
     timing: dict = field(default_factory=dict)    # seconds per stage
-    train_ds: data.CocoLayoutDataset = None       # the stage data's splits at the detector's size
+    train_ds: data.CocoLayoutDataset = None       # the stage data's splits at det_side
     val_ds: data.CocoLayoutDataset = None
+    det_side: int = 0           # the side the perceptive model sees (detections.input_side)
     given: object = None        # the user's perceptive model (--detector), opened by the data stage
 
 
@@ -255,7 +256,8 @@ def open_run(cfg, pcfg, mcfg_overrides):
 def stage_data(r):
     """The embedded `shapes` set is built on first use; a COCO folder is checked."""
     t = time.time()
-    det_cfg = dict(size=r.pcfg.det_size, min_area=r.cfg.min_area, max_objects=r.cfg.max_objects)
+    r.det_side = detections.input_side(asdict(r.pcfg), r.cfg.image_size)
+    det_cfg = dict(size=r.det_side, min_area=r.cfg.min_area, max_objects=r.cfg.max_objects)
     r.train_ds, r.val_ds = (data.CocoLayoutDataset(r.root, sp, **det_cfg) for sp in ("train", "val"))
     names = r.train_ds.class_names
     r.summary["data"] = dict(root=str(r.root), classes=list(names), train_images=len(r.train_ds),
@@ -268,6 +270,9 @@ def stage_data(r):
     r.given = detections.run_detector(r.out, asdict(r.pcfg), names, r.train_ds.category_ids,
                                       r.device) \
         if r.pcfg.detector else None
+    if r.det_side != r.pcfg.det_size:
+        r.log(f"[data] the given detector sees images at {r.det_side} px, the data's side "
+              f"(--image-size), not --det-size {r.pcfg.det_size}: it resizes them itself")
 
 
 def stage_detector(r):
@@ -320,7 +325,7 @@ def stage_attributes(r):
             attributes.make_attributes(r.root, r.out, attributes.AttributeConfig(
                 gamma=pcfg.gamma, beta=pcfg.beta, class_aware=pcfg.class_aware,
                 folds=pcfg.attr_folds,
-                image_size=pcfg.det_size, min_area=cfg.min_area, max_objects=cfg.max_objects,
+                image_size=r.det_side, min_area=cfg.min_area, max_objects=cfg.max_objects,
                 steps=pcfg.attr_steps,
                 seed=cfg.seed), source=r.given, log=r.log,      # given=None: held-out folds of our
                                                                 # own detector
@@ -484,7 +489,7 @@ def grid_and_fidelity(r, grid_path):
     for name, ims in (("real", real), ("generated", origin)):
         fidelity[name] = evaluate.detector_ap(det, ims, lays, names,
                                               ck["tokenizer"]["category_ids"],
-                                              out / f"fidelity_{name}", r.pcfg.det_size,
+                                              out / f"fidelity_{name}", r.det_side,
                                               cfg.max_objects)
     r.log(f"[grid] {grid_path} (rows: real, origin, all easy, all hard); detector AP50 on "
           f"{len(lays)} val layouts at {S}px: real {fidelity['real']['AP50']:.3f}, generated "

@@ -243,7 +243,8 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
                        guidance=cfg.guidance,
                        attr_guidance=cfg.attr_guidance, image_size=S, generator_steps=ck["step"],
                        generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={}))
-    ap_kw = dict(names=names, ids=ids, det_size=st["det_size"], max_objects=tc["max_objects"])
+    ap_kw = dict(names=names, ids=ids, det_size=detections.input_side(st, tc["image_size"]),
+                 max_objects=tc["max_objects"])
     return Opened(run, out, cfg, parts, device, log, started, model, tok, diff, ck, st, det,
                   to_train, root, keep,
                   gen_kw, ap_kw, M)

@@ -226,6 +226,17 @@ def stage_settings(ck):
     return settings
 
 
+def input_side(settings, image_size):
+    """The side at which the run's perceptive model sees real and generated images. detdiff's own
+    detector sees --det-size, the side it is trained at. A torchvision detector (--detector
+    torchvision:NAME) was trained on full-size photographs and resizes every image itself (its
+    min_size), so it gets the data at the generator's own side, image_size (never below --det-size):
+    shrunk to --det-size first, its [hard] would measure the lost resolution, not the object."""
+    if str(settings.get("detector", "")).startswith("torchvision:"):
+        return max(settings["det_size"], image_size)
+    return settings["det_size"]
+
+
 def run_detector(run, settings, class_names, category_ids, device="cpu"):
     """The perceptive model of a `python detdiff.py` run folder, on `device`: the user's
     (--detector, kept in the run's stage settings) or the one its detector stage trained

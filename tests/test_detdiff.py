@@ -18,6 +18,7 @@ import train
 import unet
 from data_sets import coco
 from experiments import evaluate
+from perceptive import detections
 from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
 
@@ -237,8 +238,21 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(
     cmap = "circle=person,square=car,triangle=dog,cross=cat,star=bird"
     monkeypatch.chdir(tmp_path)           # a relative weights path is kept absolute for experiments/evaluate.py
     flags["detector_weights"] = "w.pth"
-    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **TINY_STAGES, **flags,
+    sides, predict = [], detections.TorchvisionDetector.predict
+
+    def recording(self, images, *a, **kw):
+        sides.append(tuple(images.shape[-2:]))
+        return predict(self, images, *a, **kw)
+    monkeypatch.setattr(detections.TorchvisionDetector, "predict", recording)
+    # --det-size 8 below the data's 16 px: the torchvision detector sees 16 px images (attributes,
+    # its val score, fidelity on real and generated images), and the log says why
+    summary = detdiff.pipeline(*tiny_run_cfgs(tiny_data, out, **dict(TINY_STAGES, det_size=8), **flags,
                                               detector_classes=cmap), TINY_MODEL)
+    assert sides and set(sides) == {(16, 16)}
+    assert "the given detector sees images at 16 px" in (out / "log.txt").read_text()
+    sides.clear()                                  # experiments/evaluate.py's fidelity: the same side
+    evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity"))
+    assert sides and set(sides) == {(16, 16)}
     assert json.loads((out / "pipeline.json").read_text())["detector_weights"] == str(tmp_path / "w.pth")
     assert not (out / "detector.pt").exists()
     assert "torchvision ssdlite320_mobilenet_v3_large" in json.loads((out / "detector.json").read_text())["source"]

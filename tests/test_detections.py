@@ -106,6 +106,13 @@ def test_torchvision_detector_class_map_and_a_class_it_lacks(tmp_path):
                                str(tmp_path / "w.pth"))
 
 
+def test_a_torchvision_detector_sees_the_data_at_its_own_side_and_ours_at_det_size():
+    tv = dict(detector="torchvision:fasterrcnn_resnet50_fpn", det_size=64)
+    assert detections.input_side(tv, 128) == 128 and detections.input_side(tv, 32) == 64
+    assert detections.input_side(dict(detector="", det_size=64), 128) == 64
+    assert detections.input_side(dict(detector="/runs/x/detector.pt", det_size=64), 128) == 64
+
+
 def test_results_json_with_category_ids_the_data_set_lacks(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps([dict(image_id=1, category_id=91, bbox=[0, 0, 4, 4],
                                                       score=0.9)]))
