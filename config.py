@@ -63,8 +63,9 @@ class RunLog:
 
 def add_flags(parser, cls, skip=(), only=None, given_only=False):
     """One flag per field of the dataclass `cls` (or of the `only` fields): --field-name, typed as
-    the field; booleans get --x / --no-x, tuples of ints read "1,2,4"; a field named in the class's
-    CHOICES takes only those values (argparse says which, in one line, before anything runs).
+    the field; booleans get --x / --no-x, tuples read "1,2,4" (ints, or floats where the default
+    holds floats); a field named in the class's CHOICES takes only those values (argparse says
+    which, in one line, before anything runs).
     given_only: the default is argparse.SUPPRESS, so the parsed namespace holds only the flags given
     on the command line."""
     for f in only if only is not None else fields(cls):
@@ -75,8 +76,9 @@ def add_flags(parser, cls, skip=(), only=None, given_only=False):
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"default {f.default}")
-        elif f.type in (tuple, "tuple"):
-            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",") if v),
+        elif f.type in (tuple, "tuple"):     # the elements' type is the default's (ints if empty)
+            cast = type(f.default[0]) if f.default else int
+            parser.add_argument(flag, type=lambda s, cast=cast: tuple(cast(v) for v in s.split(",") if v),
                                 metavar="A,B,..",
                                 default=default, help=f"default {','.join(map(str, f.default))}")
         else:

@@ -302,6 +302,13 @@ class CocoLayoutDataset(torch.utils.data.Dataset):
                  max_objects)
         self._cache = {}
 
+    def keep_only(self, positions):
+        """Keep the images at `positions` (of this split's order), in place: the loaders index no
+        other image afterwards (train.py's --train-subset)."""
+        self.records = [self.records[i] for i in positions]
+        self.keep = [self.keep[i] for i in positions]
+        self._cache = {}
+
     def __len__(self):
         return len(self.records)
 

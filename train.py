@@ -49,8 +49,13 @@ class TrainConfig:
                                    loss_weight=("minsnr", "none"), space=("pixel", "latent"),
                                    optimizer=("adamw", "muon"))
     RETIRED: ClassVar[dict] = dict(t_sampling="uniform", location="grid")   # config.from_saved
-    ADDED: ClassVar[dict] = dict(optimizer="adamw")    # what checkpoints made before it trained with
+    ADDED: ClassVar[dict] = dict(optimizer="adamw", train_subset=1.0)   # what checkpoints made before
+                                                                        # it trained with
     data: str = "shapes"             # data.resolve_data name or a COCO-format folder
+    train_subset: float = 1.0        # fraction of the training images the generator trains on, the
+                                     # first of a permutation seeded by --seed (ids in the
+                                     # checkpoint's train_image_ids); < 1 makes a run for evaluate's
+                                     # low-data trainability protocol
     out: str = ""                    # run folder; default runs/<data name>
     resume: bool = False
     steps: int = 0                   # optimizer-step cap (0 = none: the time budget alone decides)
@@ -205,6 +210,7 @@ class Run:
     tok: data.LayoutTokenizer = None
     category_ids: list = None
     train_size: int = 0
+    train_image_ids: list = None           # the image ids the generator trains on (--train-subset)
     attr_path: Path = None         # the attribute sidecar the run trains with (None: [none] tokens)
     decoded: data.DecodedLayouts = None    # the train split, decoded once: batches by indexing
     val_batch: dict = None                 # the periodic grid's val layouts and real images
@@ -245,7 +251,9 @@ def train(cfg, mcfg_overrides=None, interrupt_at=None, pipeline_cfg=None):
 def check_sizes(cfg, mcfg_overrides=None):
     """The image side of a run (TrainConfig) against the UNet's downsampling (and, in latent mode,
     the autoencoder's factor), before any stage runs: a one-line DataError naming the flags, instead
-    of a traceback when the generator stage starts."""
+    of a traceback when the generator stage starts; --train-subset's range with them."""
+    if not 0 < cfg.train_subset <= 1:
+        raise config.DataError(f"--train-subset must be in (0, 1], got {cfg.train_subset}")
     mults = (mcfg_overrides or {}).get("channel_mults", UNetConfig.channel_mults)
     down, S, what = 2 ** (len(mults) - 1), cfg.image_size, f"--image-size {cfg.image_size}"
     if cfg.space == "latent":
@@ -310,9 +318,9 @@ def set_up(cfg, mcfg_overrides=None, pipeline_cfg=None):
 
 
 def set_up_data(r, ck):
-    """Seeds, tokenizer, attributes, the train split (decoded once into tensors,
-    data.DecodedLayouts), the grid's val batch and, in latent space, the frozen autoencoder (the one
-    a resumed run learned with) and every image's latent."""
+    """Seeds, tokenizer, attributes, the train split (--train-subset's images of it, decoded once
+    into tensors, data.DecodedLayouts), the grid's val batch and, in latent space, the frozen
+    autoencoder (the one a resumed run learned with) and every image's latent."""
     cfg = r.cfg
     torch.manual_seed(cfg.seed + r.rank)
     random.seed(cfg.seed + r.rank)
@@ -333,6 +341,7 @@ def set_up_data(r, ck):
                                       attributes=attrs["train"],
                                       **keep)
     val_ds = data.CocoLayoutDataset(root, "val", tokenizer=tok, attributes=attrs["val"], **keep)
+    keep_training_subset(r, train_ds, ck)
     r.train_size = len(train_ds)
     r.val_batch = data.collate([val_ds[i] for i in range(min(cfg.n_grid, len(val_ds)))],
                                cfg.max_objects)
@@ -350,6 +359,33 @@ def set_up_data(r, ck):
     r.decoded = data.DecodedLayouts(train_ds, r.device, images=r.latents is None, progress=r.master)
     r.log(f"data: {len(r.decoded)} training images decoded once, {r.decoded.nbytes / 1e6:.0f} MB "
           f"kept on {r.decoded.store}")
+
+
+def training_subset(n, fraction, seed):
+    """Positions of the training images a run with --train-subset `fraction` trains on: the first
+    round(fraction n) (at least 1) of a permutation seeded by the run's seed, in split order; all n
+    at 1."""
+    if fraction >= 1:
+        return list(range(n))
+    k = max(1, round(fraction * n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+def keep_training_subset(r, train_ds, ck):
+    """Cut the train split down to --train-subset's images, in place (before anything is decoded or
+    encoded, so that the loop can index no other image), and record their ids. A resumed run must
+    find the ids its checkpoint recorded: the subset is what evaluate's low-data protocol trusts."""
+    n = len(train_ds)
+    pos = training_subset(n, r.cfg.train_subset, r.cfg.seed)
+    train_ds.keep_only(pos)
+    r.train_image_ids = [int(rec["image_id"]) for rec in train_ds.records]
+    if ck and ck.get("train_image_ids") is not None and ck["train_image_ids"] != r.train_image_ids:
+        raise config.DataError(f"{r.ckpt_path}: the run trained on other training images than "
+                               f"--train-subset {r.cfg.train_subset} picks now (was the data set "
+                               f"changed?)")
+    if len(pos) < n:
+        r.log(f"--train-subset {r.cfg.train_subset}: the generator trains on {len(pos)} of the {n} "
+              f"training images (ids in the checkpoint's train_image_ids)")
 
 
 def model_config(cfg, tok, mcfg_overrides=None, latent_channels=None):
@@ -410,7 +446,7 @@ def checkpoint(r, finished=False):
                                 history=r.history,
                                 elapsed=time.time() - r.t0, finished=finished,
                                 train_cfg=asdict(r.cfg), model_cfg=asdict(r.mcfg),
-                                pipeline_cfg=r.pipeline_cfg,
+                                pipeline_cfg=r.pipeline_cfg, train_image_ids=r.train_image_ids,
                                 img_s=r.seen / max(time.time() - r.t_start, 1e-9),
                                 attributes_used=str(r.attr_path) if r.attr_path else "",
                                 space=r.cfg.space,

@@ -17,10 +17,16 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 Inception, found at a local path; skipped with the reason when there is none): fid
   crops         class consistency (beyond the paper): a crop classifier trained on real object crops, its
                 accuracy on generated objects: crop_acc_real, crop_acc_easy, crop_acc_hard, crop_acc_origin
-  trainability  a detector trained on a small real subset vs the same plus generated images (new layouts from the
-                training distribution, origin / all easy / all hard, and all hard after the class filter), scored
-                on the real val split, `seeds` seeds: train_real_map50, train_aug_{origin,easy,hard}_map50,
-                train_aug_hard_filtered_map50 (means; the runs in metrics["trainability"])
+  trainability  detectors trained on real training images alone and with N generated images (new layouts
+                drawn from those real images: origin / all easy / all hard / mixed, each object hard with
+                probability 0.5 / all hard after the class filter), `seeds` detector seeds, scored on
+                the real val split. --protocol paper (the paper's): the whole training split, N its
+                size times each --gen-fractions (1, 0.5); --protocol low_data: only the images a
+                `--train-subset` generator trained on (its checkpoint's train_image_ids; a generator
+                that saw the whole split is refused), N their number times each fraction.
+                train_real_map50, train_aug_{origin,easy,hard,mixed,hard_filtered}_map50 (AP50 means
+                at the first fraction); metrics["trainability"]: the protocol, per row the real and
+                generated images and mean +- std of mAP, AP50, AP75
   masks         how well the instance masks sample.py exports (the perception head's, sample.object_masks) fit the
                 objects the images drew: per object, the IoU with the object segmented inside its box by colour
                 contrast with a ring just outside it (masks.drawn_masks); beside it the filled box's IoU (--masks
@@ -42,6 +48,7 @@ from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import autoencoder
@@ -57,7 +64,8 @@ PARTS = ("fidelity", "easy_hard", "fid", "crops", "trainability", "masks")
 
 @dataclass
 class EvalConfig:
-    CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=config.DTYPES)
+    CHOICES: ClassVar[dict] = dict(sampler=sample.SAMPLERS, dtype=config.DTYPES,
+                                   protocol=trainability.PROTOCOLS)
     parts: str = ",".join(PARTS)  # comma-separated subset of PARTS
     n_layouts: int = 300          # val layouts generated (all val images if fewer); fidelity,
                                   # easy/hard, FID, crops
@@ -73,9 +81,11 @@ class EvalConfig:
                                   # in metrics["easy_hard"]
     batch: int = 32
     seed: int = 0
-    seeds: int = 3      # trainability: one detector per mode and seed (the real subset changes too)
-    real_fraction: float = 0.1    # trainability: the real subset, a fraction of the training images
-    n_generated: int = 400        # trainability: generated images added per mode
+    seeds: int = 3                # trainability: detector seeds, one detector per row and seed
+    protocol: str = "paper"       # trainability: paper (the whole training split) | low_data (only
+                                  # the images a --train-subset generator trained on)
+    gen_fractions: tuple = (1.0, 0.5)  # trainability: generated images added per set, as fractions
+                                       # of the protocol's real images (one row per set and fraction)
     det_steps: int = 0            # trainability detectors' steps (0: the run's --det-steps)
     crop_steps: int = 1000        # crop classifier steps (batch 128)
     crop_size: int = 16
@@ -104,7 +114,7 @@ class EvalConfig:
     out: str = ""        # report.md, metrics.json, log.txt, eval/ go here (default: the run folder)
 
 
-QUICK = dict(n_layouts=16, steps=5, seeds=1, n_generated=16, det_steps=20, crop_steps=20)
+QUICK = dict(n_layouts=16, steps=5, seeds=1, gen_fractions=(0.5,), det_steps=20, crop_steps=20)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,6 +166,12 @@ def check_settings(cfg):
                                f"{cfg.sampler!r}")
     if cfg.dtype not in config.DTYPES:
         raise config.DataError(f"--dtype must be auto, fp32, bf16 or fp16, got {cfg.dtype!r}")
+    if cfg.protocol not in trainability.PROTOCOLS:
+        raise config.DataError(f"--protocol must be one of {', '.join(trainability.PROTOCOLS)}, got "
+                               f"{cfg.protocol!r}")
+    if not cfg.gen_fractions or any(not f > 0 for f in cfg.gen_fractions):
+        raise config.DataError(f"--gen-fractions must be fractions > 0, got "
+                               f"{','.join(map(str, cfg.gen_fractions)) or 'none'}")
     device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one
                                                                   # is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
@@ -210,6 +226,8 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
     log, started = config.RunLog(out / "log.txt"), time.time()
     log(line)
     model, tok, diff, ck = sample.load_checkpoint(run / "ckpt.pt", device=device)
+    if "trainability" in parts:         # a protocol the run cannot serve stops before anything runs
+        trainability.check_protocol(ck, cfg.protocol, run / "ckpt.pt")
     tc, st = ck["train_cfg"], detections.stage_settings(ck)  # the generator's settings, the stages'
     S, names, ids = tc["image_size"], tok.class_names, ck["tokenizer"]["category_ids"]
     if not st.get("detector") and not (run / "detector.pt").is_file():
@@ -388,48 +406,62 @@ def masks_part(R):
 
 
 def trainability_part(R, clf):
-    """4: detectors on a real subset, alone and with generated images. train_*_map50,
+    """4: detectors on the protocol's real images, alone and with generated images. train_*_map50,
     trainability."""
     cfg, M, ck, tc, keep, log, scratch = R.cfg, R.M, R.ck, R.ck["train_cfg"], R.keep, R.log, R.out / "eval"
     S, names, ids = tc["image_size"], R.tok.class_names, ck["tokenizer"]["category_ids"]
     t = time.time()
-    glays = trainability.training_layouts(ck, cfg.n_generated, cfg.seed + 1)
-    extra, kept = {}, {}
-    for m in tqdm(sample.MODES, desc=f"generate {len(glays)} training layouts"):
-        ml = sample.with_difficulty(glays, m)
+    real_train_S = data.CocoLayoutDataset(R.root, "train", size=S, **keep)
+    pos = trainability.real_positions(ck, cfg.protocol, real_train_S, R.path / "ckpt.pt")
+    real = real_train_S if len(pos) == len(real_train_S) else torch.utils.data.Subset(real_train_S, pos)
+    # each fraction's set is the first n of one generated set, so the smaller rows nest in the larger
+    sizes = [max(1, round(f * len(pos))) for f in cfg.gen_fractions]
+    glays = trainability.training_layouts(ck, max(sizes), cfg.seed + 1,
+                                          among=None if cfg.protocol == "paper" else pos)
+    sets, ok = {}, None
+    for m in tqdm(trainability.GEN_MODES, desc=f"generate {len(glays)} training layouts"):
+        ml = trainability.with_mode(glays, m, cfg.seed + 2)
         ims = sample.generate_layouts(R.model, R.diff, R.tok, ml, S,
                                       **dict(R.gen_kw, seed=cfg.seed + 1))
-        sets = {m: (ims, ml)}
         if m == "hard" and clf is not None:    # the class filter: drop images with an object it
                                                # rejects
             ok = [bool(a.all()) for a in crops.accept_objects(clf, ims, ml, cfg.min_prob)]
-            sets["hard_filtered"] = ([i for i, k in zip(ims, ok) if k],
-                                     [l for l, k in zip(ml, ok) if k])
-            kept["hard_filtered"] = sum(ok)
-        for name, (ii, ll) in sets.items():
-            folder = scratch / f"train_{name}"
-            if folder.exists():
-                shutil.rmtree(folder)
-            if not ii:
-                log(f"[trainability] {name}: no generated image left, set skipped")
+        folder = scratch / f"train_{m}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        export.write_coco(folder, "train", ims, ml, names, ids)
+        sets[m] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
+    extra = {}                                         # row -> generated images; the first fraction's
+    for k, (frac, n) in enumerate(zip(cfg.gen_fractions, sizes)):   # rows carry the set's own name
+        rows = {m: list(range(n)) for m in sets}
+        if ok is not None:
+            rows["hard_filtered"] = [i for i in range(n) if ok[i]]
+        for m, keep_i in rows.items():
+            name = m if k == 0 else f"{m}_x{frac:g}"
+            if not keep_i:
+                log(f"[trainability] {name}: no generated image left, row skipped")
                 continue
-            export.write_coco(folder, "train", ii, ll, names, ids)
-            extra[name] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
+            extra[name] = torch.utils.data.Subset(sets["hard" if m == "hard_filtered" else m], keep_i)
     det_cfg, det_steps = detector.DetectorConfig(len(names), tuple(names), R.stages["det_size"]), \
         cfg.det_steps or R.stages["det_steps"]
-    real_train_S = data.CocoLayoutDataset(R.root, "train", size=S, **keep)
-    runs = trainability.trainability(det_steps, det_cfg, real_train_S, R.real_val_S, extra, cfg,
-                                     log, R.device,
+    runs = trainability.trainability(det_steps, det_cfg, real, R.real_val_S, extra, cfg, log, R.device,
                                      cfg.dtype)
-    M["trainability"] = dict(runs=runs,
-                             real_images=max(1, round(cfg.real_fraction * len(real_train_S))),
-                             generated_images={k: len(v) for k, v in extra.items()},
-                             det_steps=det_steps, seeds=cfg.seeds,
-                             filter=dict(min_prob=cfg.min_prob, kept=kept.get("hard_filtered"),
-                                         of=len(glays)) if clf is not None else None)
+    T = M["trainability"] = dict(protocol=cfg.protocol, runs=runs, real_images=len(pos),
+                                 generated_images={k: len(v) for k, v in extra.items()},
+                                 gen_fractions=list(cfg.gen_fractions), det_steps=det_steps,
+                                 seeds=cfg.seeds, rows={},
+                                 filter=dict(min_prob=cfg.min_prob, kept=sum(ok[:sizes[0]]),
+                                             of=sizes[0]) if ok is not None else None)
+    if cfg.protocol == "low_data":                     # the generator's own images, as it recorded
+        T["real_image_ids"] = sorted(ck["train_image_ids"])
     for name, rs in runs.items():
-        M[f"train_{'real' if name == 'real' else 'aug_' + name}_map50"] = summary_stats([r["AP50"] for r in rs])["mean"]
-        M["trainability"][name] = summary_stats([r["AP50"] for r in rs])
+        T["rows"][name] = dict(real_images=len(pos), generated_images=T["generated_images"].get(name, 0),
+                               **{m: summary_stats([r[m] for r in rs]) for m in ("mAP", "AP50", "AP75")})
+        T[name] = T["rows"][name]["AP50"]          # what report.claims reads
+        if name == "real" or name in trainability.GEN_MODES + ("hard_filtered",):
+            M[f"train_{'real' if name == 'real' else 'aug_' + name}_map50"] = T[name]["mean"]
+    log(f"[trainability] protocol {cfg.protocol}: {len(pos)} real images; AP50 real "
+        f"{T['real']['mean']:.3f}, " + ", ".join(f"+ {k} {T[k]['mean']:.3f}" for k in extra))
     M["meta"]["seconds"]["trainability"] = round(time.time() - t, 1)
 
 

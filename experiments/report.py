@@ -88,23 +88,32 @@ def experiments(M, meta):
     L = []
     if "trainability" in M:
         T = M["trainability"]
+        protocol = T.get("protocol", "earlier")
+        real_what = {"paper": "the whole training split",
+                     "low_data": "the training images the generator trained on (--train-subset)"}.get(
+            protocol, "a random subset of the training split, while the generator saw all of it")
         L += ["## 4. Trainability", "",
-              f"Detectors ({T['det_steps']} steps each, seeds: {T['seeds']}; the subset and the "
-              f"initialisation follow the seed) trained on {T['real_images']} real training "
-              f"images, alone and with generated images, scored on the real val split.", "",
-              "| training data | images | AP50 mean | spread (std) | vs real |",
-              "|---|---|---|---|---|"]
+              f"Protocol {protocol}: detectors ({T['det_steps']} steps each, seeds: {T['seeds']}; the "
+              f"seed sets the initialisation and batches) trained on {T['real_images']} real images, "
+              f"{real_what}, alone and with generated images (layouts drawn from the same real "
+              f"images; mixed: each object [hard] with probability 0.5), scored on the real val "
+              f"split; mean +- std over the seeds.", "",
+              "| training data | real | generated | mAP | AP50 | AP75 | AP50 vs real |",
+              "|---|---|---|---|---|---|---|"]
         for name in T["runs"]:
-            n = T["real_images"] + T["generated_images"].get(name, 0)
+            row = T.get("rows", {}).get(name) or dict(AP50=T[name])       # older metrics: AP50 only
+            gen = T["generated_images"].get(name, 0)
             delta = "" if name == "real" else f"{T[name]['mean'] - T['real']['mean']:+.3f}"
-            label = "real subset" if name == "real" else "real + " + name.replace("_", " ")
-            L.append(f"| {label} | {n} | {fmt(T[name]['mean'])} | {fmt(T[name]['std'])} | {delta} |")
+            label = "real only" if name == "real" else "real + " + name.replace("_", " ")
+            cells = " | ".join(f"{fmt(row[m]['mean'])} +- {fmt(row[m]['std'])}" if m in row else "-"
+                               for m in ("mAP", "AP50", "AP75"))
+            L.append(f"| {label} | {T['real_images']} | {gen} | {cells} | {delta} |")
         if T.get("filter"):
             f = T["filter"]
             L += ["",
                   f"Class filter: a generated all-hard image is kept when the crop classifier "
                   f"gives every object its layout class with probability >= {f['min_prob']}; "
-                  f"{f['kept']} of {f['of']} kept."]
+                  f"{f['kept']} of {f['of']} kept (the first fraction's set)."]
         L.append("")
     if "ablations" in M:
         L += ["## 5. Ablations", "",

@@ -270,13 +270,13 @@ def test_the_main_job_with_a_torchvision_detector_mapped_to_its_classes(
 
 def test_paper_flag_sets_the_papers_settings_under_explicit_flags():
     """--paper: token conditioning, lambda 0.01, plain L_simple on the linear schedule, no
-    attribute-only dropout (each differs from the defaults); a flag given beside it wins; without it
-    nothing is added."""
+    attribute-only dropout, AdamW (each differs from the defaults); a flag given beside it wins;
+    without it nothing is added."""
     t, p, m = detdiff.split_args(detdiff.parse_flags(["--paper", "--schedule", "cosine"]))
     assert m == {"cond": "tokens"} and p == {}
     assert t == {"pal_weight": 0.01, "loss_weight": "none", "fg_reweight": False,
                  "schedule": "cosine",
-                 "p_uncond_attr": 0.0}
+                 "p_uncond_attr": 0.0, "optimizer": "adamw"}
     t, _, m = detdiff.split_args(detdiff.parse_flags(["--paper"]))
     assert t["schedule"] == "linear" and not t["fg_reweight"]
     defaults = {**vars(train.TrainConfig()), **vars(unet.UNetConfig())}

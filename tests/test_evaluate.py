@@ -24,7 +24,7 @@ KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_ma
         "easy_ap50",
         "origin_ap50", "hard_ap50", "train_real_map50", "train_aug_origin_map50",
         "train_aug_hard_map50",
-        "train_aug_easy_map50", "crop_acc_easy", "crop_acc_hard")
+        "train_aug_easy_map50", "train_aug_mixed_map50", "crop_acc_easy", "crop_acc_hard")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def test_every_key_is_in_metrics_json(run):
                                              "ablations", "total"}
     assert saved["meta"]["n_layouts"] == 4                                      # the tiny val split
     T = saved["trainability"]
-    # 10% of 16 images
-    assert T["seeds"] == 1 and T["real_images"] == 2 and len(T["runs"]["real"]) == 1
+    # the paper's protocol: every one of the 16 training images, + 8 generated per set (quick: 0.5)
+    assert T["seeds"] == 1 and T["real_images"] == 16 and len(T["runs"]["real"]) == 1
+    assert T["protocol"] == "paper" and T["generated_images"]["mixed"] == 8
+    assert set(T["rows"]["origin"]) == {"real_images", "generated_images", "mAP", "AP50", "AP75"}
     assert set(saved["ablations"]) == {"both on", "loss off", "attribute off", "both off",
                                        "lambda 0.01", "lambda 1"}
     assert saved["ablations"]["loss off"]["pal_weight"] == 0 and not saved["ablations"]["both off"]["attributes"]
