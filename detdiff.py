@@ -145,7 +145,8 @@ def resumed_settings(targs, pargs, margs):
     if not ck_path.is_file():
         raise config.DataError(f"{ck_path}: no checkpoint to resume from")
     saved = config.load_file(ck_path)
-    old = {**asdict(PipelineConfig()), **saved.get("pipeline_cfg", {}), **saved["train_cfg"]}
+    old = {**asdict(PipelineConfig()), **TrainConfig.ADDED, **saved.get("pipeline_cfg", {}),
+           **saved["train_cfg"]}
     changed = {k for k, v in {**targs, **pargs}.items()
                if k not in RESUME_OVERRIDES and old.get(k, getattr(TrainConfig, k, None)) != v}
     if changed or margs:
@@ -500,9 +501,13 @@ def grid_and_fidelity(r, grid_path):
 def main(argv=None):
     targs, pargs, margs = split_args(parse_flags(argv))
     try:
-        if targs.get("resume"):
+        resume = bool(targs.get("resume"))
+        if resume:
             targs, pargs = resumed_settings(targs, pargs, margs)
-        cfg, pcfg = config.from_saved(TrainConfig, targs), PipelineConfig(**pargs)
+        # a resumed run's saved settings may predate a setting (TrainConfig.ADDED); a new run's are
+        # the flags given on today's defaults
+        cfg = config.from_saved(TrainConfig, targs) if resume else TrainConfig(**targs)
+        pcfg = PipelineConfig(**pargs)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the generator stage only, every
                                                          # rank trains
             if pcfg.stage != "generator":

@@ -399,9 +399,13 @@ def model_config(cfg, tok, mcfg_overrides=None, latent_channels=None):
 
 
 def set_up_model(r, ck, mcfg_overrides):
-    """UNet, EMA, schedule, AdamW and GradScaler (the checkpoint's shapes and states win on resume),
-    wrapped in DDP and torch.compile when asked."""
+    """UNet, EMA, schedule, the optimizer (--optimizer) and GradScaler (the checkpoint's shapes and
+    states win on resume), wrapped in DDP and torch.compile when asked."""
     cfg = r.cfg
+    saved_opt = config.from_saved(TrainConfig, ck["train_cfg"]).optimizer if ck else cfg.optimizer
+    if saved_opt != cfg.optimizer:       # its state would not load into the other optimiser
+        raise config.DataError(f"--optimizer {cfg.optimizer}: the checkpoint was trained with "
+                               f"{saved_opt}; resume with --optimizer {saved_opt}")
     r.mcfg = config.from_saved(UNetConfig, ck["model_cfg"]) if ck else \
         model_config(cfg, r.tok, mcfg_overrides,
                      r.ae.cfg.latent_channels if r.ae is not None else None)

@@ -307,7 +307,31 @@ def test_cli_unknown_key_and_resume_guard(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="these differ: \\['det_steps'\\]"):
         detdiff.main(["--out", str(out), "--resume", "--det-steps", "5"])
     detdiff.main(["--out", str(out), "--resume", "--steps", "2"])
-    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2
+    # a new run without --optimizer trains with today's default, Muon
+    assert ck["train_cfg"]["optimizer"] == "muon" and ck["opt"]["param_groups"][0]["muon"]
+
+
+def test_a_checkpoint_from_before_the_optimizer_flag_resumes_with_adamw(tiny_data, tmp_path):
+    """Such a checkpoint trained with AdamW and does not name it: --resume keeps AdamW, and asking for
+    Muon is refused in one line instead of failing inside torch."""
+    out = tmp_path / "old"
+    detdiff.main(["--data", tiny_data, "--out", str(out), "--stage", "generator", "--steps", "1",
+                  "--batch-size", "2", "--image-size", "16", "--timesteps", "20", "--sample-every",
+                  "0", "--sample-steps", "2", "--n-grid", "1", "--dtype", "fp32", "--base-channels",
+                  "8", "--channel-mults", "1,2", "--d-model", "16", "--enc-layers", "1",
+                  "--optimizer", "adamw"])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    del ck["train_cfg"]["optimizer"]                                 # as checkpoints before the flag
+    torch.save(ck, out / "ckpt.pt")
+    with pytest.raises(SystemExit, match="these differ: \\['optimizer'\\]"):
+        detdiff.main(["--out", str(out), "--resume", "--steps", "2", "--optimizer", "muon"])
+    detdiff.main(["--out", str(out), "--resume", "--steps", "2"])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["train_cfg"]["optimizer"] == "adamw"
+    with pytest.raises(config.DataError, match="--optimizer muon: the checkpoint was trained with adamw"):
+        train.train(train.TrainConfig(**dict(ck["train_cfg"], optimizer="muon", resume=True, steps=3)))
 
 
 # ---- settings that fail before anything runs
