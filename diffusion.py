@@ -252,8 +252,8 @@ def logsnr_grid(diff, steps):
     """DPM-Solver's timestep grid for low-resolution pixel models: exactly `steps` timesteps from
     lambda_min = max(lambda_{T-1}, LAMBDA_MIN) up to lambda_0, uniform in lambda_t, each rounded to
     the nearest of the T discrete timesteps; where two round to one timestep (the schedule's ends,
-    where lambda moves fast in t) the later one moves to the next free timestep, so every step is a
-    model call. On the Gaussian test problem of tests/test_diffusion.py this grid converges at
+    where lambda moves fast in t) they are pushed apart to free timesteps (down from the start, up
+    from t = 0), so every step is a model call; the last is t = 0 when steps >= 2. On the Gaussian test problem of tests/test_diffusion.py this grid converges at
     second order where the DDIM grid (uniform in t) does not: its last steps are too long in
     lambda."""
     if not 1 <= steps <= diff.T:
@@ -264,6 +264,6 @@ def logsnr_grid(diff, steps):
     ts = (lam[None, :] - want[:, None]).abs().argmin(1).tolist()             # decreasing in t
     for i in range(1, steps):                       # strictly decreasing: a repeat takes the next t
         ts[i] = min(ts[i], ts[i - 1] - 1)
-    for i in range(steps - 1, -1, -1):              # ... and none below 0 (the last is t = 0)
+    for i in range(steps - 1, -1, -1):              # ... and none below 0
         ts[i] = max(ts[i], steps - 1 - i)
     return ts

@@ -114,7 +114,7 @@ def generate(model, diff, tokens, null_tokens, size=None, steps=STEPS, sampler=S
     # every device
     # noqa: E731
     randn = lambda: torch.randn(B, cfg.in_channels, size, size, generator=generator).to(dev)
-    x = randn()                                                                  # x_{T-1} ~ N(0, I)
+    x = randn()                                           # x at the grid's first timestep ~ N(0, I)
     if sampler == "ddpm":
         ts = list(range(diff.T - 1, -1, -1))
     elif sampler == "ddim":

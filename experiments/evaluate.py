@@ -86,6 +86,7 @@ class EvalConfig:
                                   # the images a --train-subset generator trained on)
     gen_fractions: tuple = (1.0, 0.5)  # trainability: generated images added per set, as fractions
                                        # of the protocol's real images (one row per set and fraction)
+    max_generated: int = 0        # trainability: at most this many generated images per row (0: none)
     det_steps: int = 0            # trainability detectors' steps (0: the run's --det-steps)
     crop_steps: int = 1000        # crop classifier steps (batch 128)
     crop_size: int = 16
@@ -114,7 +115,8 @@ class EvalConfig:
     out: str = ""        # report.md, metrics.json, log.txt, eval/ go here (default: the run folder)
 
 
-QUICK = dict(n_layouts=16, steps=5, seeds=1, gen_fractions=(0.5,), det_steps=20, crop_steps=20)
+QUICK = dict(n_layouts=16, steps=5, seeds=1, gen_fractions=(0.5,), max_generated=16, det_steps=20,
+             crop_steps=20)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +418,7 @@ def trainability_part(R, clf):
     real = real_train_S if len(pos) == len(real_train_S) else torch.utils.data.Subset(real_train_S, pos)
     # each fraction's set is the first n of one generated set, so the smaller rows nest in the larger
     sizes = [max(1, round(f * len(pos))) for f in cfg.gen_fractions]
+    sizes = [min(n, cfg.max_generated) for n in sizes] if cfg.max_generated else sizes
     glays = trainability.training_layouts(ck, max(sizes), cfg.seed + 1,
                                           among=None if cfg.protocol == "paper" else pos)
     sets, ok = {}, None
@@ -513,6 +516,8 @@ def write_metrics(R):
             M["meta"][k] = {**old["meta"].get(k, {}), **M["meta"][k]}
         if "ablations" in M:                      # rows trained earlier (--ablation-rows) stay
             M["ablations"] = {**old.get("ablations", {}), **M["ablations"]}
+        if "trainability" in M:                   # this run's protocol and rows replace the old ones
+            old = {k: v for k, v in old.items() if not (k.startswith("train_") and k.endswith("_map50"))}
         M = {**old, **M, "meta": {**old["meta"], **M["meta"]}}
     (run / "metrics.json").write_text(json.dumps(M, indent=1))
     (run / "report.md").write_text(report.report(M))

@@ -49,12 +49,20 @@ def check_protocol(ck, protocol, where):
     unknown protocol, or low_data with a generator that trained on the whole training split."""
     if protocol not in PROTOCOLS:
         raise config.DataError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if protocol == "low_data" and (ck["train_cfg"].get("train_subset", 1.0) >= 1
-                                   or not ck.get("train_image_ids")):
+    if protocol != "low_data":
+        return
+    if ck["train_cfg"].get("train_subset", 1.0) >= 1:
         raise config.DataError(f"{where}: --protocol low_data needs a generator trained on a subset "
                                f"of the training split, this one saw all of it (its images would "
                                f"leak every real image into the low-data detectors); make such a "
                                f"run with `python detdiff.py --train-subset 0.1 ...`")
+    if not ck.get("train_image_ids"):
+        raise config.DataError(f"{where}: --protocol low_data needs the ids of the images the "
+                               f"generator trained on, and this checkpoint recorded none")
+    if ck.get("autoencoder"):            # latent mode: its decoder learned from the whole split
+        raise config.DataError(f"{where}: --protocol low_data takes a pixel-space generator; this "
+                               f"one decodes through an autoencoder trained on the whole training "
+                               f"split")
 
 
 def training_layouts(ck, n, seed, among=None):

@@ -157,9 +157,13 @@ def test_low_data_refuses_a_generator_that_saw_the_whole_split(ckpt, tmp_path):
     assert "\n" not in msg and msg.startswith(f"{ckpt}: --protocol low_data")
     assert "saw all of it" in msg and "python detdiff.py --train-subset 0.1" in msg
     # a checkpoint that says --train-subset < 1 but recorded no ids is refused too
-    with pytest.raises(config.DataError, match="--protocol low_data needs a generator"):
-        trainability.check_protocol(dict(ck, train_cfg=dict(ck["train_cfg"], train_subset=0.1),
-                                         train_image_ids=None), "low_data", ckpt)
+    sub = dict(ck, train_cfg=dict(ck["train_cfg"], train_subset=0.1), train_image_ids=None)
+    with pytest.raises(config.DataError, match="needs the ids of the images .* recorded none"):
+        trainability.check_protocol(sub, "low_data", ckpt)
+    # and one that decodes through an autoencoder, which learned from the whole split
+    with pytest.raises(config.DataError, match="autoencoder trained on the whole training split"):
+        trainability.check_protocol(dict(sub, train_image_ids=[1, 2], autoencoder={"cfg": {}}),
+                                    "low_data", ckpt)
     trainability.check_protocol(ck, "paper", ckpt)                               # the paper's is fine
     # through evaluate: refused before anything else is opened (this folder has no detector.pt)
     (tmp_path / "run").mkdir()
@@ -199,4 +203,7 @@ def test_the_new_settings_are_flags():
         train.check_sizes(train.TrainConfig(train_subset=1.5))
     assert train.training_subset(10, 0.3, seed=1) == train.training_subset(10, 0.3, seed=1)
     assert len(train.training_subset(10, 0.3, seed=1)) == 3
+    # a seeded random draw, not the first k images: seeds give different subsets
+    draws = {tuple(train.training_subset(100, 0.1, seed=s)) for s in range(4)}
+    assert len(draws) == 4 and tuple(range(10)) not in draws
     assert train.training_subset(4, 1.0, 0) == [0, 1, 2, 3]

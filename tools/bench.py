@@ -28,7 +28,7 @@ What each number includes:
   the start and at the end.
 - optimizer: the default step with AdamW and with Muon, and opt.step() alone, per dtype.
 - peer: diffusers' UNet2DConditionModel sized to our forward FLOPs (within 10%), fed by our
-  LayoutEncoder, both without the perception head (L_simple only), same step and optimizer. `pip
+  LayoutEncoder, both without the perception head (L_simple only), same step, both with AdamW. `pip
   install -r requirements-bench.txt`.
 - sampling s/img: sample.generate for 32 layouts with classifier-free guidance 3 (a batch of 64 per
   forward), noise and sampler arithmetic included. DDPM walks T = 1000 steps: a few are timed and
@@ -303,8 +303,10 @@ class Bench:
         target = self.fwd_flops(ours, S)
         name, config, theirs = build(ours.encoder, target, S, self.dev)
         f = self.fwd_flops(theirs, S)                # confirmed on the real model
+        # AdamW for both: optim.muon_params knows our module names, not the peer's
+        adamw = dataclasses.replace(train.TrainConfig(), optimizer="adamw")
         fns = {f"{who} {dt}": make_step(copy.deepcopy(m), *self.batch(self.a.batch, S), dt,
-                                        self.dev)
+                                        self.dev, tc=adamw)
                for dt in self.dtypes for who, m in (("ours", ours), ("peer", theirs))}
         img_s = {k: round(self.a.batch / s, 2)
                  for k,
