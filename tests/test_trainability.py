@@ -1,4 +1,4 @@
-"""experiments/trainability.py and evaluate.py's trainability part: the generated training layouts are the
+"""experiments/trainability.py and experiments/evaluate.py's trainability part: the generated training layouts are the
 training set's, drawn at random and mirrored half the time; the two protocols give the detectors the right
 real images (low_data: exactly the ones the generator trained on, which the training loop indexed; paper:
 the whole split), low_data refuses a generator that saw the whole split, and the mixed set's draw."""
