@@ -2,7 +2,7 @@
 makes it, and the checks that keep it loadable by today's code (tests/test_ship.py runs them in CI).
 
     python -m tools.ship                            # train it (the main job at 5000 generator steps into runs/shapes_ship),
-                                              # evaluate it, export it to checkpoints/shapes: 35 min on a 2-core CPU
+                                              # evaluate it, export it to checkpoints/shapes: 48 min on a 2-core CPU
                                               # with bf16 (README); in fp32 the generator alone takes about 1.5 h
     python -m tools.ship --run runs/shapes_ship     # export a run that is already trained (evaluated here if it is not)
     python -m tools.ship --check                    # the shipped files against today's code and defaults
