@@ -19,7 +19,7 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 accuracy on generated objects: crop_acc_real, crop_acc_easy, crop_acc_hard, crop_acc_origin
   trainability  detectors trained on real training images alone and with N generated images (new layouts
                 drawn from those real images: origin / all easy / all hard / mixed, each object hard with
-                probability 0.5 / all hard after the class filter), `seeds` detector seeds, scored on
+                probability 0.5 / all hard after the class filter; --gen-modes picks), `seeds` detector seeds, scored on
                 the real val split. --protocol paper (the paper's): the whole training split, N its
                 size times each --gen-fractions (1, 0.5); --protocol low_data: only the images a
                 `--train-subset` generator trained on (its checkpoint's train_image_ids; a generator
@@ -87,6 +87,9 @@ class EvalConfig:
     gen_fractions: tuple = (1.0, 0.5)  # trainability: generated images added per set, as fractions
                                        # of the protocol's real images (one row per set and fraction)
     max_generated: int = 0        # trainability: at most this many generated images per row (0: none)
+    gen_modes: str = ",".join(trainability.GEN_MODES)  # trainability: the generated sets (comma-
+                                  # separated; hard also gives hard_filtered when a crop classifier
+                                  # is at hand); origin alone for a quick comparison of generators
     det_steps: int = 0            # trainability detectors' steps (0: the run's --det-steps)
     crop_steps: int = 1000        # crop classifier steps (batch 128)
     crop_size: int = 16
@@ -174,6 +177,10 @@ def check_settings(cfg):
     if not cfg.gen_fractions or any(not f > 0 for f in cfg.gen_fractions):
         raise config.DataError(f"--gen-fractions must be fractions > 0, got "
                                f"{','.join(map(str, cfg.gen_fractions)) or 'none'}")
+    modes = [m.strip() for m in cfg.gen_modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(trainability.GEN_MODES):
+        raise config.DataError(f"--gen-modes must be some of {', '.join(trainability.GEN_MODES)}, "
+                               f"got {cfg.gen_modes!r}")
     device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one
                                                                   # is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
@@ -422,7 +429,9 @@ def trainability_part(R, clf):
     glays = trainability.training_layouts(ck, max(sizes), cfg.seed + 1,
                                           among=None if cfg.protocol == "paper" else pos)
     sets, ok = {}, None
-    for m in tqdm(trainability.GEN_MODES, desc=f"generate {len(glays)} training layouts"):
+    wanted = {m.strip() for m in cfg.gen_modes.split(",")}      # in GEN_MODES' order
+    modes = [m for m in trainability.GEN_MODES if m in wanted]
+    for m in tqdm(modes, desc=f"generate {len(glays)} training layouts"):
         ml = trainability.with_mode(glays, m, cfg.seed + 2)
         ims = sample.generate_layouts(R.model, R.diff, R.tok, ml, S,
                                       **dict(R.gen_kw, seed=cfg.seed + 1))

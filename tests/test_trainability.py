@@ -207,3 +207,15 @@ def test_the_new_settings_are_flags():
     draws = {tuple(train.training_subset(100, 0.1, seed=s)) for s in range(4)}
     assert len(draws) == 4 and tuple(range(10)) not in draws
     assert train.training_subset(4, 1.0, 0) == [0, 1, 2, 3]
+
+
+def test_gen_modes_picks_the_generated_sets(ckpt, tmp_path, monkeypatch):
+    R, calls = fake_opened(ckpt, tmp_path, monkeypatch, gen_modes="origin", gen_fractions=(1.0,))
+    evaluate.trainability_part(R, object())          # a class filter at hand, but no hard set to filter
+    T = R.M["trainability"]
+    assert list(T["rows"]) == ["real", "origin"] and len(calls["layouts"]) == 1
+    assert all(lay["difficulty"].equal(o["difficulty"]) for lay, o in
+               zip(calls["layouts"][0], trainability.training_layouts(R.ck, 16, R.cfg.seed + 1)))
+    with pytest.raises(config.DataError, match=r"^--gen-modes must be some of origin, easy, hard, mixed, "
+                                               r"got 'origin,hardest'$"):
+        evaluate.check_settings(evaluate.EvalConfig(gen_modes="origin,hardest", device="cpu"))
