@@ -19,12 +19,13 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 accuracy on generated objects: crop_acc_real, crop_acc_easy, crop_acc_hard, crop_acc_origin
   trainability  detectors trained on real training images alone and with N generated images (new layouts
                 drawn from those real images: origin / all easy / all hard / mixed, each object hard with
-                probability 0.5 / all hard after the class filter; --gen-modes picks), `seeds` detector seeds, scored on
+                probability 0.5 / all hard after the class filter / as many all-hard images drawn at
+                random, the filter's control; --gen-modes picks), `seeds` detector seeds, scored on
                 the real val split. --protocol paper (the paper's): the whole training split, N its
                 size times each --gen-fractions (1, 0.5); --protocol low_data: only the images a
                 `--train-subset` generator trained on (its checkpoint's train_image_ids; a generator
                 that saw the whole split is refused), N their number times each fraction.
-                train_real_map50, train_aug_{origin,easy,hard,mixed,hard_filtered}_map50 (AP50 means
+                train_real_map50, train_aug_{origin,easy,hard,mixed,hard_filtered,hard_random}_map50 (AP50 means
                 at the first fraction); metrics["trainability"]: the protocol, per row the real and
                 generated images and mean +- std of mAP, AP50, AP75
   masks         how well the instance masks sample.py exports (the perception head's, sample.object_masks) fit the
@@ -446,14 +447,15 @@ def trainability_part(R, clf):
     extra = {}                                         # row -> generated images; the first fraction's
     for k, (frac, n) in enumerate(zip(cfg.gen_fractions, sizes)):   # rows carry the set's own name
         rows = {m: list(range(n)) for m in sets}
-        if ok is not None:
-            rows["hard_filtered"] = [i for i in range(n) if ok[i]]
+        if ok is not None:              # the filtered set, and its control: as many all-[hard]
+            rows["hard_filtered"] = [i for i in range(n) if ok[i]]   # images drawn at random
+            rows["hard_random"] = trainability.random_subset(n, len(rows["hard_filtered"]), cfg.seed + 3)
         for m, keep_i in rows.items():
             name = m if k == 0 else f"{m}_x{frac:g}"
             if not keep_i:
                 log(f"[trainability] {name}: no generated image left, row skipped")
                 continue
-            extra[name] = torch.utils.data.Subset(sets["hard" if m == "hard_filtered" else m], keep_i)
+            extra[name] = torch.utils.data.Subset(sets["hard" if m.startswith("hard") else m], keep_i)
     det_cfg, det_steps = detector.DetectorConfig(len(names), tuple(names), R.stages["det_size"]), \
         cfg.det_steps or R.stages["det_steps"]
     runs = trainability.trainability(det_steps, det_cfg, real, R.real_val_S, extra, cfg, log, R.device,
@@ -470,7 +472,7 @@ def trainability_part(R, clf):
         T["rows"][name] = dict(real_images=len(pos), generated_images=T["generated_images"].get(name, 0),
                                **{m: summary_stats([r[m] for r in rs]) for m in ("mAP", "AP50", "AP75")})
         T[name] = T["rows"][name]["AP50"]          # what report.claims reads
-        if name == "real" or name in trainability.GEN_MODES + ("hard_filtered",):
+        if name == "real" or name in trainability.GEN_MODES + ("hard_filtered", "hard_random"):
             M[f"train_{'real' if name == 'real' else 'aug_' + name}_map50"] = T[name]["mean"]
     log(f"[trainability] protocol {cfg.protocol}: {len(pos)} real images; AP50 real "
         f"{T['real']['mean']:.3f}, " + ", ".join(f"+ {k} {T[k]['mean']:.3f}" for k in extra))

@@ -1,7 +1,8 @@
 """Trainability (docs/paper.md section 4): does generated data help a detector? Detectors trained on
 real training images alone and with N generated images (new layouts drawn from the same real images:
-origin, all [easy], all [hard], mixed, and all [hard] through the class filter), scored on the real
-val split over several detector seeds: evaluate.py's `trainability` part. Two protocols (--protocol):
+origin, all [easy], all [hard], mixed, all [hard] through the class filter, and as many all-[hard]
+images drawn at random, the filter's control), scored on the real val split over several detector
+seeds: evaluate.py's `trainability` part. Two protocols (--protocol):
 
   paper     the paper's: the real images are the whole training split, N is its size times each of
             --gen-fractions (1 and 0.5). The generator saw the whole split too, so the generated
@@ -79,6 +80,12 @@ def training_layouts(ck, n, seed, among=None):
             lay["boxes"] = data.flip_boxes(lay["boxes"])
         out.append(lay)
     return out
+
+
+def random_subset(n, k, seed):
+    """k of the positions 0..n-1, drawn at random without repeats (seeded) and sorted: the class
+    filter's control, as many images as the filter kept but chosen without looking at them."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
 def mixed_difficulty(layouts, seed, p_hard=0.5):

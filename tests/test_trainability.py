@@ -139,8 +139,14 @@ def test_paper_protocol_trains_the_baseline_on_every_training_image(ckpt, tiny_d
     assert sorted(image_ids(dets[0])) == sorted(image_ids(split)) and len(dets[0]) == 16
     assert T["protocol"] == "paper" and T["real_images"] == 16 and "real_image_ids" not in T
     assert T["generated_images"]["origin"] == 16 and T["generated_images"]["hard_x0.5"] == 8
-    assert len(dets) == 1 + 2 * (len(trainability.GEN_MODES) + 1)
+    assert len(dets) == 1 + 2 * (len(trainability.GEN_MODES) + 2)
     assert T["generated_images"]["hard_filtered"] == 8 and T["generated_images"]["hard_filtered_x0.5"] == 4
+    # the filter's control: as many all-[hard] images, drawn at random from the same set
+    rows = dict(zip(["real"] + list(T["generated_images"]), dets))
+    filt, rand = rows["hard_filtered"].datasets[1], rows["hard_random"].datasets[1]
+    assert filt.indices == list(range(0, 16, 2)) and rand.dataset is filt.dataset is rows["hard"].datasets[1].dataset
+    assert rand.indices == trainability.random_subset(16, 8, R.cfg.seed + 3) != filt.indices
+    assert T["generated_images"]["hard_random_x0.5"] == 4 and "train_aug_hard_random_map50" in M
     assert T["filter"]["kept"] == 8 and T["filter"]["of"] == 16
     text = "\n".join(report.experiments(R.M, {}))
     assert "Protocol paper" in text and "| real only | 16 | 0 | 0.100 +- 0.000 | 0.200 +- 0.000 |" in text
@@ -172,6 +178,13 @@ def test_low_data_refuses_a_generator_that_saw_the_whole_split(ckpt, tmp_path):
     with pytest.raises(config.DataError, match=re.escape(f"{run / 'ckpt.pt'}: --protocol low_data")):
         evaluate.evaluate(run, evaluate.EvalConfig(quick=True, device="cpu", parts="trainability",
                                                    protocol="low_data"))
+
+
+def test_random_subset_is_a_seeded_draw_without_repeats():
+    a = trainability.random_subset(50, 20, seed=5)
+    assert a == sorted(set(a)) and len(a) == 20 and all(0 <= i < 50 for i in a)
+    assert a == trainability.random_subset(50, 20, seed=5) != trainability.random_subset(50, 20, seed=6)
+    assert a != list(range(20)) and trainability.random_subset(7, 7, 0) == list(range(7))
 
 
 def test_mixed_draws_each_object_hard_with_probability_one_half():
