@@ -3,7 +3,11 @@ evaluation's RUN/metrics.json as RUN/report.md, one section per part of docs/pap
 the two beyond it), ending with the paper's claims as this run answers them.
 
     python -m experiments.evaluate --run runs/shapes   # writes RUN/metrics.json and, from it, RUN/report.md
+    python -m experiments.report A/metrics.json B/metrics.json   # one ablation-table row per scored run
 """
+import sys
+
+from config import DataError, read_json
 from sample import MODES
 
 
@@ -205,3 +209,62 @@ def summary_text(s):
                      f"{f['sec_per_img']:.3f} s per image")
     lines.append("time       " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ablation table: one row per generator scored on its own (docs/experiments.md, "Ablations at
+# 5000 steps"), from the metrics.json `experiments.evaluate --parts fidelity,easy_hard,fid,crops,
+# trainability --gen-modes origin` writes
+
+ABLATION_HEADER = ("| setting | lambda | attribute | conditioning | generator seed | steps | "
+                   "AP50 (mAP) on generated, of real | FID | crop accuracy origin / easy / hard | "
+                   "AP50 easy / hard (easy - hard) | trainability mAP: real only, + origin |\n"
+                   + "|---" * 11 + "|")
+
+
+def setting_name(g):
+    """The ablation row a generator's settings make: both on (lambda 0.1 and the attribute), loss
+    off (lambda 0), attribute off, both off, or lambda X."""
+    loss, attr = g["pal_weight"] > 0, g["attributes"] != "none"
+    name = {(True, True): "both on", (False, True): "loss off", (True, False): "attribute off",
+            (False, False): "both off"}[loss, attr]
+    return f"lambda {g['pal_weight']:g}" if loss and attr and g["pal_weight"] != 0.1 else name
+
+
+def ablation_row(M):
+    """One markdown row of the ablation table from a scored run's metrics; '-' where a part is
+    missing."""
+    meta, g = M["meta"], M["meta"]["generator"]
+    T = M.get("trainability", {})
+    train = "-"
+    if "real" in T and "origin" in T.get("rows", {}):
+        r, o = T["rows"]["real"]["mAP"], T["rows"]["origin"]["mAP"]
+        train = (f"{r['mean']:.3f} +- {r['std']:.3f}, + {T['generated_images']['origin']}: "
+                 f"{o['mean']:.3f} +- {o['std']:.3f}")
+    fidelity = (f"{fmt(M['fidelity_map50'])} ({fmt(M.get('fidelity_map'))}) of "
+                f"{fmt(M['real_map50'])}" if "fidelity_map50" in M else "-")
+    crops = " / ".join(fmt(M.get(f"crop_acc_{m}")) for m in ("origin", "easy", "hard"))
+    easy_hard = (f"{fmt(M['easy_ap50'])} / {fmt(M['hard_ap50'])} "
+                 f"({M['easy_ap50'] - M['hard_ap50']:+.3f})" if "easy_ap50" in M else "-")
+    attr = "off" if g["attributes"] == "none" else "on"
+    return (f"| {setting_name(g)} | {g['pal_weight']:g} | {attr} | {g['cond']} | {g['seed']} | "
+            f"{meta['generator_steps']} | {fidelity} | {fmt(M.get('fid'), 1)} | {crops} | {easy_hard} | "
+            f"{train} |")
+
+
+def main(paths):
+    rows = []
+    for p in paths:
+        M = read_json(p)
+        if "generator" not in M.get("meta", {}):
+            raise DataError(f"{p}: no meta.generator (scored before evaluate.py recorded the "
+                            f"generator's settings, or not an evaluate.py metrics.json)")
+        rows.append(ablation_row(M))
+    print("\n".join([ABLATION_HEADER] + rows))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None

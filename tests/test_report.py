@@ -1,5 +1,10 @@
 """experiments/report.py: the paper's claims as a run answers them, against hand-computed
 verdicts."""
+import json
+
+import pytest
+
+from config import DataError
 from experiments import report
 
 
@@ -21,3 +26,34 @@ def test_claims_against_hand_computed_verdicts():
     got = {what.split(" (")[0]: (val, ok) for what, val, ok in report.claims(M)}
     assert got["all-[easy] images are detected better than all-[hard]"] == ("-0.020", False)
     assert got["generated data trains a better detector"][1] is False
+
+
+def test_ablation_row_from_hand_made_metrics(tmp_path, capsys):
+    M = dict(meta=dict(generator_steps=5000, generator=dict(seed=1, pal_weight=0.0, attributes="none",
+                                                            cond="paint", train_subset=1.0)),
+             fidelity_map50=0.85, fidelity_map=0.5712, real_map50=0.938, fid=92.34,
+             crop_acc_origin=0.877, crop_acc_easy=0.9364, crop_acc_hard=0.687,
+             easy_ap50=0.9, hard_ap50=0.55,
+             trainability=dict(runs=dict(real=[], origin=[]), generated_images=dict(origin=2000),
+                               real=dict(mean=0.9, std=0.0),
+                               rows=dict(real=dict(mAP=dict(mean=0.718, std=0.004)),
+                                         origin=dict(mAP=dict(mean=0.7281, std=0.0061)))))
+    assert report.ablation_row(M) == (
+        "| both off | 0 | off | paint | 1 | 5000 | 0.850 (0.571) of 0.938 | 92.3 | 0.877 / 0.936 / 0.687 "
+        "| 0.900 / 0.550 (+0.350) | 0.718 +- 0.004, + 2000: 0.728 +- 0.006 |")
+    g = M["meta"]["generator"]
+    names = [report.setting_name(dict(g, pal_weight=w, attributes=a))
+             for w, a in ((0.1, "auto"), (0.0, "x.json"), (0.1, "none"), (1.0, "auto"), (1.0, "none"))]
+    assert names == ["both on", "loss off", "attribute off", "lambda 1", "attribute off"]
+    # a part that was not run reads '-'; a metrics file without the generator's settings is one line
+    del M["fid"], M["trainability"]
+    assert report.ablation_row(M).endswith("| 0.850 (0.571) of 0.938 | - | 0.877 / 0.936 / 0.687 "
+                                           "| 0.900 / 0.550 (+0.350) | - |")
+    (tmp_path / "m.json").write_text(json.dumps(M))
+    report.main([str(tmp_path / "m.json")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| setting |") and out[2] == report.ablation_row(M) and len(out) == 3
+    del M["meta"]["generator"]
+    (tmp_path / "m.json").write_text(json.dumps(M))
+    with pytest.raises(DataError, match=r"m\.json: no meta\.generator"):
+        report.main([str(tmp_path / "m.json")])
