@@ -233,7 +233,7 @@ def setting_name(g):
 
 def ablation_row(M):
     """One markdown row of the ablation table from a scored run's metrics; '-' where a part is
-    missing."""
+    missing, and in the easy / hard columns of a generator without the attribute."""
     meta, g = M["meta"], M["meta"]["generator"]
     T = M.get("trainability", {})
     train = "-"
@@ -243,11 +243,14 @@ def ablation_row(M):
                  f"{o['mean']:.3f} +- {o['std']:.3f}")
     fidelity = (f"{fmt(M['fidelity_map50'])} ({fmt(M.get('fidelity_map'))}) of "
                 f"{fmt(M['real_map50'])}" if "fidelity_map50" in M else "-")
-    crops = " / ".join(fmt(M.get(f"crop_acc_{m}")) for m in ("origin", "easy", "hard"))
+    # a generator trained without the attribute never learned [easy] / [hard]: only its origin
+    # images (every object [none], as it trained) are in its own distribution
+    on = g["attributes"] != "none"
+    crops = " / ".join(fmt(M.get(f"crop_acc_{m}")) if on or m == "origin" else "-"
+                       for m in ("origin", "easy", "hard"))
     easy_hard = (f"{fmt(M['easy_ap50'])} / {fmt(M['hard_ap50'])} "
-                 f"({M['easy_ap50'] - M['hard_ap50']:+.3f})" if "easy_ap50" in M else "-")
-    attr = "off" if g["attributes"] == "none" else "on"
-    return (f"| {setting_name(g)} | {g['pal_weight']:g} | {attr} | {g['cond']} | {g['seed']} | "
+                 f"({M['easy_ap50'] - M['hard_ap50']:+.3f})" if "easy_ap50" in M and on else "-")
+    return (f"| {setting_name(g)} | {g['pal_weight']:g} | {'on' if on else 'off'} | {g['cond']} | {g['seed']} | "
             f"{meta['generator_steps']} | {fidelity} | {fmt(M.get('fid'), 1)} | {crops} | {easy_hard} | "
             f"{train} |")
 

@@ -39,9 +39,12 @@ def test_ablation_row_from_hand_made_metrics(tmp_path, capsys):
                                rows=dict(real=dict(mAP=dict(mean=0.718, std=0.004)),
                                          origin=dict(mAP=dict(mean=0.7281, std=0.0061)))))
     assert report.ablation_row(M) == (
-        "| both off | 0 | off | paint | 1 | 5000 | 0.850 (0.571) of 0.938 | 92.3 | 0.877 / 0.936 / 0.687 "
-        "| 0.900 / 0.550 (+0.350) | 0.718 +- 0.004, + 2000: 0.728 +- 0.006 |")
+        "| both off | 0 | off | paint | 1 | 5000 | 0.850 (0.571) of 0.938 | 92.3 | 0.877 / - / - "
+        "| - | 0.718 +- 0.004, + 2000: 0.728 +- 0.006 |")            # no attribute: no easy / hard
     g = M["meta"]["generator"]
+    g["attributes"] = "x.json"
+    assert report.ablation_row(M).startswith("| loss off | 0 | on | paint | 1 | 5000 |")
+    assert "| 0.877 / 0.936 / 0.687 | 0.900 / 0.550 (+0.350) |" in report.ablation_row(M)
     names = [report.setting_name(dict(g, pal_weight=w, attributes=a))
              for w, a in ((0.1, "auto"), (0.0, "x.json"), (0.1, "none"), (1.0, "auto"), (1.0, "none"))]
     assert names == ["both on", "loss off", "attribute off", "lambda 1", "attribute off"]
