@@ -9,6 +9,7 @@ import sys
 
 from config import DataError, read_json
 from sample import MODES
+from train import TrainConfig
 
 
 def fmt(v, nd=3):
@@ -223,12 +224,13 @@ ABLATION_HEADER = ("| setting | lambda | attribute | conditioning | generator se
 
 
 def setting_name(g):
-    """The ablation row a generator's settings make: both on (lambda 0.1 and the attribute), loss
-    off (lambda 0), attribute off, both off, or lambda X."""
+    """The ablation row a generator's settings make: both on (today's default lambda and the
+    attribute), loss off (lambda 0), attribute off, both off, or lambda X."""
     loss, attr = g["pal_weight"] > 0, g["attributes"] != "none"
-    name = {(True, True): "both on", (False, True): "loss off", (True, False): "attribute off",
+    if loss and attr and g["pal_weight"] != TrainConfig.pal_weight:
+        return f"lambda {g['pal_weight']:g}"
+    return {(True, True): "both on", (False, True): "loss off", (True, False): "attribute off",
             (False, False): "both off"}[loss, attr]
-    return f"lambda {g['pal_weight']:g}" if loss and attr and g["pal_weight"] != 0.1 else name
 
 
 def ablation_row(M):
@@ -250,9 +252,9 @@ def ablation_row(M):
                        for m in ("origin", "easy", "hard"))
     easy_hard = (f"{fmt(M['easy_ap50'])} / {fmt(M['hard_ap50'])} "
                  f"({M['easy_ap50'] - M['hard_ap50']:+.3f})" if "easy_ap50" in M and on else "-")
-    return (f"| {setting_name(g)} | {g['pal_weight']:g} | {'on' if on else 'off'} | {g['cond']} | {g['seed']} | "
-            f"{meta['generator_steps']} | {fidelity} | {fmt(M.get('fid'), 1)} | {crops} | {easy_hard} | "
-            f"{train} |")
+    return (f"| {setting_name(g)} | {g['pal_weight']:g} | {'on' if on else 'off'} | {g['cond']} | "
+            f"{g['seed']} | {meta['generator_steps']} | {fidelity} | {fmt(M.get('fid'), 1)} | {crops} | "
+            f"{easy_hard} | {train} |")
 
 
 def main(paths):
