@@ -8,6 +8,7 @@ the two beyond it), ending with the paper's claims as this run answers them.
 import sys
 
 from config import DataError, read_json
+from experiments import ablations
 from sample import MODES
 from train import TrainConfig
 
@@ -224,13 +225,15 @@ ABLATION_HEADER = ("| setting | lambda | attribute | conditioning | generator se
 
 
 def setting_name(g):
-    """The ablation row a generator's settings make: both on (today's default lambda and the
-    attribute), loss off (lambda 0), attribute off, both off, or lambda X."""
-    loss, attr = g["pal_weight"] > 0, g["attributes"] != "none"
-    if loss and attr and g["pal_weight"] != TrainConfig.pal_weight:
-        return f"lambda {g['pal_weight']:g}"
-    return {(True, True): "both on", (False, True): "loss off", (True, False): "attribute off",
-            (False, False): "both off"}[loss, attr]
+    """The ablation row a generator's settings make, named as `ablations.ablation_settings` names
+    it around today's default lambda (both on, loss off, attribute off, both off, lambda X)."""
+    attr = g["attributes"] != "none"
+    base = dict(pal_weight=TrainConfig.pal_weight, attributes="auto")
+    mine = dict(pal_weight=g["pal_weight"], attributes="auto" if attr else "none")
+    for name, overrides in ablations.ablation_settings(base).items():
+        if {**base, **overrides} == mine:
+            return name
+    return f"lambda {g['pal_weight']:g}" if attr else "attribute off"
 
 
 def ablation_row(M):
@@ -239,7 +242,7 @@ def ablation_row(M):
     meta, g = M["meta"], M["meta"]["generator"]
     T = M.get("trainability", {})
     train = "-"
-    if "real" in T and "origin" in T.get("rows", {}):
+    if {"real", "origin"} <= set(T.get("rows", {})):
         r, o = T["rows"]["real"]["mAP"], T["rows"]["origin"]["mAP"]
         train = (f"{r['mean']:.3f} +- {r['std']:.3f}, + {T['generated_images']['origin']}: "
                  f"{o['mean']:.3f} +- {o['std']:.3f}")
