@@ -273,7 +273,8 @@ def open_run(run, cfg, parts, device, gen_dtype, line):
                        generator_minutes=round(ck["elapsed"] / 60, 1), seconds={}, notes={},
                        generator=dict(seed=tc["seed"], pal_weight=tc["pal_weight"],
                                       attributes=tc["attributes"], cond=ck["model_cfg"].get("cond", "paint"),
-                                      train_subset=tc.get("train_subset", 1.0))))
+                                      train_subset=tc.get("train_subset", 1.0),
+                                      dtype=ck.get("dtype"))))   # what it trained in (auto resolved)
     ap_kw = dict(names=names, ids=ids, det_size=detections.input_side(st, tc["image_size"]),
                  max_objects=tc["max_objects"])
     return Opened(run, out, cfg, parts, device, log, started, model, tok, diff, ck, st, det,

@@ -3,9 +3,12 @@ evaluation's RUN/metrics.json as RUN/report.md, one section per part of docs/pap
 the two beyond it), ending with the paper's claims as this run answers them.
 
     python -m experiments.evaluate --run runs/shapes   # writes RUN/metrics.json and, from it, RUN/report.md
-    python -m experiments.report A/metrics.json B/metrics.json   # one ablation-table row per scored run
+    python -m experiments.report A/metrics.json B/metrics.json   # the ablation table: a row per scored
+                                                                 # run, then a row per setting over its seeds
 """
 import sys
+
+import numpy as np
 
 from config import DataError, read_json
 from experiments import ablations
@@ -218,7 +221,7 @@ def summary_text(s):
 # 5000 steps"), from the metrics.json `experiments.evaluate --parts fidelity,easy_hard,fid,crops,
 # trainability --gen-modes origin` writes
 
-ABLATION_HEADER = ("| setting | lambda | attribute | conditioning | generator seed | steps | "
+ABLATION_HEADER = ("| setting | lambda | attribute | conditioning | generator seed (trained in) | steps | "
                    "AP50 (mAP) on generated, of real | FID | crop accuracy origin / easy / hard | "
                    "AP50 easy / hard (easy - hard) | trainability mAP: real only, + origin |\n"
                    + "|---" * 11 + "|")
@@ -255,20 +258,62 @@ def ablation_row(M):
                        for m in ("origin", "easy", "hard"))
     easy_hard = (f"{fmt(M['easy_ap50'])} / {fmt(M['hard_ap50'])} "
                  f"({M['easy_ap50'] - M['hard_ap50']:+.3f})" if "easy_ap50" in M and on else "-")
+    seed = f"{g['seed']} ({g['dtype']})" if g.get("dtype") else str(g["seed"])  # dtype: newer files
     return (f"| {setting_name(g)} | {g['pal_weight']:g} | {'on' if on else 'off'} | {g['cond']} | "
-            f"{g['seed']} | {meta['generator_steps']} | {fidelity} | {fmt(M.get('fid'), 1)} | {crops} | "
+            f"{seed} | {meta['generator_steps']} | {fidelity} | {fmt(M.get('fid'), 1)} | {crops} | "
             f"{easy_hard} | {train} |")
 
 
-def main(paths):
+SEEDS_HEADER = ("| setting | conditioning | steps | generator seeds | AP50 on generated | FID | "
+                "crop accuracy origin | easy - hard AP50 | trainability mAP: + origin minus real only |\n"
+                + "|---" * 9 + "|")
+
+
+def mean_std(values, nd=3):
+    """'mean +- std' over generator seeds (numpy's std, ddof 0, as the claims table uses); the value
+    alone from one seed; '-' when no seed measured it."""
+    v = [x for x in values if x is not None]
+    if len(v) < 2:
+        return fmt(v[0] if v else None, nd)
+    return f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}"
+
+
+def seed_rows(Ms):
+    """One markdown row per setting (name, conditioning, steps) over its generator seeds: the
+    numbers the ablation table's rows give, as mean +- std across the seeds."""
+    groups = {}
+    for M in Ms:
+        g = M["meta"]["generator"]
+        groups.setdefault((setting_name(g), g["cond"], M["meta"]["generator_steps"]), []).append(M)
+
+    def gain(M):                                  # trainability: + origin minus real only, mAP
+        R = M.get("trainability", {}).get("rows", {})
+        return R["origin"]["mAP"]["mean"] - R["real"]["mAP"]["mean"] if {"real", "origin"} <= set(R) else None
+
     rows = []
+    for (name, cond, steps), group in groups.items():
+        on = group[0]["meta"]["generator"]["attributes"] != "none"
+        seeds = ", ".join(str(M["meta"]["generator"]["seed"]) for M in group)
+        cells = [mean_std([M.get("fidelity_map50") for M in group]),
+                 mean_std([M.get("fid") for M in group], nd=1),
+                 mean_std([M.get("crop_acc_origin") for M in group]),
+                 mean_std([M["easy_ap50"] - M["hard_ap50"] if "easy_ap50" in M else None
+                           for M in group]) if on else "-",
+                 mean_std([gain(M) for M in group])]
+        rows.append(f"| {name} | {cond} | {steps} | {seeds} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def main(paths):
+    Ms = []
     for p in paths:
         M = read_json(p)
         if "generator" not in M.get("meta", {}):
             raise DataError(f"{p}: no meta.generator (scored before evaluate.py recorded the "
                             f"generator's settings, or not an evaluate.py metrics.json)")
-        rows.append(ablation_row(M))
-    print("\n".join([ABLATION_HEADER] + rows))
+        Ms.append(M)
+    print("\n".join([ABLATION_HEADER] + [ablation_row(M) for M in Ms] + ["", SEEDS_HEADER]
+                    + seed_rows(Ms)))
 
 
 if __name__ == "__main__":

@@ -46,10 +46,12 @@ def test_every_key_is_in_metrics_json(run):
     assert set(saved["meta"]["seconds"]) >= {"fidelity", "fid", "crops", "trainability",
                                              "ablations", "total"}
     assert saved["meta"]["n_layouts"] == 4                                      # the tiny val split
-    tc = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)["train_cfg"]
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    tc = ck["train_cfg"]
     assert saved["meta"]["generator"] == dict(seed=tc["seed"], pal_weight=tc["pal_weight"],
                                               attributes=tc["attributes"], cond="paint",
-                                              train_subset=tc["train_subset"])
+                                              train_subset=tc["train_subset"], dtype=ck["dtype"])
+    assert ck["dtype"] in ("fp32", "bf16", "fp16")                      # resolved, never "auto"
     T = saved["trainability"]
     # the paper's protocol: every one of the 16 training images, + 8 generated per set (quick: 0.5)
     assert T["seeds"] == 1 and T["real_images"] == 16 and len(T["runs"]["real"]) == 1

@@ -55,8 +55,33 @@ def test_ablation_row_from_hand_made_metrics(tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps(M))
     report.main([str(tmp_path / "m.json")])
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| setting |") and out[2] == report.ablation_row(M) and len(out) == 3
+    assert out[0].startswith("| setting |") and out[2] == report.ablation_row(M) and len(out) == 7
+    assert out[4] == report.SEEDS_HEADER.splitlines()[0] and out[6] == report.seed_rows([M])[0]
     del M["meta"]["generator"]
     (tmp_path / "m.json").write_text(json.dumps(M))
     with pytest.raises(DataError, match=r"m\.json: no meta\.generator"):
         report.main([str(tmp_path / "m.json")])
+
+
+def test_seed_rows_mean_and_std_over_generator_seeds():
+    def metrics(seed, attributes, ap50, fid, crop, easy, hard, real, origin, dtype=None):
+        g = dict(seed=seed, pal_weight=0.1, attributes=attributes, cond="paint", train_subset=1.0)
+        g.update({"dtype": dtype} if dtype else {})
+        return dict(meta=dict(generator_steps=5000, generator=g), fidelity_map50=ap50, fid=fid,
+                    real_map50=0.938, crop_acc_origin=crop, easy_ap50=easy, hard_ap50=hard,
+                    trainability=dict(generated_images=dict(origin=2000),
+                                      rows=dict(real=dict(mAP=dict(mean=real, std=0.004)),
+                                                origin=dict(mAP=dict(mean=origin, std=0.002)))))
+    Ms = [metrics(0, "a.json", 0.85, 92.0, 0.87, 0.90, 0.50, 0.718, 0.728),
+          metrics(0, "none", 0.91, 100.0, 0.93, 0.80, 0.79, 0.718, 0.725),
+          metrics(1, "a.json", 0.87, 94.0, 0.89, 0.90, 0.60, 0.718, 0.738, dtype="fp32")]
+    # by hand: both on over seeds 0 and 1: AP50 (0.85, 0.87) -> 0.860 +- 0.010; FID 93 +- 1;
+    # crop 0.880 +- 0.010; easy - hard (0.40, 0.30) -> 0.350 +- 0.050; gain (0.010, 0.020).
+    # Attribute off, one seed: its values alone, and no easy / hard
+    assert report.seed_rows(Ms) == [
+        "| both on | paint | 5000 | 0, 1 | 0.860 +- 0.010 | 93.0 +- 1.0 | 0.880 +- 0.010 | "
+        "0.350 +- 0.050 | 0.015 +- 0.005 |",
+        "| attribute off | paint | 5000 | 0 | 0.910 | 100.0 | 0.930 | - | 0.007 |"]
+    assert "| 1 (fp32) | 5000 |" in report.ablation_row(Ms[2])   # the dtype it trained in, when recorded
+    del Ms[0]["fid"]                                               # a seed without FID: the other's
+    assert report.seed_rows(Ms)[0].split(" | ")[5] == "94.0"
