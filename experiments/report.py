@@ -239,16 +239,21 @@ def setting_name(g):
     return f"lambda {g['pal_weight']:g}" if attr else "attribute off"
 
 
+def origin_trainability(M):
+    """The trainability part's real-only and + origin mAP rows ({mean, std}), or None where the
+    metrics hold no such pair."""
+    R = M.get("trainability", {}).get("rows", {})
+    return (R["real"]["mAP"], R["origin"]["mAP"]) if {"real", "origin"} <= set(R) else None
+
+
 def ablation_row(M):
     """One markdown row of the ablation table from a scored run's metrics; '-' where a part is
     missing, and in the easy / hard columns of a generator without the attribute."""
     meta, g = M["meta"], M["meta"]["generator"]
-    T = M.get("trainability", {})
-    train = "-"
-    if {"real", "origin"} <= set(T.get("rows", {})):
-        r, o = T["rows"]["real"]["mAP"], T["rows"]["origin"]["mAP"]
-        train = (f"{r['mean']:.3f} +- {r['std']:.3f}, + {T['generated_images']['origin']}: "
-                 f"{o['mean']:.3f} +- {o['std']:.3f}")
+    train, pair = "-", origin_trainability(M)
+    if pair:
+        (r, o), n = pair, M["trainability"]["generated_images"]["origin"]
+        train = f"{r['mean']:.3f} +- {r['std']:.3f}, + {n}: {o['mean']:.3f} +- {o['std']:.3f}"
     fidelity = (f"{fmt(M['fidelity_map50'])} ({fmt(M.get('fidelity_map'))}) of "
                 f"{fmt(M['real_map50'])}" if "fidelity_map50" in M else "-")
     # a generator trained without the attribute never learned [easy] / [hard]: only its origin
@@ -287,8 +292,8 @@ def seed_rows(Ms):
         groups.setdefault((setting_name(g), g["cond"], M["meta"]["generator_steps"]), []).append(M)
 
     def gain(M):                                  # trainability: + origin minus real only, mAP
-        R = M.get("trainability", {}).get("rows", {})
-        return R["origin"]["mAP"]["mean"] - R["real"]["mAP"]["mean"] if {"real", "origin"} <= set(R) else None
+        pair = origin_trainability(M)
+        return pair[1]["mean"] - pair[0]["mean"] if pair else None
 
     rows = []
     for (name, cond, steps), group in groups.items():
