@@ -37,7 +37,8 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 run's own and 1, each trained as many steps as the run, then fidelity (at the run's w_d and at
                 w_d 1) and FID: metrics["ablations"]
 Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to
-RUN/eval/ (--out). Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype
+RUN/eval/ (--out). metrics.json and report.md are written after each part, so an evaluation cut off
+part-way keeps the parts it finished (meta.parts_left names the ones it did not reach). Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype
 is the autocast of what is generated and trained here, while the networks that measure (the run's
 detector, the crop classifier, Inception) run in fp32. """
 import argparse
@@ -520,9 +521,11 @@ def ablations_part(R, net, real_feats):
     M["meta"]["seconds"]["ablations"] = round(time.time() - t, 1)
 
 
-def write_metrics(R):
-    """Merge with the earlier metrics.json, write it and report.md. meta.seconds.total; returns the
-    metrics."""
+def write_metrics(R, left=()):
+    """Merge with the earlier metrics.json, write it and report.md; returns the metrics. Written
+    after every part, so a run cut off part-way keeps what it measured: `left` names the parts
+    still to run (meta.parts_left, shown in report.md); the last write has none and sets
+    meta.seconds.total."""
     run, M = R.out, R.M
     M["meta"]["seconds"]["total"] = total = round(time.time() - R.started, 1)
     if (run / "metrics.json").is_file():        # parts not run this time keep their earlier results
@@ -534,27 +537,47 @@ def write_metrics(R):
         if "trainability" in M:                   # this run's protocol and rows replace the old ones
             old = {k: v for k, v in old.items() if not (k.startswith("train_") and k.endswith("_map50"))}
         M = {**old, **M, "meta": {**old["meta"], **M["meta"]}}
+    M["meta"].pop("parts_left", None)
+    if left:
+        M["meta"]["parts_left"] = list(left)
     (run / "metrics.json").write_text(json.dumps(M, indent=1))
     (run / "report.md").write_text(report.report(M))
-    R.log(f"[evaluate] {run / 'report.md'}, {run / 'metrics.json'} in {total:.0f}s")
-    R.log.close()
+    if left:
+        R.log(f"[evaluate] {run / 'metrics.json'} so far ({', '.join(left)} still to run)")
+    else:
+        R.log(f"[evaluate] {run / 'report.md'}, {run / 'metrics.json'} in {total:.0f}s")
+        R.log.close()
     return M
 
 
 def evaluate(run, cfg=None):
     """Run the parts of `cfg` on the finished run folder `run`; write RUN/metrics.json and
-    RUN/report.md."""
+    RUN/report.md after each part (the last write is the whole evaluation)."""
     R = open_run(run, *check_settings(cfg))
     generate_val(R)
-    if "fidelity" in R.parts or "easy_hard" in R.parts:
-        fidelity_part(R)
-    net, real_feats = fid_part(R) if "fid" in R.parts or R.cfg.ablations else (None, None)
-    clf = crops_part(R) if "crops" in R.parts else None
-    if "masks" in R.parts:
-        masks_part(R)
-    if "trainability" in R.parts:
-        trainability_part(R, clf)
-    if R.cfg.ablations:
+    on = {"fidelity": "fidelity" in R.parts or "easy_hard" in R.parts,
+          "fid": "fid" in R.parts or R.cfg.ablations, "crops": "crops" in R.parts,
+          "masks": "masks" in R.parts, "trainability": "trainability" in R.parts,
+          "ablations": R.cfg.ablations}
+    todo = [part for part, run_it in on.items() if run_it]
+
+    def written(part):                     # metrics.json so far, naming the parts still to run
+        if todo.index(part) + 1 < len(todo):
+            write_metrics(R, todo[todo.index(part) + 1:])
+
+    if on["fidelity"]:
+        fidelity_part(R); written("fidelity")
+    net, real_feats = fid_part(R) if on["fid"] else (None, None)
+    if on["fid"]:
+        written("fid")
+    clf = crops_part(R) if on["crops"] else None
+    if on["crops"]:
+        written("crops")
+    if on["masks"]:
+        masks_part(R); written("masks")
+    if on["trainability"]:
+        trainability_part(R, clf); written("trainability")
+    if on["ablations"]:
         ablations_part(R, net, real_feats)
     return write_metrics(R)
 

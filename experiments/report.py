@@ -54,6 +54,9 @@ def report(M):
           + (f", {meta['sec_per_image']} s per image" if "sec_per_image" in meta else "") + ". "
           f"{meta.get('n_layouts', 0)} val layouts. Seconds per part (the latest run of each): "
           + ", ".join(f"{k} {v:.0f}" for k, v in meta["seconds"].items() if k != "total") + ".", ""]
+    if meta.get("parts_left"):
+        L += [f"**Unfinished**: written before {', '.join(meta['parts_left'])} ran (an evaluation "
+              "cut off part-way keeps the parts it finished).", ""]
     L += paper_parts(M, meta) + experiments(M, meta) + beyond_the_paper(M, meta)
     return "\n".join(L)
 

@@ -99,6 +99,27 @@ def test_a_later_part_keeps_the_earlier_ones(run):
     assert saved["fidelity_map50"] == first["fidelity_map50"]   # same seed, same images, same score
 
 
+def test_an_evaluation_cut_off_part_way_keeps_the_parts_it_finished(run, tmp_path, monkeypatch):
+    out, first = run
+    scores = tmp_path / "scores"
+
+    def cut_off(R, clf):
+        raise KeyboardInterrupt                          # as a session that ends mid-trainability
+    monkeypatch.setattr(evaluate, "trainability_part", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity,crops,trainability",
+                                                   out=str(scores)))
+    saved = json.loads((scores / "metrics.json").read_text())
+    assert saved["fidelity_map50"] == first["fidelity_map50"]     # same seed, same images
+    assert saved["crop_acc_real"] == first["crop_acc_real"]
+    assert "train_real_map50" not in saved and saved["meta"]["parts_left"] == ["trainability"]
+    assert "**Unfinished**: written before trainability ran" in (scores / "report.md").read_text()
+    monkeypatch.undo()
+    done = evaluate.evaluate(out, evaluate.EvalConfig(quick=True, parts="fidelity", out=str(scores)))
+    assert "parts_left" not in done["meta"] and "crop_acc_real" in done       # the earlier part stays
+    assert "Unfinished" not in (scores / "report.md").read_text()
+
+
 class BoxDetector(torch.nn.Module):
     """Detects the given boxes (normalised xyxy, one label each, score 0.9) in every image."""
     def __init__(self, boxes, labels):
