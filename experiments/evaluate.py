@@ -183,6 +183,7 @@ def check_settings(cfg):
     if not modes or set(modes) - set(trainability.GEN_MODES):
         raise config.DataError(f"--gen-modes must be some of {', '.join(trainability.GEN_MODES)}, "
                                f"got {cfg.gen_modes!r}")
+    cfg = replace(cfg, gen_modes=",".join(m for m in trainability.GEN_MODES if m in modes))
     device, device_why = config.resolve_device(cfg.device)        # before anything runs: a bad one
                                                                   # is one line
     dtype, dtype_why = config.resolve_dtype(cfg.dtype, device)
@@ -435,8 +436,7 @@ def trainability_part(R, clf):
     glays = trainability.training_layouts(ck, max(sizes), cfg.seed + 1,
                                           among=None if cfg.protocol == "paper" else pos)
     sets, ok = {}, None
-    wanted = {m.strip() for m in cfg.gen_modes.split(",")}      # in GEN_MODES' order
-    modes = [m for m in trainability.GEN_MODES if m in wanted]
+    modes = cfg.gen_modes.split(",")           # checked, and put in GEN_MODES' order, by check_settings
     for m in tqdm(modes, desc=f"generate {len(glays)} training layouts"):
         ml = trainability.with_mode(glays, m, cfg.seed + 2)
         ims = sample.generate_layouts(R.model, R.diff, R.tok, ml, S,

@@ -232,3 +232,5 @@ def test_gen_modes_picks_the_generated_sets(ckpt, tmp_path, monkeypatch):
     with pytest.raises(config.DataError, match=r"^--gen-modes must be some of origin, easy, hard, mixed, "
                                                r"got 'origin,hardest'$"):
         evaluate.check_settings(evaluate.EvalConfig(gen_modes="origin,hardest", device="cpu"))
+    cfg = evaluate.check_settings(evaluate.EvalConfig(gen_modes=" hard, origin,", device="cpu"))[0]
+    assert cfg.gen_modes == "origin,hard"                # the sets' own order, as trainability reads it
