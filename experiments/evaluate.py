@@ -38,9 +38,10 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 w_d 1) and FID: metrics["ablations"]
 Every part records its images, seeds and seconds in metrics["meta"]; scratch COCO folders go to
 RUN/eval/ (--out). metrics.json and report.md are written after each part, so an evaluation cut off
-part-way keeps the parts it finished (meta.parts_left names the ones it did not reach). Everything runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype
-is the autocast of what is generated and trained here, while the networks that measure (the run's
-detector, the crop classifier, Inception) run in fp32. """
+part-way keeps the parts it finished (meta.parts_left names the ones it did not reach). Everything
+runs on --device (auto: CUDA, then Apple MPS, then the CPU); --dtype is the autocast of what is
+generated and trained here, while the networks that measure (the run's detector, the crop
+classifier, Inception) run in fp32. """
 import argparse
 import json
 import shutil
@@ -560,25 +561,22 @@ def evaluate(run, cfg=None):
           "masks": "masks" in R.parts, "trainability": "trainability" in R.parts,
           "ablations": R.cfg.ablations}
     todo = [part for part, run_it in on.items() if run_it]
-
-    def written(part):                     # metrics.json so far, naming the parts still to run
-        if todo.index(part) + 1 < len(todo):
-            write_metrics(R, todo[todo.index(part) + 1:])
-
-    if on["fidelity"]:
-        fidelity_part(R); written("fidelity")
-    net, real_feats = fid_part(R) if on["fid"] else (None, None)
-    if on["fid"]:
-        written("fid")
-    clf = crops_part(R) if on["crops"] else None
-    if on["crops"]:
-        written("crops")
-    if on["masks"]:
-        masks_part(R); written("masks")
-    if on["trainability"]:
-        trainability_part(R, clf); written("trainability")
-    if on["ablations"]:
-        ablations_part(R, net, real_feats)
+    net = real_feats = clf = None
+    for i, part in enumerate(todo):
+        if part == "fidelity":
+            fidelity_part(R)
+        elif part == "fid":
+            net, real_feats = fid_part(R)
+        elif part == "crops":
+            clf = crops_part(R)
+        elif part == "masks":
+            masks_part(R)
+        elif part == "trainability":
+            trainability_part(R, clf)
+        else:
+            ablations_part(R, net, real_feats)
+        if i + 1 < len(todo):                 # metrics.json so far, naming the parts still to run
+            write_metrics(R, todo[i + 1:])
     return write_metrics(R)
 
 
