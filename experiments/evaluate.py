@@ -27,7 +27,7 @@ Parts (--parts), what each measures and its keys in RUN/metrics.json:
                 that saw the whole split is refused), N their number times each fraction.
                 train_real_map50, train_aug_{origin,easy,hard,mixed,hard_filtered,hard_random}_map50 (AP50 means
                 at the first fraction); metrics["trainability"]: the protocol, per row the real and
-                generated images and mean +- std of mAP, AP50, AP75
+                generated images and mean +- std of mAP, AP50, AP75; figure trainability_sets.png
   masks         how well the instance masks sample.py exports (the perception head's, sample.object_masks) fit the
                 objects the images drew: per object, the IoU with the object segmented inside its box by colour
                 contrast with a ring just outside it (masks.drawn_masks); beside it the filled box's IoU (--masks
@@ -436,7 +436,7 @@ def trainability_part(R, clf):
     sizes = [min(n, cfg.max_generated) for n in sizes] if cfg.max_generated else sizes
     glays = trainability.training_layouts(ck, max(sizes), cfg.seed + 1,
                                           among=None if cfg.protocol == "paper" else pos)
-    sets, ok = {}, None
+    sets, ok, tiles = {}, None, []
     modes = cfg.gen_modes.split(",")           # checked, and put in GEN_MODES' order, by check_settings
     for m in tqdm(modes, desc=f"generate {len(glays)} training layouts"):
         ml = trainability.with_mode(glays, m, cfg.seed + 2)
@@ -450,6 +450,9 @@ def trainability_part(R, clf):
             shutil.rmtree(folder)
         export.write_coco(folder, "train", ims, ml, names, ids)
         sets[m] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
+        tiles += [data.draw_layout(im, lay["boxes"], lay["labels"], names) for im, lay in zip(ims[:8], ml)]
+    # a row per set: its first 8 images, the same layouts and noise in every row, boxes coloured by class
+    data.image_grid(tiles, ncol=min(8, len(glays))).save(R.out / "trainability_sets.png")
     extra = {}                                         # row -> generated images; the first fraction's
     for k, (frac, n) in enumerate(zip(cfg.gen_fractions, sizes)):   # rows carry the set's own name
         rows = {m: list(range(n)) for m in sets}
@@ -470,6 +473,7 @@ def trainability_part(R, clf):
                                  generated_images={k: len(v) for k, v in extra.items()},
                                  gen_fractions=list(cfg.gen_fractions), det_steps=det_steps,
                                  seeds=cfg.seeds, rows={},
+                                 figure=dict(file="trainability_sets.png", rows=modes),
                                  filter=dict(min_prob=cfg.min_prob, kept=sum(ok[:sizes[0]]),
                                              of=sizes[0]) if ok is not None else None)
     if cfg.protocol == "low_data":                     # the generator's own images, as it recorded

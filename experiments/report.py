@@ -126,6 +126,10 @@ def experiments(M, meta):
                   f"Class filter: a generated all-hard image is kept when the crop classifier "
                   f"gives every object its layout class with probability >= {f['min_prob']}; "
                   f"{f['kept']} of {f['of']} kept (the first fraction's set)."]
+        if T.get("figure"):
+            L += ["", f"![the generated training sets]({T['figure']['file']})", "",
+                  f"Rows: the first 8 images of each generated set ({', '.join(T['figure']['rows'])}), "
+                  f"the same layouts and noise in every row; boxes coloured by class."]
         L.append("")
     if "ablations" in M:
         L += ["## 5. Ablations", "",

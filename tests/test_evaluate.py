@@ -17,7 +17,7 @@ import torch
 
 import config
 import detdiff
-from experiments import ablations, evaluate
+from experiments import ablations, evaluate, trainability
 from conftest import TINY_MODEL, TINY_STAGES, tiny_run_cfgs
 
 KEYS = ("real_map", "real_map50", "fidelity_map", "fidelity_map50", "fidelity_map75", "fid",
@@ -77,6 +77,13 @@ def test_report_shows_the_measured_numbers(run):
     assert f"| generated | 4 | {M['fidelity_map']:.3f} | {M['fidelity_map50']:.3f} |" in text
     assert "FID - (skipped: no file at" in text
     assert (out / "easy_hard_eval.png").is_file() and "easy_hard_eval.png" in text
+    # a row of 8 per generated set, each tile the image at 4x with its boxes
+    from PIL import Image
+    sets = [m for m in M["trainability"]["runs"] if m in trainability.GEN_MODES]
+    assert M["trainability"]["figure"]["rows"] == sets
+    S = torch.load(out / "ckpt.pt", weights_only=False)["train_cfg"]["image_size"]
+    assert Image.open(out / "trainability_sets.png").size == (8 * (4 * S + 2) + 2, len(sets) * (4 * S + 2) + 2)
+    assert len(sets) == 4 and "](trainability_sets.png)" in text and "(origin, easy, hard, mixed)" in text
     assert (out / "eval" / "crop_classifier.pt").is_file()
 
 
