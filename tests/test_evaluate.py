@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import config
 import detdiff
@@ -78,7 +79,6 @@ def test_report_shows_the_measured_numbers(run):
     assert "FID - (skipped: no file at" in text
     assert (out / "easy_hard_eval.png").is_file() and "easy_hard_eval.png" in text
     # a row of 8 per generated set, each tile the image at 4x with its boxes
-    from PIL import Image
     sets = [m for m in M["trainability"]["runs"] if m in trainability.GEN_MODES]
     assert M["trainability"]["figure"]["rows"] == sets
     S = torch.load(out / "ckpt.pt", weights_only=False)["train_cfg"]["image_size"]
