@@ -452,7 +452,8 @@ def trainability_part(R, clf):
         sets[m] = data.CocoLayoutDataset(folder, "train", size=S, **keep)
         tiles += [data.draw_layout(im, lay["boxes"], lay["labels"], names) for im, lay in zip(ims[:8], ml)]
     # a row per set: its first 8 images, the same layouts and noise in every row, boxes coloured by class
-    data.image_grid(tiles, ncol=min(8, len(glays))).save(R.out / "trainability_sets.png")
+    figure = dict(file="trainability_sets.png", rows=modes)
+    data.image_grid(tiles, ncol=min(8, len(glays))).save(R.out / figure["file"])
     extra = {}                                         # row -> generated images; the first fraction's
     for k, (frac, n) in enumerate(zip(cfg.gen_fractions, sizes)):   # rows carry the set's own name
         rows = {m: list(range(n)) for m in sets}
@@ -473,7 +474,7 @@ def trainability_part(R, clf):
                                  generated_images={k: len(v) for k, v in extra.items()},
                                  gen_fractions=list(cfg.gen_fractions), det_steps=det_steps,
                                  seeds=cfg.seeds, rows={},
-                                 figure=dict(file="trainability_sets.png", rows=modes),
+                                 figure=figure,
                                  filter=dict(min_prob=cfg.min_prob, kept=sum(ok[:sizes[0]]),
                                              of=sizes[0]) if ok is not None else None)
     if cfg.protocol == "low_data":                     # the generator's own images, as it recorded
